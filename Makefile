@@ -1,0 +1,31 @@
+# Two commands from a fresh machine: `make demo` (set up, then run the main job) and
+# `make test` (set up, then run the test suite). Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mgral-installed
+# torch/torchvision are pinned here: these exact builds install from the machine's disk.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test bench-eval clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[test]'
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/mgral demo --out $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-eval: setup
+	$(PY) benchmarks/bench_eval.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
