@@ -1,0 +1,3 @@
+from mgral.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""The small exception hierarchy of mgral.
+
+Library code raises these (chained with ``raise ... from err``); only the CLI turns them
+into exit codes. Messages say what was expected, what came, where, and how to fix it.
+"""
+
+
+class MgralError(Exception):
+    """Base class of every error mgral raises on purpose."""
+
+
+class ConfigError(MgralError):
+    """An invalid configuration value or command-line argument."""
+
+
+class DatasetError(MgralError):
+    """Bad dataset input: unreadable file, malformed annotation, invalid box, missing image."""
