@@ -1,5 +1,212 @@
-"""The ``mgral`` command line (placeholder until the sub-commands are wired)."""
+"""The ``mgral`` command line: a thin layer over the library.
+
+Only this module turns exceptions into exit codes: an ``MgralError`` (bad input, bad
+configuration) prints its message and exits with status 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mgral.errors import ConfigError, MgralError
+
+EXIT_USAGE = 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_read_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-root", type=Path, help="directory image file names are relative to (COCO)")
+    p.add_argument("--clip-boxes", action="store_true", help="clip boxes that stick out of their image")
+
+
+def _read_opts(args: argparse.Namespace, *, check_files: bool) -> dict:
+    return {"image_root": args.image_root, "clip_boxes": args.clip_boxes, "check_files": check_files}
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mgral.data.synth import SynthConfig, generate
+
+    config = SynthConfig(
+        images=args.images,
+        image_size=args.image_size,
+        imbalance=args.imbalance,
+        clutter=args.clutter,
+        seed=args.seed,
+    )
+    dataset = generate(args.out, config, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {dataset.summary()}")
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mgral.data.formats import convert
+
+    dataset = convert(
+        args.src,
+        args.out,
+        to=args.to,
+        from_=args.from_,
+        overwrite=args.overwrite,
+        copy_images=not args.no_copy_images,
+        **_read_opts(args, check_files=not args.no_copy_images),
+    )
+    print(f"wrote {args.out} ({args.to}): {dataset.summary()}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from mgral.data.formats import detect_format, read_dataset
+
+    fmt = args.from_ or detect_format(args.path)
+    dataset = read_dataset(args.path, fmt, **_read_opts(args, check_files=not args.no_check_files))
+    print(f"{args.path} ({fmt}): {dataset.summary()}")
+    counts: dict[int, int] = {}
+    for rec in dataset:
+        for label in rec.target.labels.tolist():
+            counts[label] = counts.get(label, 0) + 1
+    for cat in dataset.categories:
+        print(f"  {cat.id:>4}  {cat.name:<24} {counts.get(cat.id, 0):>8} boxes")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mgral.data.formats import read_dataset
+    from mgral.evaluation import SubsetEvaluator, evaluate, read_predictions
+
+    gt = read_dataset(args.gt, args.gt_format, **_read_opts(args, check_files=False))
+    preds = read_predictions(args.pred, gt)
+    result = evaluate(gt, preds, style=args.style)
+    payload = result.to_dict()
+    if args.bootstrap:
+        evaluator = SubsetEvaluator(gt, preds, style=args.style)
+        payload["bootstrap"] = evaluator.bootstrap(args.bootstrap, seed=args.seed)
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        _print_metrics(payload)
+    return 0
+
+
+def _print_metrics(payload: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    console = Console()
+    summary = Table(title=f"{payload['style']} metrics over {payload['num_images']} images")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for key in ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "AR1", "AR10", "AR100"):
+        if key in payload:
+            summary.add_row(key, fmt(payload[key]))
+    boot = payload.get("bootstrap")
+    if boot:
+        for key, ci in boot.items():
+            if isinstance(ci, dict) and "low" in ci:
+                summary.add_row(f"{key} {ci.get('confidence', 0.95):.0%} CI", f"[{fmt(ci['low'])}, {fmt(ci['high'])}]")
+    console.print(summary)
+    per_class = Table(title="per-class AP")
+    per_class.add_column("class")
+    per_class.add_column("AP", justify="right")
+    for name, ap in payload["per_class"].items():
+        per_class.add_row(name, fmt(ap))
+    console.print(per_class)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mgral.data.formats import FORMATS
+
+    registries = {"formats": FORMATS}
+    for entry in registries[args.what].entries():
+        print(f"{entry.name:<12} {entry.summary}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mgral.demo import run_demo
+
+    report = run_demo(args.out, images=args.images, seed=args.seed, overwrite=True)
+    print(report.read_text())
+    print(f"report written to {report}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mgral", description="Active learning for object detection.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job: generate the built-in dataset, run a baseline, write a report")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--images", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", help="generate the built-in digits-scenes dataset (COCO)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--images", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--imbalance", type=float, default=1.0, help="most / least frequent class ratio (1 = balanced)")
+    p.add_argument("--clutter", type=float, default=1.0, help="background clutter strength (0 = none)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("convert", help="convert a dataset between COCO, VOC and YOLO")
+    p.add_argument("src", type=Path)
+    p.add_argument("--to", required=True, choices=["coco", "voc", "yolo"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"], help="source format (default: detected)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-copy-images", action="store_true", help="write annotations only")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="read a dataset, validate it and print a summary")
+    p.add_argument("path", type=Path)
+    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"])
+    p.add_argument("--no-check-files", action="store_true", help="do not check that image files exist")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("evaluate", help="mAP of predictions against ground truth")
+    p.add_argument("--gt", type=Path, required=True, help="ground truth dataset (COCO / VOC / YOLO)")
+    p.add_argument("--gt-format", choices=["coco", "voc", "yolo"], help="ground truth format (default: detected)")
+    p.add_argument("--pred", type=Path, required=True, help="COCO results list (or a COCO dataset with scores)")
+    p.add_argument("--style", choices=["coco", "voc07", "voc12"], default="coco")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="95%% CI of mAP from N image resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("list", help="what is registered")
+    p.add_argument("what", choices=["formats"])
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "bootstrap", 0) < 0:
+            raise ConfigError(f"--bootstrap expects a non-negative number of resamples, got {args.bootstrap}")
+        return args.func(args)
+    except MgralError as err:
+        print(f"mgral: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mgral: interrupted", file=sys.stderr)
+        return 130
