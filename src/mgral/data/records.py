@@ -104,11 +104,19 @@ class Detections:
         boxes: float32 ``[N, 4]`` xyxy absolute pixels.
         scores: float32 ``[N]``.
         labels: int64 ``[N]`` category ids.
+        probs: float32 ``[N, K + 1]`` or None: each kept box's full class distribution;
+            column 0 is background and column ``k`` the ``k``-th category of the dataset
+            (``dataset.categories`` order). Rows sum to 1. None where the detector has none.
+        embedding: float32 ``[D]`` or None: one pooled feature vector of the image.
+        num_candidates: boxes before non-maximum suppression, or None.
     """
 
     boxes: np.ndarray = field(default_factory=_empty_boxes)
     scores: np.ndarray = field(default_factory=lambda: _empty(np.float32))
     labels: np.ndarray = field(default_factory=lambda: _empty(np.int64))
+    probs: np.ndarray | None = None
+    embedding: np.ndarray | None = None
+    num_candidates: int | None = None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -117,6 +125,12 @@ class Detections:
         n = len(self.boxes)
         if len(self.scores) != n or len(self.labels) != n:
             raise ValueError(f"Detections: {n} boxes, {len(self.scores)} scores, {len(self.labels)} labels")
+        if self.probs is not None:
+            self.probs = np.asarray(self.probs, dtype=np.float32)
+            if self.probs.ndim != 2 or len(self.probs) != n:
+                raise ValueError(f"Detections: {n} boxes but probs of shape {self.probs.shape}")
+        if self.embedding is not None:
+            self.embedding = np.asarray(self.embedding, dtype=np.float32).reshape(-1)
 
     def __len__(self) -> int:
         return len(self.boxes)

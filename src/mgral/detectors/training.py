@@ -1,0 +1,354 @@
+"""Training of torchvision detectors: data, schedule, checkpoints, resume, DDP.
+
+One entry point, ``train``, runs in a single process or under ``torchrun`` (then each
+rank trains on its shard through ``DistributedSampler`` inside ``DistributedDataParallel``
+and rank 0 alone writes checkpoints). On CPU a seed makes training deterministic: the
+model's initialisation, the shuffling, the augmentation and torchvision's multi-scale
+choice all draw from generators seeded from ``(seed, epoch)``, so a run resumed from an
+epoch checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from mgral._io import atomic_write_bytes
+from mgral.data.records import Dataset, ImageId, describe_image
+from mgral.errors import CheckpointError, ConfigError, DatasetError
+
+
+class TrainConfig(BaseModel):
+    """Training settings (validated; unknown keys are refused).
+
+    Exactly one of ``epochs`` / ``iterations`` sets the length. The learning rate warms up
+    linearly over ``warmup_iters`` then follows ``schedule`` (``cosine`` to zero, ``step``
+    by ``gamma`` at the fractions ``milestones`` of the run, or ``constant``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int | None = Field(default=None, ge=1)
+    iterations: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_iters: int = Field(default=50, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: tuple[float, ...] = (0.67, 0.89)
+    gamma: float = Field(default=0.1, gt=0)
+    grad_clip: float | None = Field(default=10.0, gt=0)
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    amp: bool | None = None
+    seed: int = 0
+    num_workers: int = Field(default=0, ge=0)
+    on_bad_image: Literal["raise", "skip"] = "raise"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if self.epochs is None and self.iterations is None:
+            self.epochs = 10
+        if self.epochs is not None and self.iterations is not None:
+            raise ValueError("set either epochs or iterations, not both")
+        return self
+
+
+def make_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """Merge preset defaults with user overrides (``None`` values are ignored) and validate."""
+    merged = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    if "iterations" in overrides and overrides["iterations"] is not None:
+        merged.pop("epochs", None)
+    try:
+        return TrainConfig(**merged)
+    except ValueError as err:
+        raise ConfigError(f"invalid training settings: {err}") from err
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def load_image(dataset: Dataset, image_id: ImageId) -> torch.Tensor:
+    """Decode an image to a float ``[3, H, W]`` tensor in ``[0, 1]``.
+
+    Raises:
+        DatasetError: the file is missing, does not decode, or its size differs from the
+            record's (naming the image id and path).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    rec = dataset[image_id]
+    path = dataset.root / rec.file_name
+    where = f"{describe_image(image_id, rec.file_name)} at {path}"
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"{where} could not be decoded ({err}); fix or remove the file") from err
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DatasetError(f"{where} decoded to an empty image of shape {arr.shape}")
+    if (arr.shape[1], arr.shape[0]) != (rec.width, rec.height):
+        raise DatasetError(
+            f"{where} is {arr.shape[1]}x{arr.shape[0]} but the annotations say {rec.width}x{rec.height}; "
+            "fix the width/height in the annotation file"
+        )
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class DetectionData(torch.utils.data.Dataset):
+    """Images and targets of ``image_ids`` as torchvision detection inputs.
+
+    Targets carry ``labels`` as class indices ``1..K`` (``class_index`` maps category id ->
+    index). Horizontal flips draw from a generator seeded by ``(seed, epoch, position)``.
+    Unreadable images raise, or yield ``None`` (skipped by the collate) when
+    ``on_bad_image='skip'``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        image_ids: Sequence[ImageId],
+        class_index: dict[int, int],
+        *,
+        hflip: float = 0.0,
+        seed: int = 0,
+        on_bad_image: str = "raise",
+    ) -> None:
+        self.dataset, self.image_ids, self.class_index = dataset, list(image_ids), class_index
+        self.hflip, self.seed, self.on_bad_image, self.epoch = hflip, seed, on_bad_image, 0
+        self.bad: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.image_ids[i]
+        try:
+            image = load_image(self.dataset, image_id)
+        except DatasetError as err:
+            if self.on_bad_image == "raise":
+                raise
+            warnings.warn(f"skipping: {err}", stacklevel=2)
+            self.bad.append(str(err))
+            return None
+        tgt = self.dataset[image_id].target
+        boxes = torch.from_numpy(tgt.boxes.copy())
+        labels = torch.tensor([self.class_index[int(c)] for c in tgt.labels], dtype=torch.int64)
+        if self.hflip > 0:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i, 0))
+            if torch.rand((), generator=g).item() < self.hflip:
+                image = image.flip(-1)
+                w = image.shape[-1]
+                boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image_id, image, {"boxes": boxes.reshape(-1, 4), "labels": labels}
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (stable across processes, unlike ``hash`` of strings)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def collate(batch):
+    batch = [b for b in batch if b is not None]
+    return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+
+
+# -- schedule and checkpoints ----------------------------------------------------------------
+
+
+def lr_lambda(config: TrainConfig, total: int) -> Callable[[int], float]:
+    def factor(it: int) -> float:
+        warm = min(1.0, (it + 1) / config.warmup_iters) if config.warmup_iters else 1.0
+        frac = it / max(total, 1)
+        if config.schedule == "cosine":
+            sched = 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+        elif config.schedule == "step":
+            sched = config.gamma ** sum(frac >= m for m in config.milestones)
+        else:
+            sched = 1.0
+        return warm * sched
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` into memory, then an atomic write: a crash never leaves half a file."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only).
+
+    Raises:
+        CheckpointError: missing or corrupt file, or one that needs unpickling code.
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "it is corrupt, truncated, or not an mgral checkpoint (only tensors and plain data are accepted)"
+        ) from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not an mgral checkpoint (no 'model' entry)")
+    return state
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def maybe_init_distributed(device: torch.device) -> bool:
+    """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def train(
+    model: nn.Module,
+    data: DetectionData,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+    resume_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place; return a summary (``losses`` per epoch, ``iterations``).
+
+    ``checkpoint(epoch, state)`` is called by rank 0 after every epoch with the full
+    training state; ``resume_state`` (such a state) continues from the epoch after it.
+    """
+    rank, world = dist_info()
+    n = len(data)
+    if n == 0:
+        raise ConfigError("cannot train on an empty set of images; label some images first")
+    per_epoch = max(1, math.ceil(n / (config.batch_size * world)))
+    epochs = config.epochs if config.epochs is not None else math.ceil(config.iterations / per_epoch)
+    total = epochs * per_epoch if config.iterations is None else config.iterations
+
+    model.to(device)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
+    use_amp = bool(config.amp) if config.amp is not None else device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    start_epoch, iteration, losses = 0, 0, []
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        start_epoch, iteration = int(resume_state["epoch"]) + 1, int(resume_state["iteration"])
+        losses = list(resume_state.get("losses", []))
+
+    progress = _progress(config.progress and rank == 0)
+    with progress:
+        task = progress.add_task("train", total=total, completed=iteration, loss=float("nan"))
+        for epoch in range(start_epoch, epochs):
+            if iteration >= total:
+                break
+            data.epoch = epoch
+            torch.manual_seed(derive_seed(config.seed, epoch, 1))  # torchvision draws its multi-scale choice here
+            if world > 1:
+                sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, seed=config.seed)
+                sampler.set_epoch(epoch)
+            else:
+                g = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 2))
+                sampler = torch.utils.data.RandomSampler(data, generator=g)
+            loader = torch.utils.data.DataLoader(
+                data, batch_size=config.batch_size, sampler=sampler, collate_fn=collate, num_workers=config.num_workers
+            )
+            net.train()
+            epoch_loss, batches = 0.0, 0
+            for _, images, targets in loader:
+                if iteration >= total:
+                    break
+                if not images:
+                    continue
+                images = [im.to(device) for im in images]
+                targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+                ctx = torch.autocast(device.type) if use_amp else nullcontext()
+                with ctx:
+                    loss_dict = net(images, targets)
+                    loss = sum(loss_dict.values())
+                if not torch.isfinite(loss):
+                    raise ConfigError(
+                        f"training diverged at iteration {iteration} (loss {loss.item()}); lower the learning rate"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                iteration += 1
+                epoch_loss += float(loss.detach())
+                batches += 1
+                progress.update(task, advance=1, loss=float(loss.detach()), description=f"train epoch {epoch + 1}/{epochs}")
+            losses.append(epoch_loss / max(batches, 1))
+            if checkpoint is not None and rank == 0:
+                checkpoint(
+                    epoch,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "iteration": iteration,
+                        "losses": losses,
+                    },
+                )
+            if world > 1:
+                torch.distributed.barrier()
+    return {"losses": losses, "iterations": iteration, "epochs": epochs, "bad_images": list(data.bad)}
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )

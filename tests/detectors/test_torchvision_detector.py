@@ -1,0 +1,192 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mgral.data.records import Category
+from mgral.detectors.cache import load_predictions, save_predictions
+from mgral.detectors.torchvision_detector import TorchvisionDetector
+from mgral.errors import CheckpointError, ConfigError, DatasetError
+
+FAST = {"progress": False, "batch_size": 4, "warmup_iters": 2}
+
+
+def _det(preset, ds, **params):
+    return TorchvisionDetector(preset, ds.categories, device="cpu", seed=0, train=FAST, **params)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mobilenet_v2_fpn"])
+def test_fit_predict_evaluate_save_load_round_trip(preset, squares, tmp_path):
+    det = _det(preset, squares, pretrained=False)
+    train_ids = squares.image_ids("train")
+    summary = det.fit(squares, train_ids, iterations=2)
+    assert summary["iterations"] == 2 and np.isfinite(summary["losses"]).all()
+
+    test_ids = squares.image_ids("test")
+    preds = det.predict(squares, test_ids)
+    assert list(preds) == test_ids
+    for d in preds.values():
+        n = len(d)
+        assert d.boxes.shape == (n, 4) and d.boxes.dtype == np.float32
+        assert d.scores.shape == (n,) and d.labels.dtype == np.int64
+        assert set(d.labels.tolist()) <= {10, 20, 30}
+        assert d.probs.shape == (n, 4)
+        assert d.embedding is not None and d.embedding.ndim == 1
+        assert d.num_candidates is not None and d.num_candidates >= n
+
+    result = det.evaluate(squares, test_ids)
+    assert 0.0 <= result.mAP50 <= 1.0
+
+    det.save(tmp_path / "model.pt")
+    again = TorchvisionDetector.load(tmp_path / "model.pt", device="cpu")
+    preds2 = again.predict(squares, test_ids)
+    for i in test_ids:
+        np.testing.assert_array_equal(preds[i].boxes, preds2[i].boxes)
+        np.testing.assert_array_equal(preds[i].probs, preds2[i].probs)
+
+    save_predictions(tmp_path / "cycle_0.npz", preds)
+    cached = load_predictions(tmp_path / "cycle_0.npz")
+    assert list(cached) == test_ids
+    for i in test_ids:
+        np.testing.assert_array_equal(cached[i].probs, preds[i].probs)
+        np.testing.assert_array_equal(cached[i].embedding, preds[i].embedding)
+        assert cached[i].num_candidates == preds[i].num_candidates
+
+
+def _label_columns(det, d):
+    return np.searchsorted(det.class_ids, d.labels) + 1
+
+
+def test_faster_rcnn_probabilities_sum_to_one_and_match_scores(squares):
+    det = _det("mobilenet_v2_fpn", squares, pretrained=False)
+    preds = det.predict(squares, squares.image_ids()[:4])
+    total = sum(len(d) for d in preds.values())
+    assert total > 0
+    for d in preds.values():
+        np.testing.assert_allclose(d.probs.sum(1), 1.0, atol=1e-5)
+        # a kept box's score is the softmax probability of its class: the row is its own
+        np.testing.assert_allclose(d.probs[np.arange(len(d)), _label_columns(det, d)], d.scores, rtol=1e-6)
+
+
+def test_fcos_probabilities_are_the_kept_anchors_distribution(squares):
+    det = _det("tiny", squares, pretrained=False)
+    preds = det.predict(squares, squares.image_ids()[:4])
+    assert sum(len(d) for d in preds.values()) > 0
+    for d in preds.values():
+        np.testing.assert_allclose(d.probs.sum(1), 1.0, atol=1e-5)
+        p = d.probs[np.arange(len(d)), _label_columns(det, d)]
+        sigmoid = p / (p + d.probs[:, 0])  # softmax([0, z]) -> sigmoid(z_label)
+        # FCOS score = sqrt(sigmoid(z_label) * sigmoid(centerness)) <= sqrt(sigmoid(z_label))
+        assert np.all(d.scores <= np.sqrt(sigmoid) + 1e-5)
+
+
+def test_retinanet_probabilities_match_sigmoid_scores(squares):
+    det = TorchvisionDetector(
+        "retinanet_resnet50_fpn", squares.categories, device="cpu", min_size=96, max_size=96, score_thresh=0.01
+    )
+    preds = det.predict(squares, squares.image_ids()[:2])
+    assert sum(len(d) for d in preds.values()) > 0
+    for d in preds.values():
+        np.testing.assert_allclose(d.probs.sum(1), 1.0, atol=1e-5)
+        p = d.probs[np.arange(len(d)), _label_columns(det, d)]
+        np.testing.assert_allclose(p / (p + d.probs[:, 0]), d.scores, rtol=1e-4)
+
+
+def test_training_is_deterministic_for_a_seed(squares):
+    states = []
+    for _ in range(2):
+        det = _det("tiny", squares, pretrained=False)
+        det.fit(squares, squares.image_ids("train"), iterations=3)
+        states.append(det.model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_resume_from_epoch_checkpoint_matches_uninterrupted(squares, tmp_path, monkeypatch):
+    import mgral.detectors.torchvision_detector as training
+
+    ids = squares.image_ids("train")
+    full = _det("tiny", squares, pretrained=False)
+    full.fit(squares, ids, epochs=2)
+
+    real_save, saves = training.save_state, []
+
+    def crash_after_first_checkpoint(path, state):
+        real_save(path, state)
+        saves.append(state["epoch"])
+        raise KeyboardInterrupt  # the process dies right after epoch 0 is on disk
+
+    monkeypatch.setattr(training, "save_state", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        _det("tiny", squares, pretrained=False).fit(squares, ids, epochs=2, checkpoint_dir=tmp_path)
+    assert saves == [0]
+    monkeypatch.setattr(training, "save_state", real_save)
+
+    resumed = _det("tiny", squares, pretrained=False)
+    summary = resumed.fit(squares, ids, epochs=2, checkpoint_dir=tmp_path, resume=True)
+    assert len(summary["losses"]) == 2
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_empty_labeled_set_is_a_clear_error(squares):
+    with pytest.raises(ConfigError, match="empty set of images"):
+        _det("tiny", squares, pretrained=False).fit(squares, [])
+
+
+def test_images_without_boxes_and_missing_classes_train(tmp_path):
+    from tests.detectors.conftest import make_squares
+
+    ds = make_squares(tmp_path / "d", images=8, empty_every=2)
+    only_red = [r.id for r in ds if set(r.target.labels.tolist()) <= {10}]
+    det = _det("tiny", ds, pretrained=False)
+    summary = det.fit(ds, only_red or ds.image_ids()[:2], iterations=2)
+    assert np.isfinite(summary["losses"]).all()
+
+
+def test_corrupt_and_malicious_checkpoints_are_refused(squares, tmp_path):
+    det = _det("tiny", squares, pretrained=False)
+    det.save(tmp_path / "ok.pt")
+    blob = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Evil()}))
+    for name in ("trunc.pt", "junk.pt", "evil.pt", "missing.pt"):
+        with pytest.raises(CheckpointError, match=name):
+            TorchvisionDetector.load(tmp_path / name, device="cpu")
+
+
+def test_mismatched_checkpoint_is_refused(squares, tmp_path):
+    det = _det("tiny", squares, pretrained=False)
+    det.fit(squares, squares.image_ids("train"), iterations=1, checkpoint_dir=tmp_path)
+    other = TorchvisionDetector("tiny", [Category(1, "a"), Category(2, "b")], device="cpu", pretrained=False)
+    with pytest.raises(CheckpointError, match="made for categories"):
+        other._check_meta(torch.load(tmp_path / "last.pt", weights_only=True), tmp_path / "last.pt")
+
+
+def test_bad_images_are_named_and_can_be_skipped(squares):
+    root = squares.root
+    (root / "1.png").write_bytes((root / "1.png").read_bytes()[:60])  # truncated
+    (root / "2.png").write_bytes(b"\x00" * 100)  # not an image
+    det = _det("tiny", squares, pretrained=False)
+    with pytest.raises(DatasetError, match=r"image 1 \('1.png'\) at .*1.png could not be decoded"):
+        det.predict(squares, [1])
+    with pytest.raises(DatasetError, match=r"image 2 \('2.png'\)"):
+        det.fit(squares, [0, 2], iterations=1)
+    preds = det.predict(squares, [0, 1, 2, 3], on_bad_image="skip")
+    assert list(preds) == [0, 3]
+    with pytest.warns(UserWarning, match="skipping"):
+        summary = det.fit(squares, [0, 1, 2, 3], iterations=1, on_bad_image="skip")
+    assert len(summary["bad_images"]) == 2
+
+
+def test_image_size_mismatch_is_reported(squares):
+    squares[0].width = 50
+    with pytest.raises(DatasetError, match=r"is 96x96 but the annotations say 50x96"):
+        _det("tiny", squares, pretrained=False).predict(squares, [0])
