@@ -98,9 +98,12 @@ def _mobilenet_v2_trunk(pretrained: bool | None) -> tuple[nn.Module, bool]:
     ``pretrained=None`` means "if available"; ``True`` requires the file.
     """
     from torchvision.models import mobilenet_v2
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
-    trunk = mobilenet_v2(weights=None)
     path = mobilenet_v2_weights_file() if pretrained in (None, True) else None
+    # Pretrained trunks keep ImageNet BatchNorm statistics frozen (torchvision's choice for
+    # detection, whose small batches give noisy statistics); from scratch they must learn.
+    trunk = mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d if path is not None else None)
     if pretrained and path is None:
         raise ConfigError(
             "pretrained MobileNetV2 weights requested but not installed; run "

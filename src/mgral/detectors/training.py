@@ -337,6 +337,11 @@ def train(
                 )
             if world > 1:
                 torch.distributed.barrier()
+    if world > 1:
+        # Gradients are all-reduced but buffers (BatchNorm running statistics) drift per rank
+        # after the last forward; every rank takes rank 0's, which is what rank 0 checkpoints.
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, src=0)
     return {"losses": losses, "iterations": iteration, "epochs": epochs, "bad_images": list(data.bad)}
 
 
