@@ -272,10 +272,14 @@ def safe_relative_path(file_name: object, *, source: str, where: str) -> str:
 def check_image_size(width: object, height: object, *, source: str, where: str) -> tuple[int, int]:
     """Validate an image's width and height (positive integers) and return them as ints."""
     for name, v in (("width", width), ("height", height)):
+        bad = DatasetError(f"{source}: {where}: expected '{name}' to be a positive integer, got {v!r:.40}")
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-            raise DatasetError(f"{source}: {where}: expected '{name}' to be a positive integer, got {v!r}")
-        if not math.isfinite(float(v)) or float(v) <= 0 or float(v) != int(v):
-            raise DatasetError(f"{source}: {where}: expected '{name}' to be a positive integer, got {v!r}")
+            raise bad
+        if isinstance(v, (int, np.integer)):
+            if v <= 0 or v > 1 << 31:  # compared as ints: a huge JSON int must not overflow a float
+                raise bad
+        elif not math.isfinite(v) or v <= 0 or v != int(v):
+            raise bad
     return int(width), int(height)  # type: ignore[arg-type]
 
 

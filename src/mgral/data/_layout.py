@@ -1,0 +1,91 @@
+"""File-layout helpers shared by the folder formats (VOC, YOLO) and the COCO writer:
+image ids from paths, flat output names, names files, copying images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+from mgral.data.records import Dataset, ImageId
+from mgral.errors import DatasetError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def path_ids(rel_paths: Sequence[str]) -> list[str]:
+    """Image ids for files given as POSIX paths relative to the dataset root.
+
+    The file stem where no other file has the same stem, else the relative path without
+    its suffix (``images/train/a`` and ``images/test/a``), so ids are stable and readable.
+    """
+    stems = [PurePosixPath(p).stem for p in rel_paths]
+    counts = Counter(stems)
+    return [
+        s if counts[s] == 1 else str(PurePosixPath(p).with_suffix("")) for s, p in zip(stems, rel_paths, strict=True)
+    ]
+
+
+def output_names(dataset: Dataset) -> dict[ImageId, str]:
+    """Unique flat file names (no suffix) for writing each image into one folder."""
+    taken: set[str] = set()
+    names = {}
+    for rec, base in zip(dataset, path_ids([r.file_name for r in dataset]), strict=True):
+        name = base.replace("/", "_")
+        candidate, n = name, 1
+        while candidate in taken:  # only when flattening made two names equal
+            n += 1
+            candidate = f"{name}_{n}"
+        taken.add(candidate)
+        names[rec.id] = candidate
+    return names
+
+
+def read_text(path: Path, *, what: str) -> str:
+    """A small UTF-8 text file's content, or DatasetError naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); expected {what}") from err
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read {what}: {err.strerror or err}") from err
+
+
+def read_names_file(root: Path, candidates: Sequence[str]) -> tuple[list[str], Path] | None:
+    """Class names from the first of ``candidates`` present in ``root``, one per line."""
+    for name in candidates:
+        path = root / name
+        if path.is_file():
+            names = [line.strip() for line in read_text(path, what="class names, one a line").splitlines()]
+            names = [n for n in names if n]
+            dupes = sorted(n for n, k in Counter(names).items() if k > 1)
+            if dupes:
+                raise DatasetError(f"{path}: class names {dupes} appear more than once; expected each name once")
+            return names, path
+    return None
+
+
+def write_names_file(path: Path, names: Sequence[str]) -> None:
+    for name in names:
+        if "\n" in name or "\r" in name or name != name.strip():
+            raise DatasetError(
+                f"category name {name!r} has line breaks or surrounding spaces; {path.name} cannot store it"
+            )
+    path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+
+
+def link_or_copy(src: Path, dst: Path, *, what: str) -> None:
+    """Place ``src`` at ``dst``: a hard link when possible (fast, no extra space), else a copy.
+
+    Raises:
+        DatasetError: ``src`` does not exist (``what`` names the image in the message).
+    """
+    if not src.is_file():
+        raise DatasetError(f"{what}: image file {str(src)!r} does not exist; cannot copy it to the output")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(src, dst)

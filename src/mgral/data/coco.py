@@ -1,0 +1,346 @@
+"""COCO detection JSON: read, validate, write.
+
+Layout written by :func:`write`: ``annotations.json`` at the top of the output
+directory, images at their ``file_name`` relative to it (the layout of ``../shared/data``).
+Boxes are COCO ``[x, y, width, height]`` in the same continuous pixel frame as
+:mod:`mgral.data.records`, so ``[x, y, w, h] <-> [x, y, x + w, y + h]`` is exact.
+
+Besides the standard fields this reads and writes each image's ``split`` (``"train"``,
+``"val"``, ``"test"``; any other string, such as the ``"all"`` of some exports, reads as
+unassigned) and each annotation's ``difficult`` flag, as ``../shared/data`` does; other
+fields (segmentation, area, info, licenses) are ignored on read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgral._io import atomic_write_json
+from mgral.data._layout import link_or_copy
+from mgral.data.records import (
+    SPLITS,
+    Category,
+    Dataset,
+    ImageRecord,
+    Target,
+    check_box,
+    check_image_size,
+    check_images_exist,
+    describe_image,
+    safe_relative_path,
+)
+from mgral.errors import DatasetError
+
+ANNOTATIONS_FILE = "annotations.json"
+_SNIFF_BYTES = 1 << 20
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _coordinate(v: np.floating) -> float:
+    # str() of a float32 is its shortest round-trip decimal: 0.1, not 0.10000000149011612.
+    return float(str(np.float32(v)))
+
+
+def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
+    """The dataset as a COCO detection dict (``images``, ``annotations``, ``categories``).
+
+    Integer image ids are kept when every id is an int; otherwise images get ids
+    ``1..N`` in dataset order. Annotation ids are ``1..M``. ``split`` is written only for
+    images that have one; ``iscrowd`` and ``difficult`` are written for every annotation.
+    """
+    keep_ids = all(isinstance(r.id, int) and not isinstance(r.id, bool) for r in dataset)
+    images, annotations = [], []
+    for n, rec in enumerate(dataset, start=1):
+        image_id = rec.id if keep_ids else n
+        entry: dict[str, Any] = {"id": image_id, "file_name": rec.file_name, "width": rec.width, "height": rec.height}
+        if rec.split is not None:
+            entry["split"] = rec.split
+        images.append(entry)
+        t = rec.target
+        for box, label, crowd, difficult in zip(t.boxes, t.labels, t.iscrowd, t.difficult, strict=True):
+            x1, y1, x2, y2 = (_coordinate(v) for v in box)
+            w, h = _coordinate(box[2] - box[0]), _coordinate(box[3] - box[1])
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x1, y1, w, h],
+                    "area": w * h,
+                    "iscrowd": int(crowd),
+                    "difficult": int(difficult),
+                }
+            )
+    categories = [{"id": c.id, "name": c.name} for c in dataset.categories]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def write_json(dataset: Dataset, path: str | os.PathLike[str]) -> None:
+    """Write the dataset's COCO JSON to ``path`` atomically (no images are copied).
+
+    ``file_name`` values stay relative to ``dataset.root``: read the file back with
+    ``image_root=dataset.root`` unless ``path`` lies in that directory.
+    """
+    atomic_write_json(path, to_coco_dict(dataset))
+
+
+def write(dataset: Dataset, out_dir: Path, *, copy_images: bool = True) -> None:
+    """Write ``annotations.json`` into the existing empty ``out_dir``, and the images
+    at their ``file_name`` below it when ``copy_images``.
+
+    Raises:
+        DatasetError: a source image is missing.
+    """
+    out_dir = Path(out_dir)
+    if copy_images:
+        for rec in dataset:
+            link_or_copy(
+                dataset.root / rec.file_name, out_dir / rec.file_name, what=describe_image(rec.id, rec.file_name)
+            )
+    write_json(dataset, out_dir / ANNOTATIONS_FILE)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _require(obj: dict, key: str, *, source: str, where: str) -> Any:
+    if key not in obj:
+        raise DatasetError(f"{source}: {where}: missing required field {key!r} (present: {sorted(map(str, obj))})")
+    return obj[key]
+
+
+def _list_field(obj: dict, key: str, *, source: str) -> list:
+    value = _require(obj, key, source=source, where="top level")
+    if not isinstance(value, list):
+        raise DatasetError(f"{source}: expected {key!r} to be a list, got {type(value).__name__}")
+    return value
+
+
+def _entry(value: object, *, source: str, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise DatasetError(f"{source}: {where}: expected an object, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def _read_categories(obj: dict, *, source: str) -> list[Category]:
+    categories, seen = [], set()
+    for i, raw in enumerate(_list_field(obj, "categories", source=source)):
+        where = f"categories[{i}]"
+        c = _entry(raw, source=source, where=where)
+        cid, name = _require(c, "id", source=source, where=where), _require(c, "name", source=source, where=where)
+        if not _is_int(cid):
+            raise DatasetError(f"{source}: {where}: expected 'id' to be an integer, got {cid!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{source}: {where}: expected 'name' to be a non-empty string, got {name!r}")
+        if cid in seen:
+            raise DatasetError(f"{source}: {where}: duplicate category id {cid}; category ids must be unique")
+        seen.add(cid)
+        categories.append(Category(cid, name))
+    return categories
+
+
+def _read_images(obj: dict, *, source: str) -> list[ImageRecord]:
+    records: dict[int, ImageRecord] = {}
+    for i, raw in enumerate(_list_field(obj, "images", source=source)):
+        where = f"images[{i}]"
+        img = _entry(raw, source=source, where=where)
+        image_id = _require(img, "id", source=source, where=where)
+        if not _is_int(image_id):
+            raise DatasetError(f"{source}: {where}: expected 'id' to be an integer, got {image_id!r}")
+        raw_name = _require(img, "file_name", source=source, where=where)
+        where = f"{where}, {describe_image(image_id, raw_name if isinstance(raw_name, str) else None)}"
+        file_name = safe_relative_path(raw_name, source=source, where=where)
+        width = _require(img, "width", source=source, where=where)
+        height = _require(img, "height", source=source, where=where)
+        width, height = check_image_size(width, height, source=source, where=where)
+        split = img.get("split")
+        if split is not None and not isinstance(split, str):
+            raise DatasetError(f"{source}: {where}: expected 'split' to be a string or absent, got {split!r:.40}")
+        if image_id in records:
+            raise DatasetError(
+                f"{source}: {where}: duplicate image id {image_id} (also {records[image_id].file_name!r}); "
+                "image ids must be unique"
+            )
+        records[image_id] = ImageRecord(image_id, file_name, width, height, split if split in SPLITS else None)
+    return list(records.values())
+
+
+def _flag(ann: dict, key: str, *, source: str, where: str) -> bool:
+    v = ann.get(key, 0)
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise DatasetError(f"{source}: {where}: expected {key!r} to be 0 or 1, got {v!r}")
+
+
+def _read_annotations(
+    obj: dict, records: list[ImageRecord], categories: list[Category], *, source: str, clip: bool
+) -> None:
+    by_id = {r.id: r for r in records}
+    category_ids = {c.id for c in categories}
+    rows: dict[int, list[tuple[tuple[float, ...], int, bool, bool]]] = {r.id: [] for r in records}
+    for i, raw in enumerate(_list_field(obj, "annotations", source=source)):
+        where = f"annotations[{i}]"
+        ann = _entry(raw, source=source, where=where)
+        image_id = _require(ann, "image_id", source=source, where=where)
+        if not _is_int(image_id) or image_id not in by_id:
+            raise DatasetError(
+                f"{source}: {where}: 'image_id' {image_id!r} is not the id of any image in 'images' "
+                "(each annotation must refer to a listed image)"
+            )
+        rec = by_id[image_id]
+        where = f"{where} of {describe_image(rec.id, rec.file_name)}"
+        category_id = _require(ann, "category_id", source=source, where=where)
+        if not _is_int(category_id) or category_id not in category_ids:
+            raise DatasetError(
+                f"{source}: {where}: 'category_id' {category_id!r} is not one of the category ids "
+                f"{sorted(category_ids)} (add it to 'categories' or fix the annotation)"
+            )
+        bbox = _require(ann, "bbox", source=source, where=where)
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise DatasetError(
+                f"{source}: {where}: expected 'bbox' to be a list of 4 finite numbers [x, y, width, height], "
+                f"got {bbox!r:.120}"
+            )
+        x, y, w, h = (float(v) for v in bbox)
+        index = len(rows[image_id])
+        for name, size in (("width", w), ("height", h)):
+            if size <= 0:
+                raise DatasetError(
+                    f"{source}: {where}: box {index} bbox {bbox} has {name} {size:g} <= 0; expected "
+                    "[x, y, width, height] with positive width and height (is the bbox stored as x1, y1, x2, y2?)"
+                )
+        box = check_box(
+            (x, y, x + w, y + h),
+            width=rec.width,
+            height=rec.height,
+            source=source,
+            where=where,
+            index=index,
+            clip=clip,
+            convention="x, y, x + w, y + h from COCO [x, y, w, h]",
+        )
+        crowd = _flag(ann, "iscrowd", source=source, where=where)
+        difficult = _flag(ann, "difficult", source=source, where=where)
+        rows[image_id].append((box, category_id, difficult, crowd))
+    for rec in records:
+        boxes, labels, difficult, crowd = zip(*rows[rec.id], strict=True) if rows[rec.id] else ((), (), (), ())
+        rec.target = Target(np.array(boxes, dtype=np.float32).reshape(-1, 4), labels, difficult, crowd)
+
+
+def from_coco_dict(
+    obj: object,
+    *,
+    source: str,
+    image_root: str | os.PathLike[str],
+    check_files: bool = True,
+    clip_boxes: bool = False,
+) -> Dataset:
+    """Validate a parsed COCO dict and build a :class:`Dataset` rooted at ``image_root``.
+
+    ``source`` names the file in messages. Every image, category and annotation is
+    checked before the dataset is returned.
+
+    Raises:
+        DatasetError: a missing or mistyped field, duplicate or unknown id, invalid box,
+            or (``check_files``) a missing image file.
+    """
+    if not isinstance(obj, dict):
+        raise DatasetError(
+            f"{source}: expected a JSON object with 'images', 'annotations' and 'categories', got "
+            f"{type(obj).__name__} (a COCO results list is a prediction file, not a dataset)"
+        )
+    categories = _read_categories(obj, source=source)
+    records = _read_images(obj, source=source)
+    _read_annotations(obj, records, categories, source=source, clip=clip_boxes)
+    dataset = Dataset(image_root, categories, records)
+    if check_files:
+        check_images_exist(dataset, source=source)
+    return dataset
+
+
+def _json_file(path: Path) -> Path:
+    if not path.is_dir():
+        return path
+    candidates = sorted(path.glob("*.json"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if (path / ANNOTATIONS_FILE).is_file():
+        return path / ANNOTATIONS_FILE
+    found = ", ".join(c.name for c in candidates) or "none"
+    raise DatasetError(
+        f"{path}: expected exactly one COCO .json file in the directory, found {found} (pass the .json file itself)"
+    )
+
+
+def read(
+    path: str | os.PathLike[str],
+    *,
+    image_root: str | os.PathLike[str] | None = None,
+    check_files: bool = True,
+    clip_boxes: bool = False,
+) -> Dataset:
+    """Read a COCO JSON file (or a directory holding one) into a validated :class:`Dataset`.
+
+    ``image_root`` defaults to the JSON file's directory; ``file_name`` values are relative
+    to it. With ``clip_boxes`` boxes sticking out of their image are clipped, not refused.
+
+    Raises:
+        DatasetError: unreadable or malformed JSON, or anything :func:`from_coco_dict` refuses.
+    """
+    file = _json_file(Path(path))
+    source = str(file)
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{source}: cannot read the COCO file: {err.strerror or err}") from err
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as err:
+        raise DatasetError(
+            f"{source}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg} (expected a COCO JSON object)"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start}); expected COCO JSON") from err
+    except (ValueError, RecursionError) as err:  # e.g. an integer beyond Python's digit limit, absurd nesting
+        raise DatasetError(f"{source}: unreadable JSON ({err}); expected a COCO JSON object") from err
+    root = Path(image_root) if image_root is not None else file.parent
+    return from_coco_dict(obj, source=source, image_root=root, check_files=check_files, clip_boxes=clip_boxes)
+
+
+def sniff(path: Path) -> str | None:
+    """A reason string if ``path`` is a .json file or a directory with a COCO .json file at its top."""
+    path = Path(path)
+    if path.is_file():
+        return f"{path.name} is a .json file" if path.suffix.lower() == ".json" else None
+    if not path.is_dir():
+        return None
+    for candidate in sorted(path.glob("*.json")):
+        try:
+            with candidate.open("rb") as fh:
+                head = fh.read(_SNIFF_BYTES)
+        except OSError:
+            continue
+        if b'"images"' in head or b'"annotations"' in head:
+            return f"contains {candidate.name}"
+    return None
