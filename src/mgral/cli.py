@@ -122,12 +122,79 @@ def _print_metrics(payload: dict) -> None:
     console.print(per_class)
 
 
+def _params(pairs: Sequence[str]) -> dict:
+    """``key=value`` pairs; values are parsed as YAML scalars (``false``, ``3``, ``0.5``)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _select_ids(dataset, *, split: str | None, ids_file: Path | None, default_split: str) -> list:
+    from mgral.data.records import read_id_list
+
+    if ids_file is not None:
+        return read_id_list(ids_file, dataset)
+    ids = dataset.image_ids(split or default_split)
+    if not ids:
+        raise ConfigError(
+            f"the dataset has no images in split {split or default_split!r}; pass --split or an ids file"
+        )
+    return ids
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mgral._io import atomic_write_json
+    from mgral.data.formats import read_dataset
+    from mgral.detectors.torchvision_detector import TorchvisionDetector
+
+    dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
+    train_ids = _select_ids(dataset, split="train", ids_file=args.train_ids, default_split="train")
+    detector = TorchvisionDetector(
+        args.detector, dataset.categories, weights=args.weights, device=args.device, seed=args.seed,
+        **_params(args.param),
+    )
+    overrides = {"epochs": args.epochs, "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr}
+    summary = detector.fit(dataset, train_ids, checkpoint_dir=args.out, resume=args.resume, **overrides)
+    detector.save(args.out / "model.pt")
+    report = {"train_images": len(train_ids), **summary}
+    test_ids = dataset.image_ids("test")
+    if test_ids:
+        result = detector.evaluate(dataset, test_ids)
+        report["test"] = result.to_dict()
+        print(f"test split ({len(test_ids)} images): mAP {result.mAP:.4f}  mAP50 {result.mAP50:.4f}")
+    atomic_write_json(args.out / "train.json", report, indent=2)
+    print(f"model written to {args.out / 'model.pt'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mgral.data.formats import read_dataset
+    from mgral.detectors.torchvision_detector import TorchvisionDetector
+    from mgral.evaluation import write_predictions
+
+    dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
+    ids = _select_ids(dataset, split=args.split, ids_file=args.ids, default_split="test")
+    detector = TorchvisionDetector.load(args.checkpoint, device=args.device)
+    preds = detector.predict(dataset, ids, progress=True)
+    write_predictions(args.out, preds)
+    print(f"wrote {sum(len(d) for d in preds.values())} detections on {len(preds)} images to {args.out}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from mgral.data.formats import FORMATS
+    from mgral.detectors.models import PRESETS
 
-    registries = {"formats": FORMATS}
-    for entry in registries[args.what].entries():
-        print(f"{entry.name:<12} {entry.summary}")
+    entries = list({"formats": FORMATS, "detectors": PRESETS}[args.what].entries())
+    width = max(len(e.name) for e in entries)
+    for entry in entries:
+        print(f"{entry.name:<{width}}  {entry.summary}")
     return 0
 
 
@@ -191,8 +258,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_options(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("train", help="train a detector on a dataset's train split")
+    p.add_argument("data", type=Path)
+    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"])
+    p.add_argument("--detector", required=True, help="preset name (mgral list detectors)")
+    p.add_argument("--out", type=Path, required=True, help="directory for model.pt, last.pt, train.json")
+    p.add_argument("--train-ids", type=Path, help="file of image ids to train on (default: the train split)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weights", type=Path, help="local weights file (never downloaded)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="preset parameter")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict with a trained detector; writes COCO results")
+    p.add_argument("data", type=Path)
+    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="COCO results JSON to write")
+    p.add_argument("--split", choices=["train", "val", "test"], help="images to predict (default: test)")
+    p.add_argument("--ids", type=Path, help="file of image ids to predict")
+    p.add_argument("--device", default="auto")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("list", help="what is registered")
-    p.add_argument("what", choices=["formats"])
+    p.add_argument("what", choices=["formats", "detectors"])
     p.set_defaults(func=cmd_list)
     return parser
 

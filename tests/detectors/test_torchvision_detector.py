@@ -190,3 +190,24 @@ def test_image_size_mismatch_is_reported(squares):
     squares[0].width = 50
     with pytest.raises(DatasetError, match=r"is 96x96 but the annotations say 50x96"):
         _det("tiny", squares, pretrained=False).predict(squares, [0])
+
+
+def test_paper_scale_weights_are_never_downloaded(squares, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(ConfigError, match=r"never downloads; place fasterrcnn_resnet50_fpn_coco-\w+\.pth .* at .*hub/checkpoints"):
+        TorchvisionDetector("fasterrcnn_resnet50_fpn", squares.categories, device="cpu", pretrained=True)
+
+
+def test_local_weights_file_loads_all_but_the_class_dependent_head(squares, tmp_path):
+    src = TorchvisionDetector("tiny", [Category(1, "a")], device="cpu", seed=5, pretrained=False)
+    torch.save(src.model.state_dict(), tmp_path / "w.pth")
+    det = TorchvisionDetector("tiny", squares.categories, device="cpu", seed=0, weights=tmp_path / "w.pth")
+    own, other = det.model.state_dict(), src.model.state_dict()
+    skipped = det.model._mgral_skipped_weights
+    assert skipped == ["head.classification_head.cls_logits.bias", "head.classification_head.cls_logits.weight"]
+    for k, v in own.items():
+        if k not in skipped:
+            assert torch.equal(v, other[k]), k
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="could not be loaded as a state dict"):
+        TorchvisionDetector("tiny", squares.categories, device="cpu", weights=tmp_path / "bad.pth")

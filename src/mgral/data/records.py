@@ -348,3 +348,38 @@ def check_images_exist(dataset: Dataset, *, source: str) -> None:
 
 def targets_by_id(dataset: Dataset) -> Mapping[ImageId, Target]:
     return {r.id: r.target for r in dataset}
+
+
+def read_id_list(path: str | os.PathLike[str], dataset: Dataset) -> list[ImageId]:
+    """Image ids from a text file, one a line (``#`` comments and blank lines ignored).
+
+    A line is matched against the dataset's ids as written, then as an integer, so
+    ``17`` finds COCO id 17 and ``2007_000027`` finds that VOC id.
+
+    Raises:
+        DatasetError: unreadable file, unknown or repeated id (naming the line).
+    """
+    source = str(path)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{source}: cannot read the id list ({err})") from err
+    ids: list[ImageId] = []
+    seen: set[ImageId] = set()
+    for n, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        image_id: ImageId | None = text if text in dataset else None
+        if image_id is None and text.lstrip("-").isdigit() and int(text) in dataset:
+            image_id = int(text)
+        if image_id is None:
+            raise DatasetError(
+                f"{source}: line {n}: {text!r} is not an image id of the dataset (ids look like "
+                f"{list(dataset.images)[:3]!r}); one id per line"
+            )
+        if image_id in seen:
+            raise DatasetError(f"{source}: line {n}: image id {text!r} is listed twice")
+        seen.add(image_id)
+        ids.append(image_id)
+    return ids

@@ -236,13 +236,30 @@ def build_mobilenet_v2_fpn(
     )
 
 
-def _torchvision_builder(fn_name: str, min_size: int | None = None):
-    def build(num_classes: int, weights: Path | None = None, **params: Any) -> nn.Module:
+def torchvision_cache_file(fn_name: str) -> tuple[Path, str]:
+    """Where torchvision keeps the default COCO weights of ``fn_name``, and their URL."""
+    from torchvision.models import get_model_weights
+
+    url = get_model_weights(fn_name).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
+
+
+def _torchvision_builder(fn_name: str):
+    def build(num_classes: int, weights: Path | None = None, *, pretrained: bool = False, **params: Any) -> nn.Module:
+        """``pretrained=True`` loads torchvision's COCO weights from its cache directory
+        (never downloading); the class-dependent head layers stay freshly initialised."""
         from torchvision.models import detection
 
-        if min_size is not None:
-            params.setdefault("min_size", min_size)
-        return getattr(detection, fn_name)(weights=None, weights_backbone=None, num_classes=num_classes, **params)
+        model = getattr(detection, fn_name)(weights=None, weights_backbone=None, num_classes=num_classes, **params)
+        if pretrained and weights is None:
+            file, url = torchvision_cache_file(fn_name)
+            if not file.is_file():
+                raise ConfigError(
+                    f"{fn_name}: pretrained weights are not in torchvision's cache and mgral never downloads; "
+                    f"place {file.name} (from {url}) at {file}, or pass --weights PATH"
+                )
+            load_matching(model, load_weights_file(file), source=str(file))
+        return model
 
     build.__doc__ = f"torchvision.models.detection.{fn_name} (paper-scale; GPU recommended)."
     return build
@@ -276,20 +293,15 @@ PRESETS.add(
     Preset(build_mobilenet_v2_fpn, {"epochs": 12, "batch_size": 4, "optimizer": "sgd", "lr": 0.02}),
     "Faster R-CNN + MobileNetV2-FPN, slim RPN/RoI, 320 px; ImageNet trunk when installed",
 )
-for _name, _fn, _size, _summary in (
-    ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn", None, "Faster R-CNN R50-FPN (paper scale, GPU)"),
-    ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn", None, "RetinaNet R50-FPN (paper scale, GPU)"),
-    ("ssd300_vgg16", "ssd300_vgg16", None, "SSD300 VGG16 (paper scale, GPU)"),
-    ("fcos_resnet50_fpn", "fcos_resnet50_fpn", None, "FCOS R50-FPN (paper scale, GPU)"),
-    (
-        "fasterrcnn_mobilenet_v3_large_fpn",
-        "fasterrcnn_mobilenet_v3_large_fpn",
-        None,
-        "Faster R-CNN MobileNetV3-Large-FPN (GPU)",
-    ),
+for _name, _summary in (
+    ("fasterrcnn_resnet50_fpn", "Faster R-CNN R50-FPN (paper scale, GPU)"),
+    ("retinanet_resnet50_fpn", "RetinaNet R50-FPN (paper scale, GPU)"),
+    ("ssd300_vgg16", "SSD300 VGG16 (paper scale, GPU)"),
+    ("fcos_resnet50_fpn", "FCOS R50-FPN (paper scale, GPU)"),
+    ("fasterrcnn_mobilenet_v3_large_fpn", "Faster R-CNN MobileNetV3-Large-FPN (GPU)"),
 ):
     PRESETS.add(
         _name,
-        Preset(_torchvision_builder(_fn, _size), {"epochs": 12, "batch_size": 8, "optimizer": "sgd", "lr": 0.01}),
+        Preset(_torchvision_builder(_name), {"epochs": 12, "batch_size": 8, "optimizer": "sgd", "lr": 0.01}),
         _summary,
     )
