@@ -167,15 +167,14 @@ def build_tiny(
     fpn_channels: int = 64,
     head_convs: int = 2,
     min_size: int = 128,
-    train_sizes: tuple[int, ...] = (96, 112, 128, 144, 160),
     trainable_from: int = 0,
     score_thresh: float = 0.05,
     detections_per_img: int = 100,
 ) -> nn.Module:
     """FCOS (Tian et al., ICCV 2019) on a MobileNetV2 trunk with a 3-level FPN.
 
-    Sized for the built-in digits scenes (128 px images, objects of 14-40 px). Multi-scale
-    training: torchvision's transform picks a size from ``train_sizes`` per batch.
+    Sized for the built-in digits scenes (128 px images, objects of 14-40 px). Scale
+    augmentation happens in the data (``TrainConfig.scale_jitter``), at a fixed input size.
     """
     from torchvision.models.detection import FCOS
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -184,13 +183,11 @@ def build_tiny(
     backbone = _mobilenet_v2_fpn_backbone(fpn_channels, pretrained if weights is None else False, trainable_from)
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,)), aspect_ratios=((1.0,),) * 3)
     head = FCOSHead(fpn_channels, 1, num_classes, num_convs=head_convs)
-    # torchvision draws a training size from min_size and evaluates at its last entry.
-    sizes = tuple(s for s in train_sizes if s != min_size) + (min_size,)
     model = FCOS(
         backbone,
         num_classes,
-        min_size=sizes,
-        max_size=max(train_sizes) * 2,
+        min_size=min_size,
+        max_size=min_size * 2,
         anchor_generator=anchors,
         head=head,
         score_thresh=score_thresh,

@@ -21,8 +21,8 @@ from mgral.detectors.models import PRESETS, build_model
 from mgral.detectors.postprocess import keep_class_probabilities
 from mgral.detectors.training import (
     DetectionData,
-    dist_info,
     derive_seed,
+    dist_info,
     load_image,
     load_state,
     make_config,
@@ -124,6 +124,7 @@ class TorchvisionDetector:
             list(image_ids),
             self.class_index,
             hflip=config.hflip,
+            scale_jitter=config.scale_jitter,
             seed=config.seed,
             on_bad_image=config.on_bad_image,
         )

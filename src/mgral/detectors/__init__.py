@@ -1,0 +1,1 @@
+"""Object detectors: a classical baseline and torchvision models behind one interface."""
