@@ -142,9 +142,7 @@ def _select_ids(dataset, *, split: str | None, ids_file: Path | None, default_sp
         return read_id_list(ids_file, dataset)
     ids = dataset.image_ids(split or default_split)
     if not ids:
-        raise ConfigError(
-            f"the dataset has no images in split {split or default_split!r}; pass --split or an ids file"
-        )
+        raise ConfigError(f"the dataset has no images in split {split or default_split!r}; pass --split or an ids file")
     return ids
 
 
@@ -156,7 +154,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
     train_ids = _select_ids(dataset, split="train", ids_file=args.train_ids, default_split="train")
     detector = TorchvisionDetector(
-        args.detector, dataset.categories, weights=args.weights, device=args.device, seed=args.seed,
+        args.detector,
+        dataset.categories,
+        weights=args.weights,
+        device=args.device,
+        seed=args.seed,
         **_params(args.param),
     )
     overrides = {"epochs": args.epochs, "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr}

@@ -60,7 +60,9 @@ def test_write_dataset_refuses_non_empty_and_overwrites(small_dataset, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(DatasetError, match=r"out exists and is not empty; choose an empty directory or pass --overwrite"):
+    with pytest.raises(
+        DatasetError, match=r"out exists and is not empty; choose an empty directory or pass --overwrite"
+    ):
         write_dataset(small_dataset, out, "voc")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert write_dataset(small_dataset, out, "voc", overwrite=True) == out

@@ -52,8 +52,14 @@ def test_dataset_split_subset_and_lookup():
 
 @pytest.mark.parametrize(
     "name, fragment",
-    [("../x.jpg", "escapes the image root"), ("a/../../x.jpg", "escapes"), ("/etc/passwd", "absolute path"),
-     ("C:\\x.jpg", "absolute path"), ("", "non-empty relative path"), (5, "non-empty relative path")],
+    [
+        ("../x.jpg", "escapes the image root"),
+        ("a/../../x.jpg", "escapes"),
+        ("/etc/passwd", "absolute path"),
+        ("C:\\x.jpg", "absolute path"),
+        ("", "non-empty relative path"),
+        (5, "non-empty relative path"),
+    ],
 )
 def test_safe_relative_path_refuses_escapes(name, fragment):
     with pytest.raises(DatasetError, match=fragment) as err:

@@ -194,7 +194,9 @@ def test_image_size_mismatch_is_reported(squares):
 
 def test_paper_scale_weights_are_never_downloaded(squares, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(ConfigError, match=r"never downloads; place fasterrcnn_resnet50_fpn_coco-\w+\.pth .* at .*hub/checkpoints"):
+    with pytest.raises(
+        ConfigError, match=r"never downloads; place fasterrcnn_resnet50_fpn_coco-\w+\.pth .* at .*hub/checkpoints"
+    ):
         TorchvisionDetector("fasterrcnn_resnet50_fpn", squares.categories, device="cpu", pretrained=True)
 
 

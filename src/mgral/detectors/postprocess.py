@@ -5,8 +5,9 @@ then throw it away: ``postprocess_detections`` keeps only the winning class's sc
 Uncertainty strategies (entropy, margin, least confidence) and MGRAL's label-free features
 need the whole vector, so these functions are torchvision's own post-processing (same
 thresholds, top-k, clipping and NMS, in the same order, so boxes, scores and labels are
-identical, except that one-stage heads no longer emit background-class boxes) with the candidate index carried through to gather the distribution of every
-kept box. They are bound onto a model instance by ``keep_class_probabilities``.
+identical, except that one-stage heads no longer emit background-class boxes) with the
+candidate index carried through to gather the distribution of every kept box. They are
+bound onto a model instance by ``keep_class_probabilities``.
 
 The vector has ``num_classes`` entries (torchvision's class indices: 0 is background):
 * two-stage (Faster R-CNN): the RoI head's softmax, background included;
@@ -46,7 +47,7 @@ def _roi_heads_postprocess(self, class_logits, box_regression, proposals, image_
     pred_scores = F.softmax(class_logits, -1)
     out_boxes, out_scores, out_labels, out_probs, out_counts = [], [], [], [], []
     for boxes, scores, image_shape in zip(
-        pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes
+        pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes, strict=True
     ):
         probs = scores
         boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
@@ -65,7 +66,7 @@ def _roi_heads_postprocess(self, class_logits, box_regression, proposals, image_
         out_scores.append(scores[keep])
         out_labels.append(labels[keep])
         out_probs.append(probs[rows[keep]])
-    self._mgral_extra = [{"probs": p, "num_candidates": c} for p, c in zip(out_probs, out_counts)]
+    self._mgral_extra = [{"probs": p, "num_candidates": c} for p, c in zip(out_probs, out_counts, strict=True)]
     return out_boxes, out_scores, out_labels
 
 
@@ -79,7 +80,7 @@ def _one_stage_postprocess(self, head_outputs, anchors, image_shapes):
     for index in range(len(image_shapes)):
         image_boxes, image_scores, image_labels, image_probs = [], [], [], []
         for level, (box_regression_per_level, logits_per_level, anchors_per_level) in enumerate(
-            zip([br[index] for br in box_regression], [cl[index] for cl in class_logits], anchors[index])
+            zip([br[index] for br in box_regression], [cl[index] for cl in class_logits], anchors[index], strict=True)
         ):
             num_classes = logits_per_level.shape[-1]
             scores_per_level = torch.sigmoid(logits_per_level)
@@ -126,7 +127,8 @@ def _ssd_postprocess(self, head_outputs, image_anchors, image_shapes):
     num_classes = pred_scores.size(-1)
     device = pred_scores.device
     detections = []
-    for boxes, scores, anchors, image_shape in zip(bbox_regression, pred_scores, image_anchors, image_shapes):
+    per_image = zip(bbox_regression, pred_scores, image_anchors, image_shapes, strict=True)
+    for boxes, scores, anchors, image_shape in per_image:
         boxes = box_ops.clip_boxes_to_image(self.box_coder.decode_single(boxes, anchors), image_shape)
         image_boxes, image_scores, image_labels, image_rows = [], [], [], []
         for label in range(1, num_classes):
@@ -163,7 +165,7 @@ def _faster_rcnn_forward_hook(module: nn.Module, args, output):
         return output
     extra = getattr(module.roi_heads, "_mgral_extra", None)
     if extra is not None and len(extra) == len(output):
-        for det, ex in zip(output, extra):
+        for det, ex in zip(output, extra, strict=True):
             det.update(ex)
         module.roi_heads._mgral_extra = None
     return output

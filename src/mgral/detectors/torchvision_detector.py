@@ -189,7 +189,7 @@ class TorchvisionDetector:
                 pooled.clear()
                 results = self.model(images) if images else []
                 emb = pooled[0].cpu().numpy() if pooled else None
-                for k, (i, res) in enumerate(zip(batch_ids, results)):
+                for k, (i, res) in enumerate(zip(batch_ids, results, strict=True)):
                     out[i] = self._to_detections(res, emb[k] if (embeddings and emb is not None) else None)
         finally:
             hook.remove()
@@ -267,7 +267,9 @@ class TorchvisionDetector:
             det = cls(state["preset"], categories, device=device, seed=int(state.get("seed", 0)), **state["params"])
             det.model.load_state_dict(state["model"])
         except (RuntimeError, TypeError, ValueError, ConfigError) as err:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not fit its model: {str(err).splitlines()[0]}") from err
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit its model: {str(err).splitlines()[0]}"
+            ) from err
         return det
 
 

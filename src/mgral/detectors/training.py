@@ -311,13 +311,15 @@ def train(
     model.to(device)
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
     use_amp = bool(config.amp) if config.amp is not None else device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
-    start_epoch, iteration, losses = 0, 0, []
+    start_epoch, iteration, losses, seen = 0, 0, [], 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -370,7 +372,10 @@ def train(
                 iteration += 1
                 epoch_loss += float(loss.detach())
                 batches += 1
-                progress.update(task, advance=1, loss=float(loss.detach()), description=f"train epoch {epoch + 1}/{epochs}")
+                seen += len(images)
+                progress.update(
+                    task, advance=1, loss=float(loss.detach()), description=f"train epoch {epoch + 1}/{epochs}"
+                )
             losses.append(epoch_loss / max(batches, 1))
             if checkpoint is not None and rank == 0:
                 checkpoint(
@@ -391,7 +396,13 @@ def train(
         # after the last forward; every rank takes rank 0's, which is what rank 0 checkpoints.
         for buf in model.buffers():
             torch.distributed.broadcast(buf, src=0)
-    return {"losses": losses, "iterations": iteration, "epochs": epochs, "bad_images": list(data.bad)}
+    return {
+        "losses": losses,
+        "iterations": iteration,
+        "epochs": epochs,
+        "images_seen": seen,  # by this rank, in this call (not before a resume)
+        "bad_images": list(data.bad),
+    }
 
 
 def _progress(enabled: bool):

@@ -1,0 +1,126 @@
+"""The command line, end to end, in process (``main(argv)`` is what the console script runs)."""
+
+import json
+
+import pytest
+
+from mgral.cli import main
+from mgral.data import coco
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "digits"
+    assert main(["synth", "--out", str(out), "--images", "40", "--seed", "3"]) == 0
+    return out
+
+
+def test_synth_and_info(digits, capsys):
+    assert main(["info", str(digits)]) == 0
+    out = capsys.readouterr().out
+    assert "40 images" in out and "10 categories" in out
+
+
+def test_list_shows_registered_plugins(capsys):
+    assert main(["list", "formats"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["coco", "voc", "yolo"]
+    assert main(["list", "detectors"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"tiny", "mobilenet_v2_fpn", "fasterrcnn_resnet50_fpn", "ssd300_vgg16"} <= set(names)
+
+
+def test_convert_round_trip_and_refusal_of_non_empty_output(digits, tmp_path, capsys):
+    assert main(["convert", str(digits), "--to", "voc", "--out", str(tmp_path / "voc")]) == 0
+    assert main(["convert", str(tmp_path / "voc"), "--to", "coco", "--out", str(tmp_path / "back")]) == 0
+    back = coco.read(tmp_path / "back")
+    assert len(back) == 40
+    capsys.readouterr()
+    assert main(["convert", str(digits), "--to", "yolo", "--out", str(tmp_path / "voc")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_bad_input_exits_2_with_file_image_and_box_and_writes_nothing(digits, tmp_path, capsys):
+    obj = json.loads((digits / "annotations.json").read_text())
+    ann = obj["annotations"][0]
+    ann["bbox"][2] = -5.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(obj))
+    image = next(i for i in obj["images"] if i["id"] == ann["image_id"])
+    code = main(["convert", str(bad), "--to", "voc", "--out", str(tmp_path / "out"), "--image-root", str(digits)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"mgral: error: {bad}: annotations[0] of image {image['id']} ('{image['file_name']}'): box 0")
+    assert "width -5 <= 0" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_json_and_bootstrap(digits, tmp_path, capsys):
+    obj = json.loads((digits / "annotations.json").read_text())
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in obj["annotations"]
+    ]
+    pred = tmp_path / "perfect.json"
+    pred.write_text(json.dumps(perfect))
+    assert main(["evaluate", "--gt", str(digits), "--pred", str(pred), "--json", "--bootstrap", "20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "per_class"} <= set(out)
+    assert out["mAP"] == pytest.approx(1.0) and out["mAP50"] == pytest.approx(1.0)
+    assert out["bootstrap"]["mAP"]["low"] == pytest.approx(1.0)
+    assert main(["evaluate", "--gt", str(digits), "--pred", str(pred), "--style", "voc07"]) == 0
+    assert "per-class AP" in capsys.readouterr().out
+
+
+def test_evaluate_bad_predictions_exit_2(digits, tmp_path, capsys):
+    pred = tmp_path / "p.json"
+    pred.write_text('[{"image_id": 99999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]')
+    assert main(["evaluate", "--gt", str(digits), "--pred", str(pred)]) == 2
+    assert "99999" in capsys.readouterr().err
+
+
+def test_train_then_predict_then_evaluate(digits, tmp_path, capsys):
+    out = tmp_path / "model"
+    code = main(
+        [
+            "train",
+            str(digits),
+            "--detector",
+            "tiny",
+            "--iterations",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--param",
+            "pretrained=false",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    assert (out / "model.pt").is_file() and (out / "last.pt").is_file()
+    report = json.loads((out / "train.json").read_text())
+    assert report["iterations"] == 2 and "mAP50" in report["test"]
+    pred = tmp_path / "pred.json"
+    assert (
+        main(["predict", str(digits), "--checkpoint", str(out / "model.pt"), "--out", str(pred), "--device", "cpu"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["evaluate", "--gt", str(digits), "--pred", str(pred), "--json"]) == 0
+    assert "mAP" in json.loads(capsys.readouterr().out)
+
+
+def test_train_refuses_unknown_preset_listing_valid_ones(digits, tmp_path, capsys):
+    assert main(["train", str(digits), "--detector", "yolo9000", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown detector 'yolo9000'; valid detectors:" in err and "tiny" in err
+
+
+def test_demo_writes_a_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "60"]) == 0
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| mAP50 |" in report and "95% CI" in report
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert 0.0 <= metrics["metrics"]["mAP50"] <= 1.0
