@@ -14,5 +14,7 @@ SHARED_DATA = Path(os.environ.get("MGRAL_SHARED_DATA", Path(__file__).resolve().
 def shared_data() -> Path:
     """``../shared/data`` (real datasets); skips where it is absent (a user's fresh clone)."""
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data not found (a fresh clone has no shared data); set MGRAL_SHARED_DATA to run this test")
+        pytest.skip(
+            "../shared/data not found (a fresh clone has no shared data); set MGRAL_SHARED_DATA to run this test"
+        )
     return SHARED_DATA
