@@ -19,3 +19,11 @@ class DatasetError(MgralError):
 
 class CheckpointError(MgralError):
     """A checkpoint or weights file that is missing, corrupt, or made for another model."""
+
+
+class PoolError(MgralError):
+    """A pool-ledger operation that breaks its rules, or a corrupt ledger file."""
+
+
+class RunError(MgralError):
+    """A run directory that is in use, corrupt, or was started with another config."""

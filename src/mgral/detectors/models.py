@@ -137,26 +137,32 @@ class _Trunk(nn.Module):
         return out
 
 
+class _TrunkFPN(nn.Module):
+    """A trunk's stride-8/16/32 outputs under a torchvision feature pyramid."""
+
+    def __init__(self, trunk: _Trunk, in_channels: list[int], out_channels: int) -> None:
+        from torchvision.ops import FeaturePyramidNetwork
+
+        super().__init__()
+        self.body = trunk
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
 def _mobilenet_v2_fpn_backbone(out_channels: int, pretrained: bool | None, trainable_from: int) -> nn.Module:
-    """MobileNetV2 trunk (blocks 6, 13, 17: strides 8, 16, 32) under a torchvision FPN."""
-    from torchvision.ops import FeaturePyramidNetwork
+    """MobileNetV2 trunk (blocks 6, 13, 17: strides 8, 16, 32; 32, 96, 320 channels) under an FPN.
 
-    features, _ = _mobilenet_v2_trunk(pretrained)
-    for i, block in enumerate(features):
-        if i < trainable_from:
+    With ImageNet weights the blocks before ``trainable_from`` stay frozen (generic early
+    filters; it also saves their backward pass); from scratch every block trains.
+    """
+    features, loaded = _mobilenet_v2_trunk(pretrained)
+    if loaded:
+        for block in list(features)[:trainable_from]:
             block.requires_grad_(False)
-
-    class Backbone(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = _Trunk(features, {6: "0", 13: "1", 17: "2"})
-            self.fpn = FeaturePyramidNetwork([32, 96, 320], out_channels)
-            self.out_channels = out_channels
-
-        def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-            return self.fpn(self.body(x))
-
-    return Backbone()
+    return _TrunkFPN(_Trunk(features, {6: "0", 13: "1", 17: "2"}), [32, 96, 320], out_channels)
 
 
 def build_tiny(
@@ -167,7 +173,7 @@ def build_tiny(
     fpn_channels: int = 64,
     head_convs: int = 2,
     min_size: int = 128,
-    trainable_from: int = 0,
+    trainable_from: int = 4,
     score_thresh: float = 0.05,
     detections_per_img: int = 100,
 ) -> nn.Module:
@@ -282,7 +288,7 @@ def build_model(name: str, num_classes: int, *, weights: str | Path | None = Non
 
 PRESETS.add(
     "tiny",
-    Preset(build_tiny, {"epochs": 40, "batch_size": 16, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4}),
+    Preset(build_tiny, {"epochs": 30, "batch_size": 16, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4}),
     "FCOS + MobileNetV2-FPN for 128 px scenes; trains on CPU in minutes",
 )
 PRESETS.add(

@@ -1,0 +1,347 @@
+"""The experiment config: YAML in, validated, unknown keys refused with the valid keys listed.
+
+A config is a handful of flat sections; plug-ins are a registered name plus flat
+parameters (``detector.preset`` + ``detector.params``, ``strategies[i].name`` +
+``strategies[i].params``), validated in depth by the layer that builds them.
+
+Conventions:
+
+* Cycles: cycle 0 trains on the initial labeled set, then ``cycles`` query rounds follow,
+  each adding up to ``budget`` images; a series trains ``cycles + 1`` models, so its AL
+  curve has ``cycles + 1`` points (see :mod:`mgral.pool`).
+* Paths (``dataset.path``, ``dataset.image_root``, ``detector.weights``,
+  ``initial.ids_file``): a relative path written in a config file is relative to that
+  file's directory (a config travels with the data it names); one given with ``--set`` is
+  relative to the current directory, like any command-line argument. The resolved config
+  (:func:`config_to_dict`) holds absolute paths, so a recorded config means the same
+  wherever it is read.
+* Overrides: ``--set KEY=VALUE`` with a dotted key (``detector.train.epochs=3``; list
+  entries by index, ``strategies.1.params.aggregation=sum``) and a YAML value
+  (``seeds=[0, 1]``, ``strategies=[{name: random}]``).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mgral._io import atomic_write_text
+from mgral.errors import ConfigError
+from mgral.runs import LABEL_PATTERN
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives typed values, so "4" for an int or 1 for a bool is a mistake
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DatasetConfig(_Section):
+    """Where the pool and the test images come from.
+
+    ``synth`` (the parameters of :class:`mgral.data.synth.SynthConfig`, e.g.
+    ``{images: 600, seed: 0}``): if ``path`` does not exist, generate the built-in digits
+    scenes there first. ``test_split`` must not be one of the ``pool_splits``.
+    """
+
+    path: str = Field(min_length=1)
+    format: Literal["coco", "voc", "yolo"] | None = None
+    image_root: str | None = None
+    pool_splits: list[str] = Field(default=["train"], min_length=1)
+    test_split: str = "test"
+    clip_boxes: bool = False
+    synth: dict[str, Any] | None = None
+
+    @field_validator("synth")
+    @classmethod
+    def _check_synth(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from mgral.data.synth import SynthConfig  # PIL and friends: only when a config uses synth
+
+            valid = [f.name for f in fields(SynthConfig)]
+            unknown = [k for k in value if k not in valid]
+            if unknown:
+                raise ValueError(f"unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+            try:
+                SynthConfig(**value)
+            except (ConfigError, TypeError) as err:
+                raise ValueError(str(err).removeprefix("synth: ")) from err
+        return value
+
+    @model_validator(mode="after")
+    def _check_splits(self) -> DatasetConfig:
+        if self.test_split in self.pool_splits:
+            raise ValueError(
+                f"test_split {self.test_split!r} is also a pool split ({self.pool_splits}); the test "
+                "images must stay out of the pool"
+            )
+        if self.synth is not None and self.format not in (None, "coco"):
+            raise ValueError(f"synth generates a COCO dataset but format is {self.format!r}; remove format")
+        return self
+
+    def synth_config(self) -> Any:
+        """The :class:`mgral.data.synth.SynthConfig` to generate with, or None."""
+        from mgral.data.synth import SynthConfig
+
+        return None if self.synth is None else SynthConfig(**self.synth)
+
+
+class DetectorConfig(_Section):
+    """A detector preset, its flat parameters, training overrides (epochs, batch_size, lr, ...)."""
+
+    preset: str = Field(min_length=1)
+    weights: str | None = None
+    params: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    device: str = "auto"
+
+
+class StrategySpec(_Section):
+    """A registered strategy, its flat parameters, and a label naming this configuration of it
+    (default: the name; labels must be unique and name the series' directory)."""
+
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = {}
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _default_label(self) -> StrategySpec:
+        if self.label is None:
+            self.label = self.name
+        if not LABEL_PATTERN.fullmatch(self.label):
+            raise ValueError(
+                f"label {self.label!r} cannot name a directory; use letters, digits, '.', '_', '+', "
+                "'-', starting with a letter or digit (set label: explicitly)"
+            )
+        return self
+
+
+class InitialConfig(_Section):
+    """The initial labeled set (cycle 0): exactly one of a size, a fraction of the pool, or an id file."""
+
+    size: int | None = Field(default=None, ge=1)
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+    ids_file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> InitialConfig:
+        given = [k for k in ("size", "fraction", "ids_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            got = " and ".join(given) if given else "none"
+            raise ValueError(f"set exactly one of size, fraction, ids_file (got {got})")
+        return self
+
+
+class OracleConfig(_Section):
+    """The simulated oracle: cost per box, and label noise (fractions of boxes)."""
+
+    kind: Literal["simulated"] = "simulated"
+    box_cost: float = Field(default=0.0, ge=0)
+    label_noise: float = Field(default=0.0, ge=0, le=1)
+    drop_boxes: float = Field(default=0.0, ge=0, lt=1)
+
+
+class ExperimentConfig(_Section):
+    """One experiment: every (strategy, seed) series runs ``cycles`` query rounds of ``budget`` images."""
+
+    name: str = Field(min_length=1)
+    dataset: DatasetConfig
+    detector: DetectorConfig
+    strategies: list[StrategySpec] = Field(min_length=1)
+    initial: InitialConfig
+    budget: int = Field(ge=1)
+    budget_boxes: int | None = Field(default=None, ge=1)
+    cycles: int = Field(ge=0)
+    seeds: list[NonNegInt] = Field(min_length=1)
+    oracle: OracleConfig = OracleConfig()
+    executor: Literal["inline", "process", "ray"] = "inline"
+    ray_address: str | None = None
+    full_data_reference: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        labels = [s.label for s in self.strategies]
+        for n, label in enumerate(labels):
+            if label in labels[:n]:
+                raise ValueError(
+                    f"strategies: label {label!r} is used by strategies[{labels.index(label)}] and "
+                    f"strategies[{n}]; give each a distinct label (e.g. label: {label}-2)"
+                )
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed; list each seed once")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError(
+                f"ray_address is set but executor is {self.executor!r}; set executor: ray or remove ray_address"
+            )
+        return self
+
+
+_PATH_KEYS = (("dataset", "path"), ("dataset", "image_root"), ("detector", "weights"), ("initial", "ids_file"))
+
+
+def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a YAML config, apply ``--set KEY=VALUE`` overrides, resolve paths, validate.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, a bad override, or invalid values,
+            naming the file and the key (unknown keys list the valid ones).
+    """
+    source = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read the config ({err})") from err
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        valid = ", ".join(ExperimentConfig.model_fields)
+        raise ConfigError(f"{source}: expected a mapping with the keys {valid}; got {type(data).__name__}")
+    _resolve_paths(data, Path(path).parent)
+    for text in overrides:
+        _apply_override(data, text)
+    _resolve_paths(data, Path.cwd())  # what is still relative came from --set
+    return config_from_dict(data, source=source)
+
+
+def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> ExperimentConfig:
+    """Validate a config mapping (paths taken as given).
+
+    Raises:
+        ConfigError: one line per problem, each naming ``source`` and the key.
+    """
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("\n".join(_describe(e, source) for e in err.errors())) from err
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config (defaults filled in, labels set, paths absolute) as plain JSON/YAML data."""
+    return config.model_dump(mode="json")
+
+
+def dump_config(config: ExperimentConfig, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config to ``path`` as YAML, atomically; :func:`load_config` reads it back equal."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for section, key in _PATH_KEYS:
+        sub = data.get(section)
+        if isinstance(sub, dict) and isinstance(sub.get(key), str) and sub[key]:
+            p = Path(sub[key]).expanduser()
+            sub[key] = os.path.abspath(base / p)  # an absolute p stays itself, normalized
+
+
+def _node(annotation: Any) -> Any:
+    """What a field holds: a model class, ``list`` (with its item annotation), ``dict``, or None (a value)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _node(args[0]) if len(args) == 1 else None
+    if origin is Annotated:
+        return _node(typing.get_args(annotation)[0])
+    if origin is list:
+        return ("list", typing.get_args(annotation)[0])
+    if origin is dict:
+        return dict
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _where(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    node: Any = ExperimentConfig
+    for part in loc:
+        if isinstance(node, tuple):
+            node = _node(node[1])
+        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = _node(node.model_fields[part].annotation)
+        else:
+            return None
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _describe(error: Mapping[str, Any], source: str) -> str:
+    loc = tuple(error["loc"])
+    parent = _where(loc[:-1]) or "the top level"
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        valid = f"; valid keys: {', '.join(model.model_fields)}" if model else ""
+        return f"{source}: unknown key {loc[-1]!r} in {parent}{valid}"
+    if error["type"] == "missing":
+        return f"{source}: missing key {loc[-1]!r} in {parent} (it is required)"
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error":
+        return f"{source}: {_where(loc) or 'config'}: {msg}"
+    return f"{source}: {_where(loc) or 'the top level'}: {msg}, got {error['input']!r:.80}"
+
+
+def _apply_override(data: dict[str, Any], text: str) -> None:
+    """Set one ``KEY=VALUE`` in the raw config, checking the dotted key against the models."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. detector.train.epochs=3")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text}: cannot parse the value as YAML ({err})") from err
+    keys = _check_key(parts, text)
+    container: Any = data
+    for n, part in enumerate(keys):
+        here = _where(keys[:n]) or "the top level"
+        if isinstance(container, list) and not (isinstance(part, int) and part < len(container)):
+            raise ConfigError(f"--set {text}: {here} has {len(container)} entries; index {part} is out of range")
+        if not isinstance(container, (list, dict)):
+            raise ConfigError(f"--set {text}: {here} is {container!r:.40} in the config, not a section")
+        if n == len(keys) - 1:
+            container[part] = value
+        elif isinstance(container, list):
+            container = container[part]
+        else:
+            if not isinstance(container.get(part), (dict, list)):
+                container[part] = {}  # a section left out (or null) in the file
+            container = container[part]
+
+
+def _check_key(parts: list[str], text: str) -> list[str | int]:
+    """The dotted key as dict keys and list indices; ConfigError for a key no model has."""
+    node: Any = ExperimentConfig
+    keys: list[str | int] = []
+    for part in parts:
+        here = _where(keys) or "the top level"
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if part not in node.model_fields:
+                raise ConfigError(
+                    f"--set {text}: unknown key {part!r} in {here}; valid keys: {', '.join(node.model_fields)}"
+                )
+            keys.append(part)
+            node = _node(node.model_fields[part].annotation)
+        elif isinstance(node, tuple):
+            if not part.isdigit():
+                raise ConfigError(f"--set {text}: {here} is a list; index it ({here}.0...) or set it whole")
+            keys.append(int(part))
+            node = _node(node[1])
+        elif node is dict:
+            keys.append(part)  # free parameters: checked by the plug-in that takes them
+        else:
+            raise ConfigError(f"--set {text}: {here} is a value, not a section; use --set {here}=VALUE")
+    return keys

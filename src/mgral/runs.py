@@ -1,0 +1,324 @@
+"""The run directory: where one experiment keeps its config, its state and its results.
+
+Layout::
+
+    RUN/
+      config.yaml                 the resolved config the run was started with; resuming
+                                  with a different one is refused, naming the differing keys
+      run.lock                    flock()ed while a process works in RUN (holder's pid inside)
+      <strategy>/seed-<s>/        one series per (strategy label, seed)
+          ledger.json             the pool ledger (mgral.pool)
+          cycles.jsonl            one JSON object per finished cycle, keyed by "cycle"
+          state.json              the loop's position (cycle, phase), for resume
+          cycle-<c>/              per-cycle artifacts: predictions.npz, model.pt, selection.json, ...
+
+Every state file is written atomically (:mod:`mgral._io`), except ``cycles.jsonl``, which
+is appended to durably (write, flush, fsync). A crash mid-append leaves a torn last line
+(no trailing newline): readers drop it, and the next append truncates it first.
+
+Cycle records are keyed by their ``"cycle"``: each append must carry a cycle greater than
+every recorded one. Appending a record identical to the one already recorded for its cycle
+is a no-op (replaying after a crash is safe); a *different* record for a recorded cycle is
+refused. A cycle is done exactly when its record is in ``cycles.jsonl``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from mgral._io import atomic_write_text, fsync_dir
+from mgral.errors import RunError
+
+CONFIG_FILE = "config.yaml"
+LOCK_FILE = "run.lock"
+LEDGER_FILE = "ledger.json"
+CYCLES_FILE = "cycles.jsonl"
+STATE_FILE = "state.json"
+
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+"""What a strategy label must look like: it names a directory."""
+
+log = logging.getLogger(__name__)
+
+
+class RunDir:
+    """A run directory (see the module docstring). Take :meth:`lock` before changing it."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def create(self, config: Mapping[str, Any]) -> RunDir:
+        """Start a new run: write ``config.yaml``. ``config`` is the resolved config dict.
+
+        Raises:
+            RunError: ``RUN`` already holds a run or other files.
+        """
+        if (self.path / CONFIG_FILE).exists():
+            raise RunError(
+                f"{self.path} already holds a run (it has {CONFIG_FILE}); resume it "
+                "(--resume) or choose a new run directory"
+            )
+        if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            raise RunError(f"{self.path} exists and is not empty; choose a new run directory")
+        atomic_write_text(self.path / CONFIG_FILE, yaml.safe_dump(_plain(config), sort_keys=False))
+        return self
+
+    def open(self, config: Mapping[str, Any] | None = None) -> RunDir:
+        """Open an existing run to resume it; if ``config`` is given it must equal the recorded one.
+
+        Raises:
+            RunError: no run there, an unreadable ``config.yaml``, or a different config
+                (naming each differing key with both values).
+        """
+        recorded = self.config()
+        if config is None:
+            return self
+        given, old = _flatten(_plain(config)), _flatten(recorded)
+        diffs = [k for k in sorted(set(given) | set(old)) if given.get(k, _MISSING) != old.get(k, _MISSING)]
+        if diffs:
+            shown = "; ".join(
+                f"{k}: {_show(old.get(k, _MISSING))} (recorded) vs {_show(given.get(k, _MISSING))} (given)"
+                for k in diffs[:10]
+            )
+            more = f" and {len(diffs) - 10} more" if len(diffs) > 10 else ""
+            raise RunError(
+                f"{self.path}: cannot resume with a different config: {shown}{more}. Resume with the "
+                f"recorded config ({self.path / CONFIG_FILE}) or start a new run directory"
+            )
+        return self
+
+    def config(self) -> dict[str, Any]:
+        """The config recorded in ``config.yaml``.
+
+        Raises:
+            RunError: missing or unreadable file.
+        """
+        path = self.path / CONFIG_FILE
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise RunError(f"{self.path} is not a run directory (no {CONFIG_FILE}); start a run there first") from err
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise RunError(f"{path}: cannot read the recorded config ({err})") from err
+        if not isinstance(data, dict):
+            raise RunError(f"{path}: expected a mapping, got {type(data).__name__}")
+        return data
+
+    def lock(self) -> RunLock:
+        return RunLock(self.path)
+
+    def series_dir(self, strategy: str, seed: int) -> Path:
+        """``RUN/<strategy>/seed-<seed>``, created if missing.
+
+        Raises:
+            RunError: a label that is not a safe directory name, or a negative seed.
+        """
+        if not isinstance(strategy, str) or not LABEL_PATTERN.fullmatch(strategy):
+            raise RunError(
+                f"strategy label {strategy!r} cannot name a directory; use letters, digits, '.', '_', "
+                "'+' and '-', starting with a letter or digit"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise RunError(f"seed must be a non-negative integer, got {seed!r}")
+        path = self.path / strategy / f"seed-{seed}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def cycle_dir(self, strategy: str, seed: int, cycle: int) -> Path:
+        """``RUN/<strategy>/seed-<seed>/cycle-<cycle>``, created if missing."""
+        if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 0:
+            raise RunError(f"cycle must be a non-negative integer, got {cycle!r}")
+        path = self.series_dir(strategy, seed) / f"cycle-{cycle}"
+        path.mkdir(exist_ok=True)
+        return path
+
+
+_MISSING = object()
+
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as YAML would give it back (tuples become lists), so comparisons are fair."""
+    return json.loads(json.dumps(config))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _show(v: object) -> str:
+    return "(absent)" if v is _MISSING else json.dumps(v)
+
+
+# -- cycle records ------------------------------------------------------------------------
+
+
+def _parse_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The complete records and the byte length of the complete lines (a torn tail excluded)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes; an append was interrupted)", path, len(data) - end)
+    records: list[dict[str, Any]] = []
+    for n, line in enumerate(data[:end].splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunError(
+                f"{path}: line {n} is not valid JSON ({err}); the file is corrupt or was edited by "
+                "hand; fix or remove that line"
+            ) from err
+        cycle = record.get("cycle") if isinstance(record, dict) else None
+        if isinstance(cycle, bool) or not isinstance(cycle, int):
+            raise RunError(f"{path}: line {n}: expected an object with an integer 'cycle', got {line[:80]!r}")
+        if records and cycle <= records[-1]["cycle"]:
+            raise RunError(
+                f"{path}: line {n}: cycle {cycle} after cycle {records[-1]['cycle']}; records must go forward in cycles"
+            )
+        records.append(record)
+    return records, end
+
+
+def read_cycle_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``cycles.jsonl`` in order (``[]`` if the file does not exist).
+
+    A torn last line is dropped (with a logged warning); the file is not changed.
+
+    Raises:
+        RunError: a complete line that is not a JSON object with an integer ``"cycle"``,
+            or cycles that do not increase.
+    """
+    return _parse_records(Path(path))[0]
+
+
+def append_cycle_record(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Append ``record`` (a JSON-able mapping with an integer ``"cycle"``) as one durable line.
+
+    Truncates a torn last line first. Re-appending the recorded record of a cycle is a no-op.
+
+    Raises:
+        RunError: no integer ``"cycle"``; or a cycle not after the last recorded one
+            (unless the record is identical to the recorded one).
+        TypeError: a value JSON cannot encode.
+    """
+    path = Path(path)
+    cycle = record.get("cycle")
+    if isinstance(cycle, bool) or not isinstance(cycle, int):
+        raise RunError(f"{path}: a cycle record needs an integer 'cycle', got {cycle!r}")
+    line = json.dumps(record) + "\n"
+    records, end = _parse_records(path)
+    if records and cycle <= records[-1]["cycle"]:
+        same = [r for r in records if r["cycle"] == cycle]
+        if same and same[0] == json.loads(line):
+            return
+        what = "a different record" if same else f"cycle {records[-1]['cycle']} is already recorded"
+        raise RunError(
+            f"{path}: cannot append cycle {cycle}: {what}. Records are keyed by cycle and go forward; "
+            "a finished cycle is not recorded twice (read_cycle_records() tells which are done)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "ab") as fh:
+        if fh.tell() > end:
+            fh.truncate(end)
+        fh.write(line.encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    if new:
+        fsync_dir(path.parent)
+
+
+# -- the lock -----------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``RUN/run.lock``; use it as a context manager.
+
+    The kernel drops the lock when the holder dies (even by SIGKILL), so a lock file left
+    behind never blocks a later run. The file keeps the holder's pid, host and start time
+    for the message a refused process gets. It is never deleted: deleting it would let two
+    processes hold locks on two different files. (``flock`` on network file systems may not
+    exclude processes on other hosts.)
+
+    Raises:
+        RunError: on entry, when another process holds the lock.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            raise RunError(
+                f"run directory {self.run_dir} is in use by {_describe_holder(holder)}; wait for it to "
+                f"finish or stop it (a lock left by a dead process is released by itself, so {self.path} "
+                "needs no removal)"
+            ) from err
+        except BaseException:
+            os.close(fd)
+            raise
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # while still held, so no reader sees a departed holder
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"process {info['pid']} on {info['host']} (started {info['started']})"
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return "another process"  # it holds the lock but has not written its details yet
+
+
+def list_series(run_dir: str | os.PathLike[str]) -> list[tuple[str, int]]:
+    """The ``(strategy label, seed)`` series present in a run directory, sorted."""
+    found = []
+    for d in Path(run_dir).glob("*/seed-*"):
+        seed = d.name.removeprefix("seed-")
+        if d.is_dir() and seed.isdigit() and LABEL_PATTERN.fullmatch(d.parent.name):
+            found.append((d.parent.name, int(seed)))
+    return sorted(found)
