@@ -27,6 +27,9 @@ def test_list_shows_registered_plugins(capsys):
     assert main(["list", "detectors"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert {"tiny", "mobilenet_v2_fpn", "fasterrcnn_resnet50_fpn", "ssd300_vgg16"} <= set(names)
+    assert main(["list", "strategies"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"random", "entropy", "margin", "least_confidence", "core_set"} <= set(names)
 
 
 def test_convert_round_trip_and_refusal_of_non_empty_output(digits, tmp_path, capsys):

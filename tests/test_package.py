@@ -31,5 +31,9 @@ def test_registry_lists_valid_names_for_unknown():
     assert reg.names() == ["a", "b"]
     with pytest.raises(ConfigError, match=r"unknown widget 'c'; valid widgets: a, b"):
         reg.get("c")
+    strategies: Registry[int] = Registry("strategy")
+    strategies.add("x", 1, "only")
+    with pytest.raises(ConfigError, match=r"unknown strategy 'y'; valid strategies: x$"):
+        strategies.get("y")
     with pytest.raises(ValueError, match="already registered"):
         reg.add("a", 3, "dup")

@@ -192,8 +192,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from mgral.data.formats import FORMATS
     from mgral.detectors.models import PRESETS
+    from mgral.strategies import STRATEGIES
 
-    entries = list({"formats": FORMATS, "detectors": PRESETS}[args.what].entries())
+    entries = list({"formats": FORMATS, "detectors": PRESETS, "strategies": STRATEGIES}[args.what].entries())
     width = max(len(e.name) for e in entries)
     for entry in entries:
         print(f"{entry.name:<{width}}  {entry.summary}")
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("list", help="what is registered")
-    p.add_argument("what", choices=["formats", "detectors"])
+    p.add_argument("what", choices=["formats", "detectors", "strategies"])
     p.set_defaults(func=cmd_list)
     return parser
 

@@ -25,8 +25,9 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Named plug-ins of one kind (``kind`` is used in messages, e.g. ``"format"``)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plural: str | None = None) -> None:
         self.kind = kind
+        self.plural = plural or (kind[:-1] + "ies" if kind.endswith("y") else kind + "s")
         self._entries: dict[str, Entry[T]] = {}
 
     def register(self, name: str, summary: str) -> Callable[[T], T]:
@@ -46,7 +47,7 @@ class Registry(Generic[T]):
             return self._entries[name].obj
         except KeyError:
             valid = ", ".join(sorted(self._entries)) or "(none registered)"
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {valid}") from None
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid {self.plural}: {valid}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)
