@@ -189,6 +189,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from mgral.config import load_config
+    from mgral.loop import run_experiment
+
+    config = load_config(args.config, args.set)
+    out = args.out or Path("runs") / config.name
+    run_experiment(config, out, resume=args.resume)
+    print(f"run finished: {out} (mgral report {out})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mgral.report import write_report
+
+    out = args.out or args.runs[0] / "report"
+    path = write_report(args.runs, out)
+    print(path.read_text())
+    print(f"report written to {out}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from mgral.data.formats import FORMATS
     from mgral.detectors.models import PRESETS
@@ -289,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("run", help="run an active-learning experiment from a YAML config")
+    p.add_argument("config", type=Path)
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="AL curves and results tables of one or more runs")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="output directory (default: RUN/report)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="what is registered")
     p.add_argument("what", choices=["formats", "detectors", "strategies"])

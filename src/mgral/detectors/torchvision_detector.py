@@ -116,7 +116,7 @@ class TorchvisionDetector:
         """
         self._check_categories(dataset)
         config = make_config(
-            {**PRESETS.get(self.preset).train_defaults, "seed": self.seed, **self.train_overrides}, overrides
+            {**PRESETS.get(self.preset).train_defaults, "seed": self.seed}, self.train_overrides, overrides
         )
         distributed = maybe_init_distributed(self.device)
         data = DetectionData(

@@ -68,15 +68,29 @@ class TrainConfig(BaseModel):
         return self
 
 
-def make_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """Merge preset defaults with user overrides (``None`` values are ignored) and validate."""
-    merged = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
-    if "iterations" in overrides and overrides["iterations"] is not None:
-        merged.pop("epochs", None)
+def make_config(*layers: dict[str, Any]) -> TrainConfig:
+    """Merge settings layers (preset defaults, then detector settings, then call overrides;
+    ``None`` values ignored) and validate. A layer that sets ``epochs`` or ``iterations``
+    replaces the other one set by an earlier layer.
+
+    Raises:
+        ConfigError: unknown keys (the valid ones listed) or invalid values.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        given = {k: v for k, v in layer.items() if v is not None}
+        for a, b in (("epochs", "iterations"), ("iterations", "epochs")):
+            if a in given and b not in given:
+                merged.pop(b, None)
+        merged.update(given)
     try:
         return TrainConfig(**merged)
     except ValueError as err:
-        raise ConfigError(f"invalid training settings: {err}") from err
+        errors = getattr(err, "errors", lambda: [])()
+        lines = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in errors] or [str(err)]
+        if any(e["type"] == "extra_forbidden" for e in errors):
+            lines.append(f"valid keys: {', '.join(TrainConfig.model_fields)}")
+        raise ConfigError("invalid training settings: " + "; ".join(lines)) from err
 
 
 # -- data ----------------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""The active-learning cycle as a resumable state machine.
+
+For every seed, every strategy starts from the same initial labeled set. One series
+(strategy, seed) runs cycles ``0..config.cycles``; cycle ``c``:
+
+1. train a fresh detector on the images labeled in cycles ``<= c`` (the labels the oracle
+   revealed; checkpoint per epoch in the cycle's directory, so a killed training resumes);
+2. evaluate it on the test split (a point of the AL curve);
+3. unless it is the last cycle: compute what the strategy declares it needs (pool
+   predictions, embeddings, the detector) and nothing else, select ``budget`` images,
+   write ``selection.json``, request them in the ledger and save it (*before* waiting on
+   the oracle), collect the answer, resolve the ledger and save it again;
+4. append the cycle record to ``cycles.jsonl``. A cycle is finished exactly when its
+   record is there.
+
+On ``--resume`` each series restarts at its first unfinished cycle. Training is
+deterministic for a seed on CPU, predictions are cached per cycle, a selection already
+written is reused and never recomputed, and the oracle's answers depend only on (seed,
+image id): a killed run continues to exactly the selections of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgral._io import atomic_write_json
+from mgral.config import ExperimentConfig, config_to_dict
+from mgral.data.records import Dataset, ImageId, Target, read_id_list
+from mgral.errors import ConfigError
+from mgral.oracles import SimulatedOracle
+from mgral.pool import Ledger
+from mgral.runs import RunDir, append_cycle_record, read_cycle_records
+
+REFERENCE_LABEL = "reference"
+
+
+def prepare_dataset(config: ExperimentConfig) -> Dataset:
+    """Read the configured dataset (generating the built-in scenes first if asked)."""
+    from mgral.data.formats import read_dataset
+    from mgral.data.synth import generate
+
+    ds = config.dataset
+    path = Path(ds.path)
+    if ds.synth is not None and not path.exists():
+        generate(path, ds.synth_config())
+    return read_dataset(path, ds.format, image_root=ds.image_root, clip_boxes=ds.clip_boxes)
+
+
+def initial_ids(config: ExperimentConfig, dataset: Dataset, pool: list[ImageId], seed: int) -> list[ImageId]:
+    """The initial labeled set of ``seed`` (the same for every strategy): a seeded draw from
+    the pool, or the ids file.
+
+    Raises:
+        ConfigError: a size larger than the pool, or ids outside the pool.
+    """
+    init = config.initial
+    if init.ids_file is not None:
+        ids = read_id_list(init.ids_file, dataset)
+        outside = [i for i in ids if i not in set(pool)]
+        if outside:
+            raise ConfigError(
+                f"{init.ids_file}: ids {outside[:5]} are not in the pool splits {config.dataset.pool_splits}"
+            )
+        return ids
+    n = init.size if init.size is not None else max(1, round(init.fraction * len(pool)))
+    if n > len(pool):
+        raise ConfigError(f"initial size {n} is larger than the pool ({len(pool)} images)")
+    rng = np.random.default_rng([seed, 0])
+    return [pool[k] for k in sorted(rng.choice(len(pool), size=n, replace=False))]
+
+
+def visible_dataset(dataset: Dataset, labels: Mapping[ImageId, Target]) -> Dataset:
+    """The dataset as the learner may see it: revealed labels on labeled images, no boxes
+    on any other (so no strategy can read a pool label, by construction)."""
+    return Dataset(dataset.root, dataset.categories, (replace(r, target=labels.get(r.id, Target())) for r in dataset))
+
+
+@dataclass
+class Experiment:
+    """What every series of a run shares."""
+
+    config: ExperimentConfig
+    run: RunDir
+    dataset: Dataset
+    pool: list[ImageId]
+    test: list[ImageId]
+    log: Callable[[str], None] = print
+
+    def detector(self, seed: int, cycle: int):
+        from mgral.detectors.torchvision_detector import TorchvisionDetector
+        from mgral.detectors.training import derive_seed
+
+        det = self.config.detector
+        return TorchvisionDetector(
+            det.preset,
+            self.dataset.categories,
+            weights=det.weights,
+            device=det.device,
+            seed=derive_seed(seed, cycle, 11),
+            train={"progress": False, **det.train},
+            **det.params,
+        )
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
+    """Run (or resume) every (strategy, seed) series of ``config`` into ``out``.
+
+    Raises:
+        RunError: ``out`` in use by another process, not resumable, or resumed with a
+            different config.
+        ConfigError / DatasetError: invalid configuration or data.
+    """
+    from mgral.detectors.models import PRESETS
+    from mgral.strategies import build_strategy
+
+    run = RunDir(out)
+    resolved = config_to_dict(config)
+    with run.lock():
+        if resume:
+            run.open(resolved)
+        else:
+            run.create(resolved)
+        PRESETS.get(config.detector.preset)  # unknown names fail before any long work
+        strategies = {s.label: build_strategy(s.name, **s.params) for s in config.strategies}
+        dataset = prepare_dataset(config)
+        pool = dataset.image_ids(config.dataset.pool_splits)
+        test = dataset.image_ids(config.dataset.test_split)
+        if not pool or not test:
+            raise ConfigError(
+                f"the pool splits {config.dataset.pool_splits} hold {len(pool)} images and the test split "
+                f"{config.dataset.test_split!r} {len(test)}; both must be non-empty"
+            )
+        exp = Experiment(config, run, dataset, pool, test, log)
+        for seed in config.seeds:
+            initial = initial_ids(config, dataset, pool, seed)
+            for label, strategy in strategies.items():
+                run_series(exp, label, strategy, seed, initial)
+            if config.full_data_reference:
+                run_series(exp, REFERENCE_LABEL, None, seed, pool)
+    return Path(out)
+
+
+def run_series(exp: Experiment, label: str, strategy, seed: int, initial: list[ImageId]) -> None:
+    """Run the unfinished cycles of one series (``strategy=None``: one full-data cycle)."""
+    config = exp.config
+    sdir = exp.run.series_dir(label, seed)
+    ledger_path, records_path = sdir / "ledger.json", sdir / "cycles.jsonl"
+    ledger = Ledger.load(ledger_path) if ledger_path.exists() else Ledger.create(exp.pool, initial)
+    ledger.save(ledger_path)
+    oracle = SimulatedOracle(
+        exp.dataset, seed=seed, label_noise=config.oracle.label_noise, drop_boxes=config.oracle.drop_boxes
+    )
+    last = 0 if strategy is None else config.cycles
+    for cycle in range(len(read_cycle_records(records_path)), last + 1):
+        record = run_cycle(exp, label, strategy, seed, cycle, cycle == last, ledger, ledger_path, oracle)
+        append_cycle_record(records_path, record)
+        exp.log(
+            f"{label} seed {seed} cycle {cycle}: {record['num_labeled']} images, {record['num_boxes_labeled']} "
+            f"boxes, mAP {record['mAP']:.4f}, mAP50 {record['mAP50']:.4f} "
+            f"({sum(record['seconds'].values()):.0f} s)"
+        )
+        previous = exp.run.cycle_dir(label, seed, cycle - 1) / "model.pt" if cycle else None
+        if previous is not None and previous.exists():
+            previous.unlink()  # keep the latest model only: earlier ones are reproducible
+
+
+def run_cycle(
+    exp: Experiment,
+    label: str,
+    strategy,
+    seed: int,
+    cycle: int,
+    is_last: bool,
+    ledger: Ledger,
+    ledger_path: Path,
+    oracle: SimulatedOracle,
+) -> dict[str, Any]:
+    config, cdir = exp.config, exp.run.cycle_dir(label, seed, cycle)
+    seconds: dict[str, float] = {}
+    labeled = ledger.labeled(cycle)
+    labels = {i: oracle.labels_for(i) for i in labeled}
+    view = visible_dataset(exp.dataset, labels)
+
+    t0 = time.perf_counter()
+    detector = exp.detector(seed, cycle)
+    detector.fit(view, labeled, checkpoint_dir=cdir, resume=True)
+    detector.save(cdir / "model.pt")
+    (cdir / "last.pt").unlink(missing_ok=True)
+    seconds["train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    result = detector.evaluate(exp.dataset, exp.test)
+    seconds["evaluate"] = time.perf_counter() - t0
+
+    selected: list[ImageId] = []
+    scores: list[float] = []
+    if not is_last and strategy is not None and ledger.unlabeled():
+        selected, scores = _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds)
+        # Each step is skipped when a resumed run finds it done: request, then collect.
+        new = [
+            i for i in selected if i not in ledger.labeled_in and i not in ledger.skipped and i not in ledger.pending
+        ]
+        if new:
+            ledger.request(new, cycle + 1)
+            ledger.save(ledger_path)  # the request is on disk before the oracle is waited on
+        pending = [i for i in selected if ledger.pending.get(i) == cycle + 1]
+        if pending:
+            t0 = time.perf_counter()
+            oracle.request(pending)
+            answer = oracle.collect()
+            ledger.resolve(list(answer.labels), answer.skipped, cycle + 1)
+            ledger.save(ledger_path)
+            seconds["label"] = time.perf_counter() - t0
+
+    num_boxes = sum(len(labels[i]) for i in labeled)
+    return {
+        "strategy": label,
+        "strategy_name": getattr(strategy, "name", "full-data"),
+        "seed": seed,
+        "cycle": cycle,
+        "num_labeled": len(labeled),
+        "num_boxes_labeled": num_boxes,
+        "labeling_cost": len(labeled) + config.oracle.box_cost * num_boxes,
+        "mAP": _finite(result.mAP),
+        "mAP50": _finite(result.mAP50),
+        "per_class": {k: _finite(v) for k, v in result.per_class.items()},
+        "selected": selected,
+        "scores": scores,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -> tuple[list, list]:
+    """The selection of ``cycle`` (reused from ``selection.json`` when already made)."""
+    from mgral.detectors.cache import load_predictions, save_predictions
+    from mgral.strategies import SelectionContext
+
+    path = cdir / "selection.json"
+    if path.exists():  # made before a crash: never recomputed (JSON keeps int and str ids apart)
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return saved["image_ids"], saved["scores"]
+    pool, labeled = ledger.unlabeled(), ledger.labeled(cycle)
+    context = SelectionContext(
+        dataset=view,
+        pool_ids=pool,
+        labeled_ids=labeled,
+        rng=np.random.default_rng([seed, cycle, 5]),
+        cycle=cycle,
+        work_dir=cdir,
+    )
+    t0 = time.perf_counter()
+    if strategy.requires & {"predictions", "embeddings"}:
+        cache = cdir / "predictions.npz"
+        wanted = pool + (labeled if "embeddings" in strategy.requires else [])
+        preds = load_predictions(cache) if cache.exists() else {}
+        if set(wanted) - set(preds):
+            preds = detector.predict(view, wanted)
+            save_predictions(cache, preds)
+        if "predictions" in strategy.requires:
+            context.predictions = {i: preds[i] for i in pool}
+        if "embeddings" in strategy.requires:
+            context.embeddings = {i: preds[i].embedding for i in wanted}
+    if "detector" in strategy.requires:
+        context.detector = detector
+    seconds["predict"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    selection = strategy.select(context, exp.config.budget)
+    ids, scores = list(selection.image_ids), [float(s) for s in selection.scores]
+    if exp.config.budget_boxes is not None:
+        ids, scores = _cap_boxes(exp.dataset, ids, scores, exp.config.budget_boxes)
+    seconds["select"] = time.perf_counter() - t0
+    atomic_write_json(path, {"image_ids": ids, "scores": scores, "info": selection.info}, indent=1)
+    return ids, scores
+
+
+def _cap_boxes(dataset: Dataset, ids: list, scores: list, budget_boxes: int) -> tuple[list, list]:
+    """Keep the selection's leading images while their boxes fit ``budget_boxes`` (at least
+    one image). Simulation only: it counts the true boxes, known here before labeling."""
+    total, n = 0, 0
+    for i in ids:
+        total += len(dataset[i].target)
+        if n and total > budget_boxes:
+            break
+        n += 1
+    return ids[:n], scores[:n]
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)

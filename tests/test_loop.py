@@ -1,0 +1,124 @@
+"""The AL loop end to end on CPU: records, ledger, crash safety (real SIGKILL), the lock."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mgral.config import config_from_dict
+from mgral.errors import RunError
+from mgral.loop import run_experiment
+from mgral.pool import Ledger
+from mgral.runs import RunLock, read_cycle_records
+
+MICRO = {
+    "name": "micro",
+    "dataset": {"path": "digits", "synth": {"images": 60, "seed": 0, "image_size": 96, "max_digit_size": 32}},
+    "detector": {"preset": "tiny", "params": {"pretrained": False}, "train": {"epochs": 2, "batch_size": 4}},
+    "strategies": [{"name": "random"}, {"name": "entropy"}, {"name": "core_set"}],
+    "initial": {"size": 8},
+    "budget": 6,
+    "cycles": 2,
+    "seeds": [0],
+}
+
+
+def _config(tmp: Path, **changes) -> dict:
+    cfg = json.loads(json.dumps(MICRO))
+    cfg["dataset"]["path"] = str(tmp.parent / "digits")  # one dataset shared by the runs of a test
+    cfg.update(changes)
+    return cfg
+
+
+def _series(run: Path) -> dict:
+    out = {}
+    for records in sorted(run.glob("*/seed-*/cycles.jsonl")):
+        label = records.parent.parent.name
+        out[label] = {
+            "records": [{k: r[k] for k in ("cycle", "num_labeled", "selected", "mAP")} for r in read_cycle_records(records)],
+            "ledger": Ledger.load(records.parent / "ledger.json").to_dict(),
+        }
+    return out
+
+
+def test_two_cycle_run_end_to_end(tmp_path):
+    cfg = _config(tmp_path / "run", full_data_reference=True)
+    run_experiment(config_from_dict(cfg), tmp_path / "run", log=lambda _: None)
+    series = _series(tmp_path / "run")
+    assert set(series) == {"random", "entropy", "core_set", "reference"}
+    initial = {label: s["ledger"]["labeled"][:8] for label, s in series.items() if label != "reference"}
+    assert len({json.dumps(v) for v in initial.values()}) == 1, "every strategy starts from the same initial set"
+    for label in ("random", "entropy", "core_set"):
+        records = series[label]["records"]
+        assert [r["cycle"] for r in records] == [0, 1, 2]
+        assert [r["num_labeled"] for r in records] == [8, 14, 20]
+        labeled_before = {i for i, c in series[label]["ledger"]["labeled"] if c == 0}
+        chosen = records[0]["selected"] + records[1]["selected"]
+        assert len(set(chosen)) == 12 and not set(chosen) & labeled_before
+        assert records[2]["selected"] == []
+        full = read_cycle_records(tmp_path / "run" / label / "seed-0" / "cycles.jsonl")[1]
+        assert {"strategy", "seed", "num_boxes_labeled", "mAP50", "per_class", "seconds"} <= set(full)
+        assert set(full["seconds"]) >= {"train", "evaluate", "predict", "select"}
+    # strategies that need predictions got them cached, random computed none
+    assert (tmp_path / "run" / "entropy" / "seed-0" / "cycle-0" / "predictions.npz").is_file()
+    assert not (tmp_path / "run" / "random" / "seed-0" / "cycle-0" / "predictions.npz").exists()
+    # only the latest model is kept
+    assert sorted(p.parent.name for p in (tmp_path / "run" / "random").glob("seed-0/cycle-*/model.pt")) == ["cycle-2"]
+    reference = series["reference"]["records"]
+    assert len(reference) == 1 and reference[0]["num_labeled"] == 42
+
+
+def test_a_second_run_on_a_locked_directory_is_refused(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(run), pytest.raises(RunError, match="is in use by process"):
+        run_experiment(config_from_dict(_config(run)), run, log=lambda _: None)
+
+
+def _start(cfg_path: Path, run: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mgral", "run", str(cfg_path), "--out", str(run), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    cfg_path = tmp / "micro.yaml"
+    cfg = _config(tmp / "x", strategies=[{"name": "entropy"}, {"name": "core_set"}])
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    proc = _start(cfg_path, tmp / "run")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
+    return cfg_path, _series(tmp / "run")
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    ["entropy/seed-0/cycle-1/last.pt", "core_set/seed-0/cycle-0/selection.json"],
+    ids=["mid-training", "after-selection"],
+)
+def test_sigkill_mid_cycle_then_resume_selects_exactly_the_same_images(uninterrupted, trigger, tmp_path):
+    cfg_path, expected = uninterrupted
+    run = tmp_path / "run"
+    proc = _start(cfg_path, run)
+    deadline = time.monotonic() + 600
+    while not (run / trigger).exists():
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = _series(run)
+    assert len(killed.get("core_set", {}).get("records", [])) < 3, "the kill came after the run finished"
+    resumed = _start(cfg_path, run, "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
+    assert _series(run) == expected
