@@ -184,3 +184,12 @@ def test_resolved_config_round_trips_through_dump_and_load(tmp_path):
     assert config_to_dict(again) == resolved
     assert again == config
     assert isinstance(again, ExperimentConfig)
+
+
+def test_reference_label_is_reserved():
+    import pytest
+
+    from mgral.config import StrategySpec
+
+    with pytest.raises(ValueError, match="reserved for the full-data reference"):
+        StrategySpec(name="random", label="reference")

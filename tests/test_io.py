@@ -55,3 +55,8 @@ def test_atomic_directory_refuses_non_empty_unless_overwrite(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(os.listdir(out)) == ["new.txt"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_atomic_files_are_world_readable(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

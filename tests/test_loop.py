@@ -41,7 +41,9 @@ def _series(run: Path) -> dict:
     for records in sorted(run.glob("*/seed-*/cycles.jsonl")):
         label = records.parent.parent.name
         out[label] = {
-            "records": [{k: r[k] for k in ("cycle", "num_labeled", "selected", "mAP")} for r in read_cycle_records(records)],
+            "records": [
+                {k: r[k] for k in ("cycle", "num_labeled", "selected", "mAP")} for r in read_cycle_records(records)
+            ],
             "ledger": Ledger.load(records.parent / "ledger.json").to_dict(),
         }
     return out

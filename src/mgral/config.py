@@ -117,6 +117,8 @@ class StrategySpec(_Section):
     def _default_label(self) -> StrategySpec:
         if self.label is None:
             self.label = self.name
+        if self.label == "reference":
+            raise ValueError("label 'reference' is reserved for the full-data reference run; choose another label")
         if not LABEL_PATTERN.fullmatch(self.label):
             raise ValueError(
                 f"label {self.label!r} cannot name a directory; use letters, digits, '.', '_', '+', "

@@ -1,0 +1,31 @@
+"""AL curves and results tables from run directories.
+
+``write_report([RUN, ...], OUT)`` does everything: it loads every (strategy label, seed)
+series (:func:`load_series`) and the full-data reference (:func:`load_reference`), draws
+the curves (:func:`plot_curves`) and writes the results table (:func:`results_table`,
+:func:`write_csv`, :func:`write_markdown`). The metric functions (:func:`normalized_auc`,
+:func:`labels_to_reach`, :func:`aggregate`) are pure and documented with their definitions.
+matplotlib is imported only when a plot is drawn.
+"""
+
+from mgral.report.load import Series, load_reference, load_series
+from mgral.report.metrics import Curve, aggregate, labels_to_reach, normalized_auc
+from mgral.report.plots import plot_curves
+from mgral.report.tables import Row, Table, results_table, write_csv, write_markdown, write_report
+
+__all__ = [
+    "Curve",
+    "Row",
+    "Series",
+    "Table",
+    "aggregate",
+    "labels_to_reach",
+    "load_reference",
+    "load_series",
+    "normalized_auc",
+    "plot_curves",
+    "results_table",
+    "write_csv",
+    "write_markdown",
+    "write_report",
+]

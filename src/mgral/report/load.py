@@ -1,0 +1,167 @@
+"""Read AL curves back from run directories (layout: :mod:`mgral.runs`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgral.errors import RunError
+from mgral.runs import CYCLES_FILE, RunDir, list_series, read_cycle_records
+
+REFERENCE_LABEL = "reference"
+"""The series directory of the full-data reference: ``RUN/reference/seed-<s>/cycles.jsonl``."""
+
+X_KEYS = ("num_labeled", "num_boxes_labeled", "labeling_cost")
+Y_KEYS = ("mAP", "mAP50")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Series:
+    """One (run, strategy label, seed) series: the per-cycle columns of its ``cycles.jsonl``.
+
+    Every array has one entry per finished cycle (index = cycle, 0 = the initial model).
+    ``num_labeled`` counts images, ``num_boxes_labeled`` boxes, ``labeling_cost`` is in the
+    oracle's cost units, ``mAP`` is test mAP@[.5:.95] and ``mAP50`` test mAP@.5 (both 0..1).
+    ``seconds`` maps a phase (``train``, ``evaluate``, ``predict``, ``select``, ...) to wall
+    seconds per cycle. A value a record lacks is NaN.
+    """
+
+    label: str
+    strategy_name: str
+    seed: int
+    run_dir: Path
+    num_labeled: np.ndarray
+    num_boxes_labeled: np.ndarray
+    labeling_cost: np.ndarray
+    mAP: np.ndarray
+    mAP50: np.ndarray
+    seconds: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.mAP)
+
+    def column(self, key: str) -> np.ndarray:
+        """The array named ``key`` (one of :data:`X_KEYS` or :data:`Y_KEYS`).
+
+        Raises:
+            ValueError: another key.
+        """
+        if key not in X_KEYS + Y_KEYS:
+            raise ValueError(f"unknown column {key!r}; valid: {', '.join(X_KEYS + Y_KEYS)}")
+        return getattr(self, key)
+
+
+def _number(record: dict[str, Any], key: str) -> float:
+    value = record.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+def _series(run_dir: Path, label: str, seed: int) -> Series | None:
+    path = run_dir / label / f"seed-{seed}" / CYCLES_FILE
+    records = read_cycle_records(path)
+    if not records:
+        return None  # the series has started but finished no cycle yet
+    cycles = [r["cycle"] for r in records]
+    if cycles != list(range(len(records))):
+        raise RunError(
+            f"{path}: cycles are {cycles}, expected 0..{len(records) - 1} without gaps; the file is "
+            "incomplete or was edited by hand, so its curve cannot be drawn"
+        )
+    phases = sorted({p for r in records for p in (r.get("seconds") or {})})
+    columns = {k: np.array([_number(r, k) for r in records]) for k in X_KEYS + Y_KEYS}
+    seconds = {p: np.array([_number(r.get("seconds") or {}, p) for r in records]) for p in phases}
+    name = records[0].get("strategy_name") or label
+    return Series(label=label, strategy_name=str(name), seed=seed, run_dir=run_dir, seconds=seconds, **columns)
+
+
+def _run_dirs(run_dirs: Sequence[str | Path]) -> list[Path]:
+    paths = [Path(p) for p in run_dirs]
+    if not paths:
+        raise RunError("no run directory given; pass at least one RUN directory")
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if not p.is_dir():
+            raise RunError(f"{p} is not a directory; expected a run directory (RUN/<label>/seed-<s>/{CYCLES_FILE})")
+        if p.resolve() in seen:
+            raise RunError(f"{p} is given twice (as {seen[p.resolve()]} and {p}); its series would count twice")
+        seen[p.resolve()] = p
+    return paths
+
+
+def load_series(run_dirs: Sequence[str | Path]) -> list[Series]:
+    """Every series with at least one finished cycle, sorted by (label, seed, run).
+
+    Series of one label from several runs are all returned; each counts as one sample
+    when they are pooled. The full-data reference is not a series (:func:`load_reference`).
+
+    Raises:
+        RunError: a path that is not a run directory or holds no finished cycle; a
+            ``cycles.jsonl`` that is corrupt or whose cycles are not 0..n-1 contiguous.
+    """
+    found: list[Series] = []
+    for run_dir in _run_dirs(run_dirs):
+        pairs = [(label, seed) for label, seed in list_series(run_dir) if label != REFERENCE_LABEL]
+        if not pairs:
+            raise RunError(
+                f"{run_dir} is not a run directory: expected <strategy label>/seed-<s>/{CYCLES_FILE} "
+                "under it (as mgral run writes), found no such series"
+            )
+        series = [s for label, seed in pairs if (s := _series(run_dir, label, seed)) is not None]
+        if not series:
+            raise RunError(f"{run_dir}: no series has finished a cycle yet ({len(pairs)} started); nothing to report")
+        found.extend(series)
+    return sorted(found, key=lambda s: (s.label, s.seed, str(s.run_dir)))
+
+
+def load_reference(run_dirs: Sequence[str | Path]) -> dict[int, dict[str, Any]] | None:
+    """The full-data reference records by seed, or None if no run has one.
+
+    Each ``RUN/reference/seed-<s>/cycles.jsonl`` holds one record; where several runs hold
+    a reference for one seed, the first run's (in ``run_dirs`` order) is used.
+
+    Raises:
+        RunError: a path that is not a directory, or a corrupt reference file.
+    """
+    references: dict[int, dict[str, Any]] = {}
+    for run_dir in _run_dirs(run_dirs):
+        for seed in [seed for label, seed in list_series(run_dir) if label == REFERENCE_LABEL]:
+            records = read_cycle_records(run_dir / REFERENCE_LABEL / f"seed-{seed}" / CYCLES_FILE)
+            if not records:
+                continue
+            if seed in references:
+                log.warning("%s: a second full-data reference for seed %d; using the first run's", run_dir, seed)
+                continue
+            references[seed] = records[-1]
+    return references or None
+
+
+def reference_map(reference: dict[int, dict[str, Any]] | None, metric: str = "mAP") -> float | None:
+    """The full-data ``metric`` averaged over the reference seeds (None without a reference)."""
+    if not reference:
+        return None
+    values = [_number(r, metric) for r in reference.values()]
+    return float(np.mean(values)) if not all(math.isnan(v) for v in values) else None
+
+
+def run_title(run_dirs: Sequence[str | Path]) -> str:
+    """A short name for plots: each run's experiment name and dataset, else its directory name."""
+    names = []
+    for run_dir in map(Path, run_dirs):
+        try:
+            config = RunDir(run_dir).config()
+        except RunError:
+            names.append(run_dir.name)  # a title is cosmetic: a run without a readable config still reports
+            continue
+        dataset = config.get("dataset")
+        path = dataset.get("path") if isinstance(dataset, dict) else None
+        name = str(config.get("name") or run_dir.name)
+        names.append(f"{name} ({Path(path).name})" if path else name)
+    return ", ".join(dict.fromkeys(names))

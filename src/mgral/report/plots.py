@@ -1,0 +1,91 @@
+"""AL-curve plots: mean test mAP over seeds against labels spent, one line per strategy."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mgral._io import atomic_write_bytes
+from mgral.report.load import X_KEYS, Y_KEYS, Series, reference_map
+from mgral.report.metrics import aggregate
+
+X_LABELS = {"num_labeled": "labeled images", "num_boxes_labeled": "labeled boxes", "labeling_cost": "labeling cost"}
+Y_LABELS = {"mAP": "test mAP@[.5:.95]", "mAP50": "test mAP50"}
+_STEMS = {"num_labeled": "images", "num_boxes_labeled": "boxes", "labeling_cost": "cost"}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_RC = {
+    "svg.hashsalt": "mgral",  # SVG element ids come from this salt, not uuid4: same data, same bytes
+    "svg.fonttype": "none",  # text stays <text> (searchable, small) instead of glyph paths
+}
+
+
+def plot_curves(
+    series_list: Sequence[Series],
+    out_dir: str | Path,
+    *,
+    x_key: str = "num_labeled",
+    metric: str = "mAP",
+    reference: dict[int, dict[str, Any]] | None = None,
+    title: str | None = None,
+    formats: Sequence[str] = ("png", "svg"),
+) -> list[Path]:
+    """Draw the AL curves and write ``curves_<images|boxes|cost>[_<metric>].<format>`` to ``out_dir``.
+
+    One line per strategy label (:func:`~mgral.report.metrics.aggregate`: mean over seeds
+    on the cycles all seeds finished) with markers at cycles and a shaded ±1 std band;
+    the full-data reference (:func:`~mgral.report.load.load_reference`), if given, is a
+    dashed horizontal line at its mean ``metric`` over seeds. Colours and markers follow the
+    sorted labels, so plots of the same strategies match. PNG at 150 dpi; SVG bytes are
+    reproducible (fixed id salt, no date). Only Figure objects are used (no pyplot state);
+    matplotlib's rcParams are changed inside an ``rc_context`` and restored on exit.
+
+    Returns:
+        The written paths, in ``formats`` order.
+
+    Raises:
+        ValueError: no series, an unknown ``x_key``/``metric``/format.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not series_list:
+        raise ValueError("no series to plot")
+    if x_key not in X_KEYS or metric not in Y_KEYS:
+        raise ValueError(f"x_key must be one of {X_KEYS} and metric one of {Y_KEYS}, got {x_key!r}, {metric!r}")
+    if bad := [f for f in formats if f not in ("png", "svg")]:
+        raise ValueError(f"unsupported formats {bad}; use png and/or svg")
+    curves = aggregate(series_list, x_key, metric)
+    palette = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for i, curve in enumerate(curves.values()):
+            colour, marker = palette[i % len(palette)], _MARKERS[i % len(_MARKERS)]
+            note = f"n={curve.seeds}"
+            if curve.max_cycles > curve.cycles:
+                note += f", {curve.cycles} of {curve.max_cycles} cycles"
+            ax.plot(curve.x, curve.mean, color=colour, marker=marker, markersize=4, label=f"{curve.label} ({note})")
+            ax.fill_between(curve.x, curve.mean - curve.std, curve.mean + curve.std, color=colour, alpha=0.2, lw=0)
+        full = reference_map(reference, metric)
+        if full is not None:
+            ax.axhline(full, color="0.25", linestyle="--", linewidth=1.2, label=f"full data ({full:.3f})")
+        ax.set_xlabel(X_LABELS[x_key])
+        ax.set_ylabel(Y_LABELS[metric])
+        ax.set_title(f"{title}: {Y_LABELS[metric]}" if title else Y_LABELS[metric])
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+        stem = f"curves_{_STEMS[x_key]}" + ("" if metric == "mAP" else f"_{metric}")
+        paths = []
+        for fmt in formats:
+            buffer = io.BytesIO()
+            # no date in SVG, no matplotlib version in either: the bytes depend on the data only
+            metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
+            fig.savefig(buffer, format=fmt, dpi=150, metadata=metadata)
+            path = Path(out_dir) / f"{stem}.{fmt}"
+            atomic_write_bytes(path, buffer.getvalue())
+            paths.append(path)
+    return paths

@@ -1,0 +1,219 @@
+"""The results table (one row per strategy label) as CSV and Markdown, and the whole report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgral._io import atomic_write_text
+from mgral.report.load import Series, load_reference, load_series, reference_map, run_title
+from mgral.report.metrics import by_label, labels_to_reach, normalized_auc, std_over_seeds
+from mgral.report.plots import plot_curves
+
+PHASES = ("train", "evaluate", "predict", "select")
+FRACTIONS = (0.9, 0.95)
+"""Targets for "labels to reach": these fractions of the full-data mAP."""
+
+
+@dataclass(frozen=True, eq=False)
+class Row:
+    """One strategy label. Every number uses only the ``cycles`` cycles all its seeds finished.
+
+    ``num_labeled``, ``map_mean``, ``map_std``: per cycle, mean labeled images and test
+    mAP@[.5:.95] mean and sample std (ddof=1; 0 with one seed) over seeds. ``auc_*``:
+    :func:`normalized_auc` of mAP vs labeled images per seed, mean and std over seeds.
+    ``reach[f]``: (mean over the seeds that reach it of :func:`labels_to_reach` at
+    ``f`` × full-data mAP, how many seeds reach it); ``(None, 0)`` without a reference.
+    ``seconds[phase]``: mean wall seconds per cycle (NaN if never recorded).
+    """
+
+    label: str
+    strategy_name: str
+    seeds: int
+    cycles: int
+    max_cycles: int
+    num_labeled: np.ndarray
+    map_mean: np.ndarray
+    map_std: np.ndarray
+    auc_mean: float
+    auc_std: float
+    reach: dict[float, tuple[float | None, int]]
+    seconds: dict[str, float]
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """The rows (labels sorted) and what the header needs; ``num_labeled[c]`` is the mean
+    labeled images at cycle ``c`` over the rows that have it (the column headings)."""
+
+    rows: list[Row]
+    num_labeled: np.ndarray
+    reference_map: float | None
+    reference_seeds: int
+    run_dirs: list[Path]
+    seed_list: list[int]
+
+
+def _mean_finite(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def _row(group: list[Series], full: float | None) -> Row:
+    n = min(len(s) for s in group)
+    labeled = np.stack([s.num_labeled[:n] for s in group])
+    maps = np.stack([s.mAP[:n] for s in group])
+    aucs = np.array([normalized_auc(x, y) for x, y in zip(labeled, maps, strict=True)])
+    reach: dict[float, tuple[float | None, int]] = {}
+    for f in FRACTIONS:
+        hits = [] if full is None else [labels_to_reach(x, y, f * full) for x, y in zip(labeled, maps, strict=True)]
+        hits = [h for h in hits if h is not None]
+        reach[f] = (float(np.mean(hits)) if hits else None, len(hits))
+    seconds = {
+        p: _mean_finite(np.concatenate([s.seconds.get(p, np.full(n, math.nan))[:n] for s in group])) for p in PHASES
+    }
+    return Row(
+        label=group[0].label,
+        strategy_name=group[0].strategy_name,
+        seeds=len(group),
+        cycles=n,
+        max_cycles=max(len(s) for s in group),
+        num_labeled=labeled.mean(axis=0),
+        map_mean=maps.mean(axis=0),
+        map_std=std_over_seeds(maps),
+        auc_mean=float(aucs.mean()),
+        auc_std=float(std_over_seeds(aucs[:, None])[0]),
+        reach=reach,
+        seconds=seconds,
+    )
+
+
+def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, Any]] | None = None) -> Table:
+    """One :class:`Row` per strategy label; ``reference`` as :func:`load_reference` gives it.
+
+    Raises:
+        ValueError: no series.
+    """
+    if not series_list:
+        raise ValueError("no series to tabulate")
+    full = reference_map(reference)
+    rows = [_row(group, full) for group in by_label(series_list).values()]
+    width = max(r.cycles for r in rows)
+    headings = np.array([np.mean([r.num_labeled[c] for r in rows if c < r.cycles]) for c in range(width)])
+    return Table(
+        rows=rows,
+        num_labeled=headings,
+        reference_map=full,
+        reference_seeds=len(reference or {}),
+        run_dirs=list(dict.fromkeys(s.run_dir for s in series_list)),
+        seed_list=sorted({s.seed for s in series_list}),
+    )
+
+
+def _pct(f: float) -> str:
+    return f"{round(f * 100)}pct"
+
+
+def write_csv(table: Table, path: str | Path) -> None:
+    """Write ``table`` as CSV: plain numbers at full precision, mean and std in separate
+    columns, an empty cell for a missing value; cycle columns ``c<k>_num_labeled``,
+    ``c<k>_mAP_mean``, ``c<k>_mAP_std``; ``labels_to_<p>pct`` with ``..._seeds`` (how many reached)."""
+    width = len(table.num_labeled)
+    header = ["label", "strategy_name", "seeds", "cycles", "max_cycles"]
+    header += [f"c{c}_{k}" for c in range(width) for k in ("num_labeled", "mAP_mean", "mAP_std")]
+    header += ["nauc_mean", "nauc_std"]
+    header += [f"labels_to_{_pct(f)}{k}" for f in FRACTIONS for k in ("", "_seeds")]
+    header += [f"seconds_{p}" for p in PHASES]
+
+    def cell(v: float | None) -> str:
+        return "" if v is None or math.isnan(v) else repr(float(v))
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for r in table.rows:
+        line: list[Any] = [r.label, r.strategy_name, r.seeds, r.cycles, r.max_cycles]
+        for c in range(width):
+            line += [cell(a[c]) if c < r.cycles else "" for a in (r.num_labeled, r.map_mean, r.map_std)]
+        line += [cell(r.auc_mean), cell(r.auc_std)]
+        line += [v for f in FRACTIONS for v in (cell(r.reach[f][0]), r.reach[f][1])]
+        line += [cell(r.seconds[p]) for p in PHASES]
+        writer.writerow(line)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _markdown(table: Table) -> str:
+    partial = [r for r in table.rows if r.max_cycles > r.cycles]
+    runs = ", ".join(f"`{d}`" for d in table.run_dirs)
+    names = ", ".join(r.label if r.label == r.strategy_name else f"{r.label} ({r.strategy_name})" for r in table.rows)
+    full = "none"
+    if table.reference_map is not None:
+        full = f"test mAP@[.5:.95] {table.reference_map:.4f} (mean over {table.reference_seeds} seed(s))"
+    lines = [
+        f"# Active-learning results: {run_title(table.run_dirs)}",
+        "",
+        f"- Runs: {runs}",
+        f"- Strategies: {names}; seeds: {', '.join(map(str, table.seed_list))}",
+        f"- Full-data reference: {full}",
+        "- `cK (N imgs)`: test mAP@[.5:.95] after cycle K (N labeled images, mean), as mean ± sample std "
+        "over seeds (ddof=1; 0 with one seed).",
+        "- nAUC: normalized area under the curve of mAP vs labeled images: trapezoid area divided by "
+        "(last - first labeled count), i.e. the mean mAP over the labeling range (0..1); mean ± std over seeds.",
+        "- imgs to P%: labeled images at which a seed's curve (linear between cycles) first reaches P% of the "
+        "full-data mAP; mean over the seeds that reach it ((k/n) when only k of n do); — if none or no reference.",
+        "- Timings: mean wall seconds per cycle.",
+    ]
+    if partial:
+        lines.append(
+            "- `*` still in progress: seeds have different numbers of cycles; every number in the row uses "
+            "only the cycles all its seeds finished ("
+            + ", ".join(f"{r.label}: {r.cycles} of {r.max_cycles}" for r in partial)
+            + ")."
+        )
+    heads = ["strategy", "seeds"] + [f"c{c} ({n:.0f} imgs)" for c, n in enumerate(table.num_labeled)]
+    heads += ["nAUC"] + [f"imgs to {round(f * 100)}%" for f in FRACTIONS] + [f"{p} s" for p in PHASES]
+    lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
+    for r in table.rows:
+        cells = [r.label + ("*" if r.max_cycles > r.cycles else ""), str(r.seeds)]
+        cells += [
+            f"{r.map_mean[c]:.4f} ± {r.map_std[c]:.4f}" if c < r.cycles else "" for c in range(len(table.num_labeled))
+        ]
+        cells.append(f"{r.auc_mean:.4f} ± {r.auc_std:.4f}")
+        for f in FRACTIONS:
+            value, k = r.reach[f]
+            cells.append("—" if value is None else f"{value:.1f}" + ("" if k == r.seeds else f" ({k}/{r.seeds})"))
+        cells += ["—" if math.isnan(r.seconds[p]) else f"{r.seconds[p]:.2f}" for p in PHASES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(table: Table, path: str | Path) -> None:
+    """Write ``table`` as Markdown: a header saying what the numbers mean, then a pipe table."""
+    atomic_write_text(path, _markdown(table))
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Load the runs and write the curves and the results table into ``out_dir``.
+
+    Writes ``curves_images.{png,svg}``, ``curves_boxes.{png,svg}``, ``curves_images_mAP50.png``,
+    ``results.csv`` and ``results.md``. Returns the path of ``results.md``.
+
+    Raises:
+        RunError: as :func:`load_series` and :func:`load_reference`.
+    """
+    series, reference = load_series(run_dirs), load_reference(run_dirs)
+    out, title = Path(out_dir), run_title(run_dirs)
+    plot_curves(series, out, x_key="num_labeled", reference=reference, title=title)
+    plot_curves(series, out, x_key="num_boxes_labeled", reference=reference, title=title)
+    plot_curves(series, out, metric="mAP50", reference=reference, title=title, formats=("png",))
+    table = results_table(series, reference)
+    write_csv(table, out / "results.csv")
+    write_markdown(table, out / "results.md")
+    return out / "results.md"
