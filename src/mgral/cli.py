@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     out = args.out or Path("runs") / config.name
     run_experiment(config, out, resume=args.resume)
-    print(f"run finished: {out} (mgral report {out})")
+    print(f"run finished: {out} (next: mgral report {out})")
     return 0
 
 
@@ -222,27 +222,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from mgral.demo import run_demo
-
-    report = run_demo(args.out, images=args.images, seed=args.seed, overwrite=True)
-    print(report.read_text())
-    print(f"report written to {report}")
-    return 0
-
-
 # -- parser ---------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgral", description="Active learning for object detection.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo", help="the main job: generate the built-in dataset, run a baseline, write a report")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--images", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="generate the built-in digits-scenes dataset (COCO)")
     p.add_argument("--out", type=Path, required=True)
@@ -314,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run an active-learning experiment from a YAML config")
     p.add_argument("config", type=Path)
     p.add_argument("--out", type=Path, help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (start it if there is none yet)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_run)
 

@@ -111,7 +111,8 @@ class Experiment:
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
-    """Run (or resume) every (strategy, seed) series of ``config`` into ``out``.
+    """Run every (strategy, seed) series of ``config`` into ``out``; with ``resume``,
+    continue the run already there (or start one if ``out`` holds none).
 
     Raises:
         RunError: ``out`` in use by another process, not resumable, or resumed with a
@@ -124,7 +125,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, resume: bool = 
     run = RunDir(out)
     resolved = config_to_dict(config)
     with run.lock():
-        if resume:
+        if resume and (Path(out) / "config.yaml").exists():
             run.open(resolved)
         else:
             run.create(resolved)
