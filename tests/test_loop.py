@@ -124,3 +124,12 @@ def test_sigkill_mid_cycle_then_resume_selects_exactly_the_same_images(uninterru
     resumed = _start(cfg_path, run, "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
     assert _series(run) == expected
+
+
+def test_executors_other_than_inline_are_refused_not_ignored(tmp_path):
+    from mgral.errors import ConfigError
+
+    cfg = _config(tmp_path / "run", executor="process")
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        run_experiment(config_from_dict(cfg), tmp_path / "run", log=lambda _: None)
+    assert not (tmp_path / "run").exists()

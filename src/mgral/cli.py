@@ -161,7 +161,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         **_params(args.param),
     )
-    overrides = {"epochs": args.epochs, "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr}
+    overrides = {
+        "epochs": args.epochs,
+        "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "on_bad_image": args.on_bad_image,
+    }
     summary = detector.fit(dataset, train_ids, checkpoint_dir=args.out, resume=args.resume, **overrides)
     detector.save(args.out / "model.pt")
     report = {"train_images": len(train_ids), **summary}
@@ -183,7 +189,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
     ids = _select_ids(dataset, split=args.split, ids_file=args.ids, default_split="test")
     detector = TorchvisionDetector.load(args.checkpoint, device=args.device)
-    preds = detector.predict(dataset, ids, progress=True)
+    preds = detector.predict(dataset, ids, progress=True, on_bad_image=args.on_bad_image)
     write_predictions(args.out, preds)
     print(f"wrote {sum(len(d) for d in preds.values())} detections on {len(preds)} images to {args.out}")
     return 0
@@ -282,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="preset parameter")
+    p.add_argument("--on-bad-image", choices=["raise", "skip"], help="an image that fails to decode: stop or skip it")
     _add_read_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -292,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="COCO results JSON to write")
     p.add_argument("--split", choices=["train", "val", "test"], help="images to predict (default: test)")
     p.add_argument("--ids", type=Path, help="file of image ids to predict")
+    p.add_argument("--on-bad-image", choices=["raise", "skip"], default="raise")
     p.add_argument("--device", default="auto")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)

@@ -93,6 +93,7 @@ class Experiment:
     pool: list[ImageId]
     test: list[ImageId]
     log: Callable[[str], None] = print
+    progress: bool = True
 
     def detector(self, seed: int, cycle: int):
         from mgral.detectors.torchvision_detector import TorchvisionDetector
@@ -105,12 +106,14 @@ class Experiment:
             weights=det.weights,
             device=det.device,
             seed=derive_seed(seed, cycle, 11),
-            train={"progress": False, **det.train},
+            train={"progress": self.progress, **det.train},
             **det.params,
         )
 
 
-def run_experiment(config: ExperimentConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
+def run_experiment(
+    config: ExperimentConfig, out: str | Path, *, resume: bool = False, log=print, progress: bool = True
+) -> Path:
     """Run every (strategy, seed) series of ``config`` into ``out``; with ``resume``,
     continue the run already there (or start one if ``out`` holds none).
 
@@ -122,6 +125,11 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, resume: bool = 
     from mgral.detectors.models import PRESETS
     from mgral.strategies import build_strategy
 
+    if config.executor != "inline":
+        raise ConfigError(
+            f"executor {config.executor!r}: series run in this process for now (executor: inline); the "
+            "process and Ray executors are not implemented yet"
+        )
     run = RunDir(out)
     resolved = config_to_dict(config)
     with run.lock():
@@ -139,7 +147,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, resume: bool = 
                 f"the pool splits {config.dataset.pool_splits} hold {len(pool)} images and the test split "
                 f"{config.dataset.test_split!r} {len(test)}; both must be non-empty"
             )
-        exp = Experiment(config, run, dataset, pool, test, log)
+        exp = Experiment(config, run, dataset, pool, test, log, progress)
         for seed in config.seeds:
             initial = initial_ids(config, dataset, pool, seed)
             for label, strategy in strategies.items():
@@ -264,7 +272,7 @@ def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -
         wanted = pool + (labeled if "embeddings" in strategy.requires else [])
         preds = load_predictions(cache) if cache.exists() else {}
         if set(wanted) - set(preds):
-            preds = detector.predict(view, wanted)
+            preds = detector.predict(view, wanted, progress=exp.progress)
             save_predictions(cache, preds)
         if "predictions" in strategy.requires:
             context.predictions = {i: preds[i] for i in pool}

@@ -213,3 +213,9 @@ def test_local_weights_file_loads_all_but_the_class_dependent_head(squares, tmp_
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="could not be loaded as a state dict"):
         TorchvisionDetector("tiny", squares.categories, device="cpu", weights=tmp_path / "bad.pth")
+
+
+def test_torchvision_detector_implements_the_protocol(squares):
+    from mgral.detectors.base import Detector
+
+    assert isinstance(_det("tiny", squares, pretrained=False), Detector)

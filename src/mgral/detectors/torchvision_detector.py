@@ -27,6 +27,7 @@ from mgral.detectors.training import (
     load_state,
     make_config,
     maybe_init_distributed,
+    progress_bar,
     save_state,
     train,
 )
@@ -176,7 +177,10 @@ class TorchvisionDetector:
         pooled: list[torch.Tensor] = []
         hook = self.model.backbone.register_forward_hook(lambda m, a, out: pooled.append(_pool(out)))
         out: dict[ImageId, Detections] = {}
+        bar = progress_bar(progress and rank == 0)
+        task = bar.add_task("predict", total=len(mine))
         try:
+            bar.start()
             for start in range(0, len(mine), batch_size):
                 batch_ids, images = [], []
                 for i in mine[start : start + batch_size]:
@@ -191,7 +195,9 @@ class TorchvisionDetector:
                 emb = pooled[0].cpu().numpy() if pooled else None
                 for k, (i, res) in enumerate(zip(batch_ids, results, strict=True)):
                     out[i] = self._to_detections(res, emb[k] if (embeddings and emb is not None) else None)
+                bar.update(task, advance=len(mine[start : start + batch_size]))
         finally:
+            bar.stop()
             hook.remove()
         if world > 1:
             gathered: list[dict] = [None] * world  # type: ignore[list-item]

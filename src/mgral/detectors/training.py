@@ -341,7 +341,7 @@ def train(
         start_epoch, iteration = int(resume_state["epoch"]) + 1, int(resume_state["iteration"])
         losses = list(resume_state.get("losses", []))
 
-    progress = _progress(config.progress and rank == 0)
+    progress = progress_bar(config.progress and rank == 0, loss=True)
     with progress:
         task = progress.add_task("train", total=total, completed=iteration, loss=float("nan"))
         for epoch in range(start_epoch, epochs):
@@ -419,21 +419,11 @@ def train(
     }
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+def progress_bar(enabled: bool, *, loss: bool = False):
+    """A rich progress bar (transient: it leaves the one-line summaries readable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if loss:
+        columns.append(TextColumn("loss {task.fields[loss]:.3f}"))
+    return Progress(*columns, TimeElapsedColumn(), disable=not enabled, transient=True)
