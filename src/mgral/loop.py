@@ -13,6 +13,9 @@ For every seed, every strategy starts from the same initial labeled set. One ser
 4. append the cycle record to ``cycles.jsonl``. A cycle is finished exactly when its
    record is there.
 
+Cycle 0 of every strategy of a seed is one model (same seed, same initial set): it is
+trained once, in ``RUN/_shared/seed-<s>/cycle-0``, and reused.
+
 On ``--resume`` each series restarts at its first unfinished cycle. Training is
 deterministic for a seed on CPU, predictions are cached per cycle, a selection already
 written is reused and never recomputed, and the oracle's answers depend only on (seed,
@@ -40,6 +43,7 @@ from mgral.pool import Ledger
 from mgral.runs import RunDir, append_cycle_record, read_cycle_records
 
 REFERENCE_LABEL = "reference"
+SHARED_DIR = "_shared"  # labels start with a letter or digit, so no series can be named so
 
 
 def prepare_dataset(config: ExperimentConfig) -> Dataset:
@@ -198,16 +202,11 @@ def run_cycle(
     labels = {i: oracle.labels_for(i) for i in labeled}
     view = visible_dataset(exp.dataset, labels)
 
-    t0 = time.perf_counter()
-    detector = exp.detector(seed, cycle)
-    detector.fit(view, labeled, checkpoint_dir=cdir, resume=True)
-    detector.save(cdir / "model.pt")
-    (cdir / "last.pt").unlink(missing_ok=True)
-    seconds["train"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    result = detector.evaluate(exp.dataset, exp.test)
-    seconds["evaluate"] = time.perf_counter() - t0
+    # Cycle 0 trains on the seed's initial set, the same for every strategy: one model per
+    # seed, trained once (identical to what each series would train) and shared.
+    shared = strategy is not None and cycle == 0
+    wdir = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0" if shared else cdir
+    detector, result = _train_and_evaluate(exp, seed, cycle, wdir, view, labeled, seconds)
 
     selected: list[ImageId] = []
     scores: list[float] = []
@@ -238,14 +237,42 @@ def run_cycle(
         "num_labeled": len(labeled),
         "num_boxes_labeled": num_boxes,
         "labeling_cost": len(labeled) + config.oracle.box_cost * num_boxes,
-        "mAP": _finite(result.mAP),
-        "mAP50": _finite(result.mAP50),
-        "per_class": {k: _finite(v) for k, v in result.per_class.items()},
+        "mAP": result["mAP"],
+        "mAP50": result["mAP50"],
+        "per_class": result["per_class"],
         "selected": selected,
         "scores": scores,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _train_and_evaluate(exp, seed, cycle, wdir: Path, view, labeled, seconds) -> tuple[Any, dict]:
+    """Train (resuming from ``wdir/last.pt``) and evaluate, or reuse both from ``wdir``."""
+    from mgral.detectors.torchvision_detector import TorchvisionDetector
+
+    done = wdir / "evaluation.json"
+    if done.exists() and (wdir / "model.pt").exists():
+        cached = json.loads(done.read_text(encoding="utf-8"))
+        seconds.update(cached["seconds"])  # the cost of that training, for the timing tables
+        return TorchvisionDetector.load(wdir / "model.pt", device=exp.config.detector.device), cached["result"]
+    wdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    detector = exp.detector(seed, cycle)
+    detector.fit(view, labeled, checkpoint_dir=wdir, resume=True)
+    detector.save(wdir / "model.pt")
+    (wdir / "last.pt").unlink(missing_ok=True)
+    seconds["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = detector.evaluate(exp.dataset, exp.test)
+    seconds["evaluate"] = time.perf_counter() - t0
+    result = {
+        "mAP": _finite(metrics.mAP),
+        "mAP50": _finite(metrics.mAP50),
+        "per_class": {k: _finite(v) for k, v in metrics.per_class.items()},
+    }
+    atomic_write_json(done, {"result": result, "seconds": {k: seconds[k] for k in ("train", "evaluate")}})
+    return detector, result
 
 
 def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -> tuple[list, list]:
