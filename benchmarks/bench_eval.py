@@ -41,21 +41,7 @@ import numpy as np
 from mgral._io import atomic_write_text
 from mgral.data.records import Category, Dataset, Detections, ImageRecord, Target
 from mgral.evaluation import SubsetEvaluator, evaluate
-
-STATS = (
-    "mAP",
-    "mAP50",
-    "mAP75",
-    "mAP_small",
-    "mAP_medium",
-    "mAP_large",
-    "AR1",
-    "AR10",
-    "AR100",
-    "AR_small",
-    "AR_medium",
-    "AR_large",
-)
+from mgral.evaluation.result import COCO_FIGURES
 
 
 def make_workload(images: int, classes: int, dets: int, seed: int) -> tuple[Dataset, dict]:
@@ -256,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         keep_best("full_subsets", time.perf_counter() - t0)
         print(f"turn {turn + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in best.items()), flush=True)
 
-    figures["mgral evaluate"] = np.array([getattr(result, s) for s in STATS])
+    figures["mgral evaluate"] = np.array([getattr(result, s) for s in COCO_FIGURES])
     full = evaluator.evaluate()
-    figures["mgral SubsetEvaluator (all images)"] = np.array([getattr(full, s) for s in STATS])
+    figures["mgral SubsetEvaluator (all images)"] = np.array([getattr(full, s) for s in COCO_FIGURES])
     fce_total, t_mgral, t_subsets = best["fce_total"], best["mgral"], best["subsets"]
     fce_run = best["fce_run"]
     rows += [

@@ -14,21 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mgral.data.records import Category, Dataset, Detections, ImageRecord, Target
-
-COCO_STATS = (
-    "mAP",
-    "mAP50",
-    "mAP75",
-    "mAP_small",
-    "mAP_medium",
-    "mAP_large",
-    "AR1",
-    "AR10",
-    "AR100",
-    "AR_small",
-    "AR_medium",
-    "AR_large",
-)
+from mgral.evaluation.result import COCO_FIGURES
 
 
 @dataclass
@@ -226,7 +212,7 @@ def assert_close(ours: float | None, ref: float, tol: float, what: str) -> None:
 
 
 def assert_matches_reference(result, ev, gt: Dataset, tol: float = 1e-9) -> None:
-    for name, ref in zip(COCO_STATS, ev.stats, strict=True):
+    for name, ref in zip(COCO_FIGURES, ev.stats, strict=True):
         assert_close(getattr(result, name), float(ref), tol, name)
     ref_pc = reference_per_class(ev, gt)
     assert list(result.per_class) == list(ref_pc)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from evalkit import (
-    COCO_STATS,
+    COCO_FIGURES,
     Workload,
     assert_matches_reference,
     coco_dicts,
@@ -64,7 +64,7 @@ def test_golden_dataset_form_and_subset_evaluator_agree(golden: tuple[Dataset, P
     preds = read_predictions(root / "detections_dataset_form.json", gt)
     from_dict = evaluate(gt, preds)
     subset = SubsetEvaluator(gt, preds).evaluate()
-    for name in COCO_STATS:
+    for name in COCO_FIGURES:
         assert getattr(from_dict, name) == getattr(from_list, name)
         assert getattr(subset, name) == pytest.approx(getattr(from_list, name), abs=1e-12)
 
@@ -154,9 +154,9 @@ def test_no_detections_and_no_images() -> None:
     assert r.mAP == 0.0 and r.AR100 == 0.0 and r.num_images == 2
     empty = evaluate(gt, {}, image_ids=[])
     assert empty.num_images == 0
-    assert all(math.isnan(getattr(empty, name)) for name in COCO_STATS)
+    assert all(math.isnan(getattr(empty, name)) for name in COCO_FIGURES)
     assert all(math.isnan(v) for v in empty.per_class.values())
-    assert all(v is None for k, v in empty.to_dict().items() if k in COCO_STATS)
+    assert all(v is None for k, v in empty.to_dict().items() if k in COCO_FIGURES)
 
 
 def test_detections_only_on_images_without_gt() -> None:

@@ -71,7 +71,7 @@ def test_malformed_json(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="cannot read the predictions file"):
+    with pytest.raises(DatasetError, match=r"nope\.json: cannot read the file: .*expected a COCO results list"):
         read_predictions(tmp_path / "nope.json", _gt())
 
 

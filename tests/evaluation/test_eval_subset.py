@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from evalkit import (
-    COCO_STATS,
+    COCO_FIGURES,
     Workload,
     assert_matches_reference,
     assert_same_per_class,
@@ -59,14 +59,14 @@ def test_subsets_equal_a_fresh_pycocotools_evaluation(workload) -> None:
 def test_full_set_equals_evaluate(workload) -> None:
     gt, preds, evaluator = workload
     full, direct = evaluator.evaluate(), evaluate(gt, preds)
-    for name in COCO_STATS:
+    for name in COCO_FIGURES:
         assert getattr(full, name) == pytest.approx(getattr(direct, name), abs=1e-12, nan_ok=True)
 
 
 def test_empty_subset_is_undefined(workload) -> None:
     _, _, evaluator = workload
     r = evaluator.evaluate([])
-    assert r.num_images == 0 and all(math.isnan(getattr(r, n)) for n in COCO_STATS)
+    assert r.num_images == 0 and all(math.isnan(getattr(r, n)) for n in COCO_FIGURES)
     quick = evaluator.average_precision(weights=np.zeros(len(evaluator.image_ids), dtype=int))
     assert math.isnan(quick.mAP) and np.isnan(quick.per_class).all()
 

@@ -3,6 +3,7 @@ image ids from paths, flat output names, names files, copying images."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections import Counter
@@ -89,3 +90,23 @@ def link_or_copy(src: Path, dst: Path, *, what: str) -> None:
         os.link(src, dst)
     except OSError:  # another file system, or links not supported
         shutil.copy2(src, dst)
+
+
+def read_json(path: Path, *, expected: str) -> object:
+    """Parse a JSON file; any failure is a DatasetError naming the file and ``expected``
+    (e.g. "a COCO JSON object"), with the line and column of a syntax error."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{source}: cannot read the file: {err.strerror or err}; expected {expected}") from err
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as err:
+        raise DatasetError(
+            f"{source}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg} (expected {expected})"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start}); expected {expected}") from err
+    except (ValueError, RecursionError) as err:  # e.g. an integer beyond Python's digit limit, absurd nesting
+        raise DatasetError(f"{source}: unreadable JSON ({err}); expected {expected}") from err

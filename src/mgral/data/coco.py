@@ -13,7 +13,6 @@ fields (segmentation, area, info, licenses) are ignored on read.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mgral._io import atomic_write_json
-from mgral.data._layout import link_or_copy
+from mgral.data._layout import link_or_copy, read_json
 from mgral.data.records import (
     SPLITS,
     Category,
@@ -310,20 +309,7 @@ def read(
     """
     file = _json_file(Path(path))
     source = str(file)
-    try:
-        data = file.read_bytes()
-    except OSError as err:
-        raise DatasetError(f"{source}: cannot read the COCO file: {err.strerror or err}") from err
-    try:
-        obj = json.loads(data)
-    except json.JSONDecodeError as err:
-        raise DatasetError(
-            f"{source}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg} (expected a COCO JSON object)"
-        ) from err
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start}); expected COCO JSON") from err
-    except (ValueError, RecursionError) as err:  # e.g. an integer beyond Python's digit limit, absurd nesting
-        raise DatasetError(f"{source}: unreadable JSON ({err}); expected a COCO JSON object") from err
+    obj = read_json(file, expected="a COCO JSON object")
     root = Path(image_root) if image_root is not None else file.parent
     return from_coco_dict(obj, source=source, image_root=root, check_files=check_files, clip_boxes=clip_boxes)
 

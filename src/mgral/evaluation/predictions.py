@@ -7,7 +7,6 @@ dataset dict whose ``annotations`` carry a ``score`` is read the same way.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mgral._io import atomic_write_json
+from mgral.data._layout import read_json
 from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import DatasetError
 
@@ -72,17 +72,7 @@ def read_predictions(path: str | os.PathLike[str], gt: Dataset) -> dict[ImageId,
             negative width or height, a score that is not a finite number.
     """
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{source}: cannot read the predictions file: {err}") from err
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DatasetError(
-            f"{source}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno}); expected a COCO "
-            "results list"
-        ) from err
+    obj = read_json(Path(path), expected="a COCO results list")
     entries, label = _entries(obj, source=source)
     int_ids = all(isinstance(i, int) and not isinstance(i, bool) for i in gt.images)
     cat_ids = {c.id for c in gt.categories}

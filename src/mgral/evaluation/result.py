@@ -20,7 +20,7 @@ from typing import Any
 
 STYLES = ("coco", "voc07", "voc12")
 
-_FIGURES = (
+COCO_FIGURES = (
     "mAP",
     "mAP50",
     "mAP75",
@@ -91,19 +91,20 @@ class EvalResult:
     def from_coco_stats(cls, stats: Any, per_class: dict[str, float], *, num_images: int) -> EvalResult:
         """Build from pycocotools' 12 ``COCOeval.stats`` (``-1`` -> NaN)."""
         values = [undefined_to_nan(s) for s in stats]
-        if len(values) != len(_FIGURES):
-            raise ValueError(f"expected {len(_FIGURES)} COCO stats, got {len(values)}")
-        return cls(**dict(zip(_FIGURES, values, strict=True)), per_class=per_class, style="coco", num_images=num_images)
+        if len(values) != len(COCO_FIGURES):
+            raise ValueError(f"expected {len(COCO_FIGURES)} COCO stats, got {len(values)}")
+        figures = dict(zip(COCO_FIGURES, values, strict=True))
+        return cls(**figures, per_class=per_class, style="coco", num_images=num_images)
 
     @classmethod
     def from_voc(cls, mean_ap: float, per_class: dict[str, float], *, style: str, num_images: int) -> EvalResult:
         """Build a VOC result: ``mAP = mAP50`` = VOC AP at IoU 0.5; COCO-only figures None."""
-        rest = dict.fromkeys(_FIGURES[2:])
+        rest = dict.fromkeys(COCO_FIGURES[2:])
         return cls(mAP=mean_ap, mAP50=mean_ap, **rest, per_class=per_class, style=style, num_images=num_images)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: the 12 figures, ``per_class``, ``style``, ``num_images``; NaN -> None."""
-        out: dict[str, Any] = {name: _json_float(getattr(self, name)) for name in _FIGURES}
+        out: dict[str, Any] = {name: _json_float(getattr(self, name)) for name in COCO_FIGURES}
         out["per_class"] = {name: _json_float(ap) for name, ap in self.per_class.items()}
         out["style"] = self.style
         out["num_images"] = self.num_images
