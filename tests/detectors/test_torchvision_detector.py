@@ -219,3 +219,25 @@ def test_torchvision_detector_implements_the_protocol(squares):
     from mgral.detectors.base import Detector
 
     assert isinstance(_det("tiny", squares, pretrained=False), Detector)
+
+
+def test_tiny_box_regression_cannot_die(squares):
+    """With torchvision's ReLU output, negative box-distance outputs get no gradient and box
+    regression stops learning for good; the tiny preset's softplus output always learns."""
+    from mgral.detectors.training import DetectionData, collate
+
+    def regression_grad(det, conv):
+        with torch.no_grad():
+            conv.bias.fill_(-3.0)  # every distance output below zero
+        data = DetectionData(squares, squares.image_ids("train")[:4], det.class_index)
+        _, images, targets = collate([data[i] for i in range(4)])
+        det.model.train()
+        det.model(images, targets)["bbox_regression"].backward()
+        return conv.bias.grad.abs().sum().item()
+
+    det = _det("tiny", squares, pretrained=False)
+    assert regression_grad(det, det.model.head.regression_head.bbox_reg[0]) > 0
+    relu_head = _det("tiny", squares, pretrained=False)
+    conv = relu_head.model.head.regression_head.bbox_reg[0]
+    relu_head.model.head.regression_head.bbox_reg = conv  # torchvision's own output: relu(conv)
+    assert regression_grad(relu_head, conv) == 0.0
