@@ -107,6 +107,8 @@ def main() -> None:
                     "train": {"epochs": args.bccd_epochs},
                 }
             )
+    all_specs = list(specs)
+    names = [s["name"] for s in all_specs]
     if args.only:
         specs = [s for s in specs if args.only in s["name"]]
     rows = []
@@ -122,13 +124,19 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "detectors.json").write_text(json.dumps(rows, indent=2) + "\n")
+    previous = RESULTS / "detectors.json"
+    if args.only and previous.exists():  # keep the other configurations' rows from earlier runs
+        done = {r["name"] for r in rows}
+        rows = [r for r in json.loads(previous.read_text()) if r["name"] not in done] + rows
+        rows.sort(key=lambda r: [s["name"] for s in all_specs].index(r["name"]) if r["name"] in names else 99)
+    previous.write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
         "# Detector benchmark (CPU)",
         "",
         f"Machine: {machine()}. Date: {dt.date.today()}. Command: `.venv/bin/python benchmarks/bench_detectors.py"
         f" --bccd-epochs {args.bccd_epochs}`.",
-        "Each row runs in its own process; peak memory is that process's maximum resident set size.",
+        "Each row runs in its own process; peak memory is that process's maximum resident set size. Rows may come "
+        "from separate invocations (`--only`), each on this machine.",
         "",
         "| configuration | train imgs | epochs | train s | train img/s | predict img/s | peak MiB | test mAP "
         "| test mAP50 |",
