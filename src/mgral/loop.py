@@ -166,8 +166,11 @@ def run_series(exp: Experiment, label: str, strategy, seed: int, initial: list[I
     config = exp.config
     sdir = exp.run.series_dir(label, seed)
     ledger_path, records_path = sdir / "ledger.json", sdir / "cycles.jsonl"
-    ledger = Ledger.load(ledger_path) if ledger_path.exists() else Ledger.create(exp.pool, initial)
-    ledger.save(ledger_path)
+    if ledger_path.exists():
+        ledger = Ledger.load(ledger_path)
+    else:
+        ledger = Ledger.create(exp.pool, initial)
+        ledger.save(ledger_path)
     oracle = SimulatedOracle(
         exp.dataset, seed=seed, label_noise=config.oracle.label_noise, drop_boxes=config.oracle.drop_boxes
     )
@@ -213,9 +216,8 @@ def run_cycle(
     if not is_last and strategy is not None and ledger.unlabeled():
         selected, scores = _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds)
         # Each step is skipped when a resumed run finds it done: request, then collect.
-        new = [
-            i for i in selected if i not in ledger.labeled_in and i not in ledger.skipped and i not in ledger.pending
-        ]
+        asked = ledger.labeled_in.keys() | ledger.skipped.keys() | ledger.pending.keys()  # or answered
+        new = [i for i in selected if i not in asked]
         if new:
             ledger.request(new, cycle + 1)
             ledger.save(ledger_path)  # the request is on disk before the oracle is waited on
