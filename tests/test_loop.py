@@ -133,3 +133,20 @@ def test_executors_other_than_inline_are_refused_not_ignored(tmp_path):
     with pytest.raises(ConfigError, match="not implemented yet"):
         run_experiment(config_from_dict(cfg), tmp_path / "run", log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_start_begins_each_cycle_from_the_previous_model(tmp_path, warm):
+    import torch
+
+    from mgral.detectors.torchvision_detector import TorchvisionDetector
+
+    cfg = _config(tmp_path / "run", cycles=1, strategies=[{"name": "random"}])
+    cfg["detector"] = {**cfg["detector"], "warm_start": warm, "train": {"iterations": 1, "lr": 1e-12}}
+    run_experiment(config_from_dict(cfg), tmp_path / "run", log=lambda _: None)
+    first = TorchvisionDetector.load(tmp_path / "run" / "_shared" / "seed-0" / "cycle-0" / "model.pt").model
+    second = TorchvisionDetector.load(tmp_path / "run" / "random" / "seed-0" / "cycle-1" / "model.pt").model
+    a, b = first.state_dict(), second.state_dict()
+    weights = [k for k in a if k.endswith("weight") and a[k].dtype == torch.float32 and a[k].dim() == 4]
+    same = all(torch.allclose(a[k], b[k], atol=1e-6) for k in weights)
+    assert same == warm  # lr ~0: warm-started conv weights stay the previous cycle's; fresh ones differ

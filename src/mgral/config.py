@@ -103,6 +103,9 @@ class DetectorConfig(_Section):
     params: dict[str, Any] = {}
     train: dict[str, Any] = {}
     device: str = "auto"
+    warm_start: bool = False
+    """Cycle c > 0 starts from cycle c-1's weights instead of the preset's initialisation
+    (same training recipe). Off by default: the from-scratch protocol of the AL papers."""
 
 
 class StrategySpec(_Section):

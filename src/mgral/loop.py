@@ -37,7 +37,7 @@ import numpy as np
 from mgral._io import atomic_write_json
 from mgral.config import ExperimentConfig, config_to_dict
 from mgral.data.records import Dataset, ImageId, Target, read_id_list
-from mgral.errors import ConfigError
+from mgral.errors import ConfigError, RunError
 from mgral.oracles import SimulatedOracle
 from mgral.pool import Ledger
 from mgral.runs import RunDir, append_cycle_record, read_cycle_records
@@ -209,7 +209,14 @@ def run_cycle(
     # seed, trained once (identical to what each series would train) and shared.
     shared = strategy is not None and cycle == 0
     wdir = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0" if shared else cdir
-    detector, result = _train_and_evaluate(exp, seed, cycle, wdir, view, labeled, seconds)
+    init = None
+    if config.detector.warm_start and cycle > 0:
+        prev_shared = strategy is not None and cycle == 1
+        prev = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0" if prev_shared else exp.run.cycle_dir(
+            label, seed, cycle - 1
+        )
+        init = prev / "model.pt"
+    detector, result = _train_and_evaluate(exp, seed, cycle, wdir, view, labeled, seconds, init)
 
     selected: list[ImageId] = []
     scores: list[float] = []
@@ -249,8 +256,10 @@ def run_cycle(
     }
 
 
-def _train_and_evaluate(exp, seed, cycle, wdir: Path, view, labeled, seconds) -> tuple[Any, dict]:
-    """Train (resuming from ``wdir/last.pt``) and evaluate, or reuse both from ``wdir``."""
+def _train_and_evaluate(exp, seed, cycle, wdir: Path, view, labeled, seconds, init=None) -> tuple[Any, dict]:
+    """Train (resuming from ``wdir/last.pt``) and evaluate, or reuse both from ``wdir``.
+
+    ``init``: a model file to start from (warm start) instead of the preset's initialisation."""
     from mgral.detectors.torchvision_detector import TorchvisionDetector
 
     done = wdir / "evaluation.json"
@@ -261,6 +270,13 @@ def _train_and_evaluate(exp, seed, cycle, wdir: Path, view, labeled, seconds) ->
     wdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     detector = exp.detector(seed, cycle)
+    if init is not None:
+        if not init.exists():
+            raise RunError(
+                f"warm start: the previous cycle's model {str(init)!r} is missing; it is kept until the next "
+                "cycle finishes, so it was deleted by hand: re-run without detector.warm_start or restore it"
+            )
+        detector.model.load_state_dict(TorchvisionDetector.load(init, device="cpu").model.state_dict())
     detector.fit(view, labeled, checkpoint_dir=wdir, resume=True)
     detector.save(wdir / "model.pt")
     (wdir / "last.pt").unlink(missing_ok=True)
@@ -309,6 +325,8 @@ def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -
             context.embeddings = {i: preds[i].embedding for i in wanted}
     if "detector" in strategy.requires:
         context.detector = detector
+    if "oracle" in strategy.requires:  # research-only reward sources: the true labels of every image
+        context.oracle_dataset = exp.dataset
     seconds["predict"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""A synthetic selection context: no detector, no files, just numbers shaped like the real thing.
+"""A synthetic selection context: numbers shaped like the real thing; real image files and a
+real (untrained) detector only for strategies that require the detector or the true labels.
 
 Tests reach the builders through the ``make_context`` and ``for_strategy`` fixtures
 (importing from a conftest is ambiguous when several test directories have one).
@@ -6,10 +7,16 @@ Tests reach the builders through the ``make_context`` and ``for_strategy`` fixtu
 
 from __future__ import annotations
 
+import functools
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from mgral.data.records import Category, Dataset, Detections, ImageRecord
+from mgral.data.records import Category, Dataset, Detections, ImageRecord, Target
 from mgral.strategies import SelectionContext, Strategy
 
 
@@ -55,12 +62,60 @@ def _make_context(
     )
 
 
-def _for_strategy(context: SelectionContext, strategy: Strategy | type[Strategy]) -> SelectionContext:
-    """The context as the loop would fill it: only the inputs the strategy requires."""
+def _materialize(context: SelectionContext, image_dir: Path) -> tuple[Dataset, Dataset]:
+    """Real image files for the context's records (1-2 coloured squares each, class = colour
+    channel), written once per id and size: the visible dataset (pool images without boxes,
+    as the loop gives it) and the oracle's (every image with its boxes)."""
+    visible, truth = [], []
+    labeled = set(context.labeled_ids)
+    cats = context.dataset.categories
+    for rec in context.dataset:
+        rng = np.random.default_rng(zlib.crc32(str(rec.id).encode()))
+        name = f"{rec.id}_{rec.width}x{rec.height}.png"
+        img = (rng.random((rec.height, rec.width, 3)) * 60).astype(np.uint8)
+        boxes, labels = [], []
+        for _ in range(int(rng.integers(1, 3))):
+            s = int(rng.integers(10, max(11, min(rec.width, rec.height) // 2)))
+            x, y = int(rng.integers(0, rec.width - s)), int(rng.integers(0, rec.height - s))
+            k = int(rng.integers(0, len(cats)))
+            img[y : y + s, x : x + s, k % 3] = 255
+            boxes.append([x, y, x + s, y + s])
+            labels.append(cats[k].id)
+        if not (image_dir / name).exists():
+            Image.fromarray(img).save(image_dir / name)
+        target = Target(boxes, labels)
+        truth.append(replace(rec, file_name=name, target=target))
+        visible.append(replace(rec, file_name=name, target=target if rec.id in labeled else Target()))
+    return Dataset(image_dir, cats, visible), Dataset(image_dir, cats, truth)
+
+
+@functools.cache
+def _detector(categories: tuple[Category, ...]):
+    """An untrained tiny detector (random but real outputs), built once per category set."""
+    from mgral.detectors.torchvision_detector import TorchvisionDetector
+
+    return TorchvisionDetector("tiny", list(categories), device="cpu", seed=0, pretrained=False)
+
+
+def _for_strategy(
+    context: SelectionContext, strategy: Strategy | type[Strategy], *, image_dir: Path | None = None
+) -> SelectionContext:
+    """The context as the loop would fill it: only the inputs the strategy requires. A strategy
+    that needs the detector or the true labels gets real image files and a real (untrained)
+    tiny detector."""
     req = strategy.requires
     context.predictions = context.predictions if "predictions" in req else None
     context.embeddings = context.embeddings if "embeddings" in req else None
-    context.detector = object() if "detector" in req else None
+    context.detector = None
+    context.oracle_dataset = None
+    if req & {"detector", "oracle"}:
+        assert image_dir is not None, "use the for_strategy fixture"
+        visible, truth = _materialize(context, image_dir)
+        context.dataset = visible
+        if "detector" in req:
+            context.detector = _detector(tuple(visible.categories))
+        if "oracle" in req:
+            context.oracle_dataset = truth
     return context
 
 
@@ -69,6 +124,11 @@ def make_context():
     return _make_context
 
 
+@pytest.fixture(scope="session")
+def strategy_image_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("strategy-images")
+
+
 @pytest.fixture
-def for_strategy():
-    return _for_strategy
+def for_strategy(strategy_image_dir):
+    return functools.partial(_for_strategy, image_dir=strategy_image_dir)

@@ -128,7 +128,7 @@ def test_missing_required_input_is_an_error_naming_the_image(name, make_context,
         pytest.skip(f"{name} requires nothing")
     for what in strategy.requires:
         ctx = for_strategy(make_context(), strategy)
-        setattr(ctx, what, None)
+        setattr(ctx, "oracle_dataset" if what == "oracle" else what, None)
         with pytest.raises(ConfigError, match=f"requires .*{what}"):
             strategy.select(ctx, 3)
     for what in strategy.requires & {"predictions", "embeddings"}:

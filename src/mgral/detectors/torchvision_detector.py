@@ -9,7 +9,7 @@ categories in ``dataset.categories`` order; the adapter maps them to category id
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +163,13 @@ class TorchvisionDetector:
         embeddings: bool = True,
         on_bad_image: str = "raise",
         progress: bool = False,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[ImageId, Detections]:
         """Detections (with class distributions and, if asked, embeddings) per image id.
+
+        ``augment`` maps each loaded image (float ``[3, H, W]`` in ``[0, 1]``) to the view the
+        model sees (a flip, a rescale, a colour change); boxes are then in that view's pixel
+        coordinates. Strategies use it for test-time views (flip consistency, CALD).
 
         Under torchrun each rank predicts its shard (every ``world``-th image) and the
         shards are gathered, so every rank returns the whole result.
@@ -185,7 +190,8 @@ class TorchvisionDetector:
                 batch_ids, images = [], []
                 for i in mine[start : start + batch_size]:
                     try:
-                        images.append(load_image(dataset, i).to(self.device))
+                        image = load_image(dataset, i)
+                        images.append((augment(image) if augment is not None else image).to(self.device))
                         batch_ids.append(i)
                     except DatasetError:
                         if on_bad_image == "raise":

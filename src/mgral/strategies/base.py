@@ -29,8 +29,9 @@ from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import ConfigError
 from mgral.registry import Registry
 
-REQUIREMENTS = frozenset({"predictions", "embeddings", "detector"})
-"""Inputs a strategy may ask the loop for."""
+REQUIREMENTS = frozenset({"predictions", "embeddings", "detector", "oracle"})
+"""Inputs a strategy may ask the loop for (``"oracle"``: the true labels of every image, for
+research-only ablations; a strategy meant for real use never asks for it)."""
 
 
 @dataclass
@@ -50,6 +51,8 @@ class SelectionContext:
             (``"embeddings"``).
         detector: the trained detector handle (``"detector"``).
         work_dir: a per-cycle directory a strategy may write diagnostics to.
+        oracle_dataset: the dataset with every image's true labels (``"oracle"``; research
+            ablations only).
     """
 
     dataset: Dataset
@@ -61,6 +64,7 @@ class SelectionContext:
     embeddings: Mapping[ImageId, np.ndarray] | None = None
     detector: Any | None = None
     work_dir: Path | None = None
+    oracle_dataset: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -186,6 +190,8 @@ def check_budget(context: SelectionContext, budget: int, requires: frozenset[str
         _check_covers(context.embeddings, "embeddings", context.labeled_ids, "labeled")
     if "detector" in requires and context.detector is None:
         raise ConfigError("this strategy requires the trained detector, but context.detector is None")
+    if "oracle" in requires and context.oracle_dataset is None:
+        raise ConfigError("this strategy requires the true labels (oracle_dataset), but context.oracle_dataset is None")
     return min(int(budget), len(pool))
 
 
