@@ -8,10 +8,7 @@ from mgral.registry import Registry
 
 
 def test_import_is_cheap_and_silent():
-    code = (
-        "import sys, mgral; "
-        "print([m for m in ('torch', 'numpy', 'torchvision', 'matplotlib') if m in sys.modules])"
-    )
+    code = "import sys, mgral; print([m for m in ('torch', 'numpy', 'torchvision', 'matplotlib') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert out.stderr == ""

@@ -212,8 +212,10 @@ def run_cycle(
     init = None
     if config.detector.warm_start and cycle > 0:
         prev_shared = strategy is not None and cycle == 1
-        prev = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0" if prev_shared else exp.run.cycle_dir(
-            label, seed, cycle - 1
+        prev = (
+            exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0"
+            if prev_shared
+            else exp.run.cycle_dir(label, seed, cycle - 1)
         )
         init = prev / "model.pt"
     detector, result = _train_and_evaluate(exp, seed, cycle, wdir, view, labeled, seconds, init)
