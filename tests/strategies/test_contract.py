@@ -13,6 +13,26 @@ from mgral.strategies import REQUIREMENTS, STRATEGIES, build_strategy, strategy_
 
 NAMES = STRATEGIES.names()
 
+# Micro settings for strategies that train something inside select(): the contract is about
+# the answer's shape, not its quality, and the whole suite must stay fast on a CPU.
+CONTRACT_PARAMS = {
+    "mgral": {
+        "combinations": 2,
+        "steps": 1,
+        "surrogate_batch": 1,
+        "updates": 3,
+        "samples": 2,
+        "hidden": 8,
+        "chunk": 8,
+        "orders": 2,
+        "pca_components": 2,
+    },
+}
+
+
+def build(name: str):
+    return build_strategy(name, **CONTRACT_PARAMS.get(name, {}))
+
 
 @pytest.fixture(params=NAMES)
 def name(request) -> str:
@@ -24,7 +44,7 @@ def select(name, make_context, for_strategy):
     """``select(budget, **context_options)`` with the strategy built from its defaults."""
 
     def run(budget, **options):
-        strategy = build_strategy(name)
+        strategy = build(name)
         return strategy.select(for_strategy(make_context(**options), strategy), budget)
 
     return run
@@ -64,7 +84,7 @@ def test_same_seed_same_selection(select):
 
 
 def test_pool_order_matters_only_for_ties(name, make_context, for_strategy):
-    strategy = build_strategy(name)
+    strategy = build(name)
 
     def run(seed, reverse=False):
         ctx = for_strategy(make_context(seed=seed), strategy)
@@ -80,7 +100,7 @@ def test_pool_order_matters_only_for_ties(name, make_context, for_strategy):
 
 
 def test_does_not_modify_the_context(name, make_context, for_strategy):
-    strategy = build_strategy(name)
+    strategy = build(name)
     ctx = for_strategy(make_context(), strategy)
     pool, labeled = list(ctx.pool_ids), list(ctx.labeled_ids)
     strategy.select(ctx, 5)
@@ -88,7 +108,7 @@ def test_does_not_modify_the_context(name, make_context, for_strategy):
 
 
 def test_empty_pool_is_an_error(name, make_context, for_strategy):
-    strategy = build_strategy(name)
+    strategy = build(name)
     ctx = for_strategy(make_context(), strategy)
     ctx.pool_ids = []
     with pytest.raises(ConfigError, match="the pool is empty: every image is labeled or skipped; nothing to select"):
@@ -96,7 +116,7 @@ def test_empty_pool_is_an_error(name, make_context, for_strategy):
 
 
 def test_pool_with_repeats_or_labeled_images_is_an_error(name, make_context, for_strategy):
-    strategy = build_strategy(name)
+    strategy = build(name)
     ctx = for_strategy(make_context(), strategy)
     ctx.pool_ids = ctx.pool_ids + ctx.pool_ids[:1]
     with pytest.raises(ConfigError, match="pool_ids lists an image twice"):
@@ -109,7 +129,7 @@ def test_pool_with_repeats_or_labeled_images_is_an_error(name, make_context, for
 
 @pytest.mark.parametrize("budget", [0, -2, 2.5, "3", True, None])
 def test_bad_budget_is_an_error(name, make_context, for_strategy, budget):
-    strategy = build_strategy(name)
+    strategy = build(name)
     with pytest.raises(ConfigError, match="budget must be a positive integer"):
         strategy.select(for_strategy(make_context(), strategy), budget)
 
@@ -123,7 +143,7 @@ def test_requires_names_known_inputs(name):
 
 
 def test_missing_required_input_is_an_error_naming_the_image(name, make_context, for_strategy):
-    strategy = build_strategy(name)
+    strategy = build(name)
     if not strategy.requires:
         pytest.skip(f"{name} requires nothing")
     for what in strategy.requires:

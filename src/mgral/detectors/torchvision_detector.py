@@ -8,6 +8,7 @@ categories in ``dataset.categories`` order; the adapter maps them to category id
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -264,6 +265,18 @@ class TorchvisionDetector:
         """Write the model and what is needed to rebuild it (atomic; loads with weights_only)."""
         save_state(Path(path), {"model": self.model.state_dict(), **self._meta()})
 
+    def to_bytes(self) -> bytes:
+        """The model and its metadata as ``save`` writes them (to ship to a worker process)."""
+        buf = io.BytesIO()
+        torch.save({"model": self.model.state_dict(), **self._meta()}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, device: str | None = None) -> TorchvisionDetector:
+        """Rebuild a detector from ``to_bytes`` (tensors and plain data only)."""
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return cls._from_state(state, "<bytes>", device)
+
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None) -> TorchvisionDetector:
         """Rebuild a detector saved by ``save`` (or an epoch checkpoint of ``fit``).
@@ -271,7 +284,10 @@ class TorchvisionDetector:
         Raises:
             CheckpointError: corrupt file, unknown format, or weights that do not fit.
         """
-        state = load_state(Path(path))
+        return cls._from_state(load_state(Path(path)), path, device)
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any], path: str | Path, device: str | None) -> TorchvisionDetector:
         if state.get("format") != CHECKPOINT_FORMAT or "preset" not in state:
             raise CheckpointError(f"checkpoint {str(path)!r} has no mgral metadata (format {state.get('format')!r})")
         try:

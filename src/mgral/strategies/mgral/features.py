@@ -1,0 +1,118 @@
+"""Label-free features of candidate images: what the reward model and the agent read.
+
+Per image, from the task detector's detections on the image and on its horizontal mirror:
+
+* uncertainty statistics — max and mean entropy of the kept boxes' class distributions
+  (background included, normalised by ``log(K + 1)``), the max score, the number of boxes
+  over 0.3 and over 0.5;
+* flip consistency — each box's best IoU with the mirrored view's boxes mapped back (score
+  weighted mean), and ``1 - JS divergence`` between the matched boxes' class distributions
+  (1 when neither view finds anything, 0 when only one does);
+* the predicted-class histogram (boxes over 0.3 per category);
+* the pooled backbone embedding (kept apart: the compact vector uses a few principal
+  components of it, fitted on the candidate pool).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.spatial.distance import jensenshannon
+from sklearn.decomposition import PCA
+from torchvision.ops import box_iou
+
+from mgral.data.records import Dataset, Detections, ImageId
+
+STAT_NAMES = (
+    "max_entropy",
+    "mean_entropy",
+    "max_score",
+    "boxes_over_0.3",
+    "boxes_over_0.5",
+    "flip_box_consistency",
+    "flip_class_consistency",
+)
+
+
+def hflip(image: torch.Tensor) -> torch.Tensor:
+    """The horizontal mirror of a ``[3, H, W]`` image (a picklable ``augment`` for predict)."""
+    return image.flip(-1)
+
+
+def feature_names(class_names: Sequence[str]) -> list[str]:
+    return [*STAT_NAMES, *(f"class_hist[{n}]" for n in class_names)]
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(probs, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=1) / np.log(probs.shape[1])
+
+
+def flip_consistency(det: Detections, mirrored: Detections, width: float) -> tuple[float, float]:
+    """(box, class) consistency between an image's detections and its mirror's, mapped back."""
+    if len(det.boxes) == 0 and len(mirrored.boxes) == 0:
+        return 1.0, 1.0
+    if len(det.boxes) == 0 or len(mirrored.boxes) == 0:
+        return 0.0, 0.0
+    back = mirrored.boxes.copy()
+    back[:, [0, 2]] = width - mirrored.boxes[:, [2, 0]]
+    iou = box_iou(torch.from_numpy(det.boxes).double(), torch.from_numpy(back).double()).numpy()
+    best = iou.argmax(axis=1)
+    weights = np.clip(det.scores, 1e-6, None)
+    box = float(np.average(iou[np.arange(len(best)), best], weights=weights))
+    if det.probs is None or mirrored.probs is None:
+        return box, box
+    js = jensenshannon(det.probs, mirrored.probs[best], axis=1, base=2)
+    return box, float(np.average(1.0 - np.nan_to_num(js, nan=0.0), weights=weights))
+
+
+def image_stats(det: Detections, mirrored: Detections, width: float, class_ids: Sequence[int]) -> np.ndarray:
+    """The uncertainty statistics, flip consistency and class histogram of one image."""
+    stats = np.zeros(len(STAT_NAMES) + len(class_ids))
+    if len(det.boxes):
+        if det.probs is not None:
+            ent = _entropy(det.probs)
+            stats[0], stats[1] = ent.max(), ent.mean()
+        stats[2] = det.scores.max()
+        stats[3], stats[4] = (det.scores > 0.3).sum(), (det.scores > 0.5).sum()
+        confident = det.labels[det.scores > 0.3]
+        for k, c in enumerate(class_ids):
+            stats[len(STAT_NAMES) + k] = (confident == c).sum()
+    stats[5], stats[6] = flip_consistency(det, mirrored, width)
+    return stats
+
+
+def raw_features(
+    dataset: Dataset,
+    ids: Sequence[ImageId],
+    detections: Mapping[ImageId, Detections],
+    mirrored: Mapping[ImageId, Detections],
+) -> np.ndarray:
+    """``[N, len(feature_names)]`` statistics of ``ids`` (rows in ``ids`` order)."""
+    class_ids = [c.id for c in dataset.categories]
+    return np.stack([image_stats(detections[i], mirrored[i], dataset[i].width, class_ids) for i in ids])
+
+
+def compact_features(
+    stats: np.ndarray,
+    embeddings: np.ndarray,
+    reference: np.ndarray,
+    *,
+    components: int,
+    seed: int,
+    stat_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """Standardised ``[stats | PCA(embedding)]`` for every row; the z-scores and the PCA are
+    fitted on the rows selected by the boolean mask ``reference`` (the candidate pool)."""
+    parts = [stats]
+    names = list(stat_names) if stat_names is not None else [f"stat{k}" for k in range(stats.shape[1])]
+    n_comp = min(components, embeddings.shape[1], int(reference.sum()) - 1)
+    if n_comp >= 1:
+        pca = PCA(n_components=n_comp, random_state=seed).fit(embeddings[reference])
+        parts.append(pca.transform(embeddings))
+        names += [f"pc{k}" for k in range(n_comp)]
+    x = np.concatenate(parts, axis=1)
+    mean, std = x[reference].mean(axis=0), x[reference].std(axis=0)
+    return (x - mean) / np.where(std > 1e-8, std, 1.0), names

@@ -1,0 +1,614 @@
+"""MGRAL: the mAP-guided reinforced sampling agent (arXiv 2601.15688; design in MGRAL.md).
+
+One selection, in stages (each timed, each written under ``work_dir/mgral/``):
+
+1. **splits** — the labeled set ``L_t`` is split (seeded) into ``L_fit`` and the reward set
+   ``E_t`` (``reward_fraction``, at least one image per class where possible);
+2. **candidates** — ``P_t``: a seeded random subset of the pool (``candidate_pool``,
+   default ``20 * B``);
+3. **features** — label-free features of every candidate from the task detector's cached
+   detections plus one mirrored pass (:mod:`.features`);
+4. **table** — ``M`` random combinations of ``B_c`` candidates and a control, each a
+   surrogate fine-tune (:mod:`.surrogate`) run through an executor (inline, process pool,
+   Ray), scored on ``E_t``: ``dmAP_m = mAP_m - mAP_control``;
+5. **reward model** — ``R(S)`` fitted on this and earlier cycles' rows (:mod:`.reward`);
+   leave-one-out Spearman reported;
+6. **agent** — the LSTM agent trained by REINFORCE on ``R`` (:mod:`.agent`), warm-started
+   from the previous cycle; or, as ablations, greedy maximisation of ``R`` or top-B credits;
+7. **selection** — top-B of the agent's logits averaged over fixed orders.
+
+When the labeled set is too small to hold out a reward set with boxes (fewer than 2
+images, or no box in ``E_t``), no table can be scored: the cycle falls back to the
+highest label-free uncertainty (``max_entropy``) and says so in ``info["fallback"]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from mgral._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mgral.data.records import Dataset, ImageId
+from mgral.errors import ConfigError
+from mgral.executors import EXECUTORS, make_executor
+from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
+from mgral.strategies.mgral import agent as agent_mod
+from mgral.strategies.mgral.features import compact_features, feature_names, hflip, raw_features
+from mgral.strategies.mgral.reward import TableRows, cluster_term, fit_reward_model, loo_spearman
+from mgral.strategies.mgral.surrogate import SurrogateJob, SurrogateShared, run_surrogate
+
+REWARD_SOURCES = ("surrogate", "labeled_simulation", "oracle")
+OPTIMIZERS = ("agent", "greedy", "credits")
+SAMPLINGS = ("plackett_luce", "bernoulli")
+STAGES = ("features", "table", "reward_model", "agent", "selection")
+
+
+def _check(name: str, ok: bool, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"mgral parameter {name}: expected {expected}, got {value!r}")
+
+
+@register_strategy("MGRAL: LSTM agent trained by policy gradient on surrogate mAP-gain tables")
+class MGRAL(Strategy):
+    """The mAP-guided reinforced sampling agent. Parameters (all keyword, all optional):
+
+    Table: ``combinations`` (M, 16), ``steps`` (K surrogate steps, 30), ``combination_size``
+    (B_c, default the budget), ``candidate_pool`` (|P_t|, default 20 x budget),
+    ``reward_fraction`` (0.2), ``surrogate_batch`` (4), ``surrogate_lr`` (default the
+    detector's), ``unsup_weight`` (1.0), ``ramp`` (0.25), ``pseudo_threshold`` (0.5),
+    ``reward_source`` (surrogate | labeled_simulation | oracle).
+    Reward model: ``pca_components`` (8), ``clusters`` (default min(B, |P|/2)),
+    ``cluster_term`` (True), ``keep_history`` (True), ``history_decay`` (0.5), ``ridge_alpha`` (1.0).
+    Agent: ``optimizer`` (agent | greedy | credits), ``sampling`` (plackett_luce | bernoulli),
+    ``updates`` (300), ``samples`` (8), ``hidden`` (256), ``chunk`` (64), ``agent_lr`` (1e-3),
+    ``entropy`` (0.01), ``orders`` (4), ``warm_start`` (True).
+    Jobs: ``executor`` (inline | process | ray), ``workers``, ``ray_address``, ``job_threads``.
+    """
+
+    name = "mgral"
+    requires: ClassVar[frozenset[str]] = frozenset({"predictions", "embeddings", "detector"})
+
+    def __init__(
+        self,
+        *,
+        combinations: int = 16,
+        steps: int = 30,
+        combination_size: int | None = None,
+        candidate_pool: int | None = None,
+        reward_fraction: float = 0.2,
+        surrogate_batch: int = 4,
+        surrogate_lr: float | None = None,
+        unsup_weight: float = 1.0,
+        ramp: float = 0.25,
+        pseudo_threshold: float = 0.5,
+        reward_source: str = "surrogate",
+        pca_components: int = 8,
+        clusters: int | None = None,
+        cluster_term: bool = True,
+        keep_history: bool = True,
+        history_decay: float = 0.5,
+        ridge_alpha: float = 1.0,
+        optimizer: str = "agent",
+        sampling: str = "plackett_luce",
+        updates: int = 300,
+        samples: int = 8,
+        hidden: int = 256,
+        chunk: int = 64,
+        agent_lr: float = 1e-3,
+        entropy: float = 0.01,
+        orders: int = 4,
+        warm_start: bool = True,
+        executor: str = "inline",
+        workers: int | None = None,
+        ray_address: str | None = None,
+        job_threads: int | None = None,
+    ) -> None:
+        def positive_int(name: str, v: Any, allow_none: bool = False) -> None:
+            ok = (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+            _check(name, ok, "a positive integer" + (" or null" if allow_none else ""), v)
+
+        for name in ("combinations", "steps", "surrogate_batch", "updates", "samples", "hidden", "chunk", "orders"):
+            positive_int(name, locals()[name])
+        for name in ("combination_size", "candidate_pool", "clusters", "workers", "job_threads"):
+            positive_int(name, locals()[name], allow_none=True)
+        _check(
+            "pca_components", isinstance(pca_components, int) and pca_components >= 0, "an integer >= 0", pca_components
+        )
+        _check("reward_fraction", 0 < reward_fraction < 1, "a fraction in (0, 1)", reward_fraction)
+        _check("ramp", 0 <= ramp <= 1, "a fraction in [0, 1]", ramp)
+        _check("pseudo_threshold", 0 <= pseudo_threshold <= 1, "a score in [0, 1]", pseudo_threshold)
+        _check("history_decay", 0 <= history_decay <= 1, "a weight in [0, 1]", history_decay)
+        for name in ("unsup_weight", "ridge_alpha", "entropy"):
+            _check(name, locals()[name] >= 0, "a number >= 0", locals()[name])
+        for name in ("agent_lr",):
+            _check(name, locals()[name] > 0, "a number > 0", locals()[name])
+        _check("surrogate_lr", surrogate_lr is None or surrogate_lr > 0, "a number > 0 or null", surrogate_lr)
+        _check("reward_source", reward_source in REWARD_SOURCES, f"one of {', '.join(REWARD_SOURCES)}", reward_source)
+        _check("optimizer", optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}", optimizer)
+        _check("sampling", sampling in SAMPLINGS, f"one of {', '.join(SAMPLINGS)}", sampling)
+        _check("executor", executor in EXECUTORS, f"one of {', '.join(EXECUTORS)}", executor)
+        self.combinations, self.steps, self.combination_size = combinations, steps, combination_size
+        self.candidate_pool, self.reward_fraction, self.surrogate_batch = (
+            candidate_pool,
+            reward_fraction,
+            surrogate_batch,
+        )
+        self.surrogate_lr, self.unsup_weight, self.ramp = surrogate_lr, unsup_weight, ramp
+        self.pseudo_threshold, self.reward_source, self.pca_components = pseudo_threshold, reward_source, pca_components
+        self.clusters, self.cluster_term, self.keep_history = clusters, cluster_term, keep_history
+        self.history_decay, self.ridge_alpha, self.optimizer = history_decay, ridge_alpha, optimizer
+        self.sampling, self.updates, self.samples, self.hidden = sampling, updates, samples, hidden
+        self.chunk, self.agent_lr, self.entropy, self.orders = chunk, agent_lr, entropy, orders
+        self.warm_start, self.executor, self.workers = warm_start, executor, workers
+        self.ray_address, self.job_threads = ray_address, job_threads
+        if reward_source == "oracle":  # research only: the true gains need the true labels
+            self.requires = frozenset({*MGRAL.requires, "oracle"})
+
+    # -- the cycle ---------------------------------------------------------------------------
+    def select(self, context: SelectionContext, budget: int) -> Selection:
+        n = check_budget(context, budget, self.requires)
+        pool = list(context.pool_ids)
+        rng = context.rng
+        if n == len(pool):  # the whole pool is the batch: nothing to learn
+            return select_top(pool, np.zeros(n), n, rng, {"note": "the budget covers the whole pool"})
+        seed = int(rng.integers(2**31))
+        out = Path(context.work_dir) / "mgral" if context.work_dir is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        seconds: dict[str, float] = {}
+        dataset = context.dataset
+
+        # 1-2: splits and candidates
+        fit_ids, eval_ids = split_labeled(dataset, list(context.labeled_ids), self.reward_fraction, rng)
+        size = max(n, self.candidate_pool or 20 * n)
+        cand = pool if len(pool) <= size else [pool[k] for k in sorted(rng.choice(len(pool), size, replace=False))]
+        sim_ids: list[ImageId] = []
+        if self.reward_source == "labeled_simulation" and len(fit_ids) >= 4:
+            k = max(2, len(fit_ids) // 2)
+            sim_ids = [fit_ids[j] for j in sorted(rng.choice(len(fit_ids), k, replace=False))]
+
+        # 3: features
+        t0 = time.perf_counter()
+        feats = self._features(context, cand + sim_ids, out)
+        rows_all = feats["ids"]
+        index = {i: k for k, i in enumerate(rows_all)}
+        ref = np.zeros(len(rows_all), dtype=bool)
+        ref[[index[i] for i in cand]] = True
+        phi, phi_names = compact_features(
+            feats["stats"],
+            feats["embeddings"],
+            ref,
+            components=self.pca_components,
+            seed=seed,
+            stat_names=feature_names([c.name for c in dataset.categories]),
+        )
+        clusters, num_clusters = self._clusters(phi, phi_names, ref, n, seed)
+        seconds["features"] = time.perf_counter() - t0
+
+        info: dict[str, Any] = {"candidates": len(cand), "fit": len(fit_ids), "reward_set": len(eval_ids)}
+        has_boxes = any(len(dataset[i].target) for i in eval_ids)
+        if not eval_ids or not fit_ids or not has_boxes:
+            scores = feats["stats"][[index[i] for i in cand], 0]
+            info["fallback"] = (
+                f"no reward set with boxes (labeled {len(context.labeled_ids)} images, reward set {len(eval_ids)}): "
+                "ranked by label-free max_entropy instead of a surrogate table"
+            )
+            return self._finish(context, cand, scores, n, rng, info, seconds, feats, index, out, None, [])
+
+        # 4: the look-up table
+        t0 = time.perf_counter()
+        table, rows = self._table(
+            context, n, cand, sim_ids, fit_ids, eval_ids, phi, index, clusters, num_clusters, seed, out
+        )
+        seconds["table"] = time.perf_counter() - t0
+
+        # 5: the reward model
+        t0 = time.perf_counter()
+        history = self._history(context, phi.shape[1]) if self.keep_history else []
+        all_rows = TableRows.concat([rows, *history])
+        current = np.zeros(len(all_rows), dtype=bool)
+        current[: len(rows)] = True
+        usable = np.isfinite(all_rows.dmap)
+        all_rows, current = all_rows.take(usable), current[usable]
+        model = fit_reward_model(all_rows, alpha=self.ridge_alpha, use_cluster=self.cluster_term)
+        rho, loo = loo_spearman(all_rows, current, alpha=self.ridge_alpha, use_cluster=self.cluster_term)
+        seconds["reward_model"] = time.perf_counter() - t0
+        cand_rows = np.array([index[i] for i in cand])
+        credits = model.credits(phi[cand_rows])
+        cand_clusters = clusters[cand_rows]
+        info.update({"loo_spearman": rho, "table_rows": int(current.sum()), "history_rows": int((~current).sum())})
+        if out is not None:
+            atomic_write_json(
+                out / "reward_model.json",
+                {
+                    **model.to_dict(phi_names),
+                    "loo_spearman": rho,
+                    "loo_predictions": [float(v) for v in loo],
+                    "loo_truth": [float(v) for v in all_rows.dmap[current]],
+                    "rows": len(all_rows),
+                    "current_rows": int(current.sum()),
+                },
+                indent=1,
+            )
+
+        # 6-7: optimise R and select
+        t0 = time.perf_counter()
+        curve: list[dict[str, float]] = []
+        if self.optimizer == "credits":
+            scores = credits
+        elif self.optimizer == "greedy":
+            return self._greedy(
+                context,
+                cand,
+                credits,
+                cand_clusters,
+                model.cluster_coef,
+                n,
+                info,
+                seconds,
+                t0,
+                feats,
+                index,
+                out,
+                table,
+            )
+        else:
+            agent = self._agent(context, phi.shape[1])
+            settings = agent_mod.AgentSettings(
+                updates=self.updates,
+                samples=self.samples,
+                lr=self.agent_lr,
+                entropy=self.entropy,
+                chunk=self.chunk,
+                sampling=self.sampling,
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                curve = agent_mod.train_agent(
+                    agent,
+                    phi[cand_rows],
+                    n,
+                    lambda b: model.batch_rewards(credits, cand_clusters, b),
+                    settings,
+                    seed=seed,
+                )
+            seconds["agent"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            orders = [np.random.default_rng([seed, k]).permutation(len(cand)) for k in range(self.orders)]
+            scores = agent_mod.agent_scores(agent, phi[cand_rows], orders, self.chunk, sampling=self.sampling, budget=n)
+            if out is not None:
+                buf = io.BytesIO()
+                torch.save(agent.state_dict(), buf)
+                atomic_write_bytes(out / "agent.pt", buf.getvalue())
+        random_batches = np.stack([rng.choice(len(cand), n, replace=False) for _ in range(64)])
+        info["reward_random_batch"] = float(model.batch_rewards(credits, cand_clusters, random_batches).mean())
+        selection = select_top(cand, scores, n, rng)
+        picked = np.array([cand.index(i) for i in selection.image_ids]) if len(cand) < 5000 else None
+        if picked is not None:
+            info["reward_selected_batch"] = float(model.batch_rewards(credits, cand_clusters, picked[None])[0])
+        seconds.setdefault("selection", time.perf_counter() - t0)
+        return self._finish(context, cand, scores, n, rng, info, seconds, feats, index, out, selection, curve, table)
+
+    # -- stages ------------------------------------------------------------------------------
+    def _features(self, context: SelectionContext, ids: list[ImageId], out: Path | None) -> dict[str, Any]:
+        """Raw statistics and embeddings of ``ids`` (cached per cycle in ``features.npz``)."""
+        cache = out / "features.npz" if out is not None else None
+        if cache is not None and cache.exists():
+            with np.load(cache, allow_pickle=False) as z:
+                cached_ids = json.loads(str(z["ids"]))
+                if set(ids) <= set(cached_ids):
+                    pos = {i: k for k, i in enumerate(cached_ids)}
+                    take = [pos[i] for i in ids]
+                    return {"ids": list(ids), "stats": z["stats"][take], "embeddings": z["embeddings"][take]}
+        detector = context.detector
+        if not hasattr(detector, "predict"):
+            raise ConfigError("mgral needs the trained detector's predict() (a TorchvisionDetector)")
+        preds = dict(context.predictions or {})
+        known = dict(context.embeddings or {})
+        missing = [i for i in ids if i not in preds or (i not in known and preds[i].embedding is None)]
+        if missing:  # labeled-simulation candidates are not in the pool's cached predictions
+            preds.update(detector.predict(context.dataset, missing))
+        mirrored = detector.predict(context.dataset, ids, embeddings=False, augment=hflip)
+        stats = raw_features(context.dataset, ids, preds, mirrored)
+        emb = [np.asarray(known[i] if i in known else preds[i].embedding, dtype=np.float64) for i in ids]
+        embeddings = np.stack(emb)
+        if cache is not None:
+            buf = io.BytesIO()
+            np.savez(buf, ids=np.array(json.dumps(list(ids))), stats=stats, embeddings=embeddings)
+            atomic_write_bytes(cache, buf.getvalue())
+        return {"ids": list(ids), "stats": stats, "embeddings": embeddings}
+
+    def _clusters(self, phi, names, ref, budget, seed) -> tuple[np.ndarray, int]:
+        from sklearn.cluster import KMeans
+
+        emb_cols = [k for k, nm in enumerate(names) if nm.startswith("pc")] or list(range(phi.shape[1]))
+        k = self.clusters or max(2, min(budget, int(ref.sum()) // 2))
+        k = min(k, int(ref.sum()))
+        km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(phi[ref][:, emb_cols])
+        return km.predict(phi[:, emb_cols]), k
+
+    def _table(self, context, budget, cand, sim_ids, fit_ids, eval_ids, phi, index, clusters, num_clusters, seed, out):
+        """Run the control and the M combinations' fine-tunes; return (rows for the CSV, TableRows)."""
+        from mgral.detectors.models import PRESETS
+        from mgral.detectors.training import make_config
+
+        detector = context.detector
+        if not hasattr(detector, "to_bytes"):
+            raise ConfigError(
+                "mgral's surrogate table needs a TorchvisionDetector (to_bytes); got " + type(detector).__name__
+            )
+        config = make_config(PRESETS.get(detector.preset).train_defaults, detector.train_overrides)
+        train = {
+            "optimizer": config.optimizer,
+            "lr": self.surrogate_lr or config.lr,
+            "momentum": config.momentum,
+            "weight_decay": config.weight_decay,
+            "grad_clip": config.grad_clip,
+            "progress": False,
+        }
+        rng = np.random.default_rng([seed, 17])
+        if self.reward_source == "labeled_simulation" and sim_ids:
+            source, base_fit, semi = sim_ids, [i for i in fit_ids if i not in set(sim_ids)], False
+            targets = {i: (context.dataset[i].target.boxes, context.dataset[i].target.labels) for i in sim_ids}
+        elif self.reward_source == "oracle":
+            truth = context.oracle_dataset
+            source, base_fit, semi = cand, fit_ids, False
+            targets = {i: (truth[i].target.boxes, truth[i].target.labels) for i in cand}
+        else:
+            source, base_fit, semi = cand, fit_ids, True
+            targets = {}
+            for i in cand:
+                d = context.predictions[i]
+                keep = d.scores >= self.pseudo_threshold
+                targets[i] = (d.boxes[keep], d.labels[keep])
+        # B_c = B by default; at most half the source, so that combinations differ
+        bc = min(self.combination_size or budget, max(1, len(source) // 2))
+        combos = [sorted(rng.choice(len(source), bc, replace=False).tolist()) for _ in range(self.combinations)]
+        jobs = [SurrogateJob("control")] + [
+            SurrogateJob(f"m{m}", [source[k] for k in c], {source[k]: targets[source[k]] for k in c}, semi)
+            for m, c in enumerate(combos)
+        ]
+        threads = self.job_threads or (
+            torch.get_num_threads()
+            if self.executor == "inline"
+            else max(1, (os.cpu_count() or 1) // (self.workers or os.cpu_count() or 1))
+        )
+        shared = SurrogateShared(
+            model=detector.to_bytes(),
+            dataset=context.dataset,
+            fit_ids=list(base_fit),
+            eval_ids=list(eval_ids),
+            train=train,
+            steps=self.steps,
+            batch_size=self.surrogate_batch,
+            unsup_weight=self.unsup_weight,
+            ramp=self.ramp,
+            threads=threads,
+            seed=seed,
+        )
+        results = run_jobs(jobs, shared, self.executor, self.workers, self.ray_address, out)
+        control = results["control"]
+        names = [c.name for c in context.dataset.categories]
+        table, phi_sum, sizes, cterm, dmap = [], [], [], [], []
+        for job in jobs:
+            r = results[job.name]
+            dm = r["mAP"] - control["mAP"] if job.extra_ids else 0.0
+            table.append(
+                {
+                    "cycle": context.cycle,
+                    "combination": job.extra_ids if job.extra_ids else "control",
+                    "dmAP": dm,
+                    "mAP": r["mAP"],
+                    "per_class": dict(zip(names, r["per_class"], strict=True)),
+                    "loss_sup": r["loss_sup"],
+                    "loss_pseudo": r["loss_pseudo"],
+                    "loss_cons": r["loss_cons"],
+                    "consistency": r["consistency"],
+                    "seconds": r["seconds"],
+                }
+            )
+            if job.extra_ids:
+                rows = np.array([index[i] for i in job.extra_ids])
+                phi_sum.append(phi[rows].sum(axis=0))
+                sizes.append(len(rows))
+                cterm.append(cluster_term(clusters[rows], num_clusters))
+                dmap.append(dm)
+        rows = TableRows(np.array(phi_sum), np.array(sizes, float), np.array(cterm), np.array(dmap), np.ones(len(dmap)))
+        if out is not None:
+            self._write_table(out, table, names)
+            buf = io.BytesIO()
+            np.savez(
+                buf,
+                phi_sum=rows.phi_sum,
+                sizes=rows.sizes,
+                cluster=rows.cluster,
+                dmap=rows.dmap,
+                cycle=np.array(context.cycle),
+            )
+            atomic_write_bytes(out / "table_rows.npz", buf.getvalue())
+        return table, rows
+
+    def _write_table(self, out: Path, table: list[dict], names: list[str]) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["cycle", "combination", "dmAP", "mAP", *(f"AP[{n}]" for n in names)])
+        for row in table:
+            combo = row["combination"] if isinstance(row["combination"], str) else json.dumps(row["combination"])
+            w.writerow(
+                [row["cycle"], combo, _fmt(row["dmAP"]), _fmt(row["mAP"]), *(_fmt(row["per_class"][n]) for n in names)]
+            )
+        atomic_write_text(out / "table.csv", buf.getvalue())
+        atomic_write_json(out / "table.json", table, indent=1)
+
+    def _history(self, context: SelectionContext, num_features: int) -> list[TableRows]:
+        """Rows of this series' earlier cycles (``../cycle-<c>/mgral/table_rows.npz``),
+        down-weighted by ``history_decay ** age``; rows of another feature width are skipped."""
+        if context.work_dir is None:
+            return []
+        parts = []
+        for c in range(context.cycle):
+            path = Path(context.work_dir).parent / f"cycle-{c}" / "mgral" / "table_rows.npz"
+            if not path.exists():
+                continue
+            with np.load(path, allow_pickle=False) as z:
+                if z["phi_sum"].ndim != 2 or z["phi_sum"].shape[1] != num_features:
+                    continue
+                w = self.history_decay ** (context.cycle - int(z["cycle"]))
+                parts.append(TableRows(z["phi_sum"], z["sizes"], z["cluster"], z["dmap"], np.full(len(z["dmap"]), w)))
+        return parts
+
+    def _agent(self, context: SelectionContext, num_features: int) -> agent_mod.SamplingAgent:
+        """A fresh agent, or the previous cycle's (warm start) when its shape fits."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            agent = agent_mod.SamplingAgent(num_features, hidden=self.hidden)
+        if self.warm_start and context.work_dir is not None and context.cycle > 0:
+            prev = Path(context.work_dir).parent / f"cycle-{context.cycle - 1}" / "mgral" / "agent.pt"
+            if prev.exists():
+                state = torch.load(prev, map_location="cpu", weights_only=True)
+                try:
+                    agent.load_state_dict(state)
+                except RuntimeError:
+                    pass  # another feature width (e.g. changed settings): start fresh
+        return agent
+
+    def _greedy(self, context, cand, credits, clusters, lam, n, info, seconds, t0, feats, index, out, table):
+        """Greedy maximisation of ``R``: add the image with the largest marginal gain."""
+        counts = np.zeros(int(clusters.max()) + 1)
+        chosen = np.zeros(len(cand), dtype=bool)
+        picks, gains = [], []
+        for _ in range(n):
+            gain = credits + lam * (np.sqrt(counts[clusters] + 1) - np.sqrt(counts[clusters]))
+            gain[chosen] = -np.inf
+            best = int(np.argmax(gain))
+            picks.append(best)
+            gains.append(float(gain[best]))
+            chosen[best] = True
+            counts[clusters[best]] += 1
+        seconds["agent"] = 0.0
+        seconds["selection"] = time.perf_counter() - t0
+        selection = Selection([cand[k] for k in picks], gains, {})
+        return self._finish(context, cand, None, n, context.rng, info, seconds, feats, index, out, selection, [], table)
+
+    def _finish(self, context, cand, scores, n, rng, info, seconds, feats, index, out, selection, curve, table=None):
+        if selection is None:
+            selection = select_top(cand, scores, n, rng)
+        picked = np.array([index[i] for i in selection.image_ids])
+        info["diversity"] = diversity(feats, picked, [c.name for c in context.dataset.categories])
+        info["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        if curve:
+            info["reward"] = {
+                "first": curve[0]["reward_mean"],
+                "last": float(np.mean([c["reward_mean"] for c in curve[-10:]])),
+            }
+        if out is not None:
+            if curve:
+                buf = io.StringIO()
+                w = csv.DictWriter(
+                    buf, ["update", "reward_mean", "reward_max", "baseline", "entropy"], lineterminator="\n"
+                )
+                w.writeheader()
+                w.writerows(curve)
+                atomic_write_text(out / "agent_rewards.csv", buf.getvalue())
+            atomic_write_json(
+                out / "summary.json",
+                {
+                    "loo_spearman": info.get("loo_spearman"),
+                    "table_rows": info.get("table_rows", 0),
+                    "seconds": info["seconds"],
+                    "diversity": info["diversity"],
+                    "reward": info.get("reward"),
+                    **{k: v for k, v in info.items() if k not in ("seconds", "diversity", "reward")},
+                },
+                indent=1,
+            )
+        return Selection(list(selection.image_ids), [float(v) for v in selection.scores], _jsonable(info))
+
+
+def diversity(feats: dict[str, Any], rows: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Mean pairwise embedding distance and the predicted-class histogram of a batch."""
+    from scipy.spatial.distance import pdist
+
+    emb = feats["embeddings"][rows]
+    mean_dist = float(pdist(emb).mean()) if len(rows) > 1 else 0.0
+    hist_cols = feats["stats"][rows][:, -len(class_names) :] if class_names else np.zeros((len(rows), 0))
+    return {
+        "mean_pairwise_distance": mean_dist,
+        "class_histogram": {n: int(v) for n, v in zip(class_names, hist_cols.sum(axis=0), strict=True)},
+    }
+
+
+def split_labeled(
+    dataset: Dataset, labeled: list[ImageId], fraction: float, rng: np.random.Generator
+) -> tuple[list[ImageId], list[ImageId]]:
+    """``(L_fit, E_t)``: ``E_t`` holds ``round(fraction * |L|)`` images (at least 1, and
+    ``L_fit`` keeps at least 1), first one image per class where possible, then at random."""
+    if len(labeled) < 2:
+        return list(labeled), []
+    target = min(len(labeled) - 1, max(1, round(fraction * len(labeled))))
+    order = [labeled[k] for k in rng.permutation(len(labeled))]
+    held: list[ImageId] = []
+    covered: set[int] = set()
+    for i in order:
+        if len(held) >= target:
+            break
+        classes = set(dataset[i].target.labels.tolist())
+        if classes - covered:
+            held.append(i)
+            covered |= classes
+    rest = [i for i in order if i not in set(held)]
+    held += rest[: target - len(held)]
+    kept = set(held)
+    return [i for i in labeled if i not in kept], [i for i in labeled if i in kept]
+
+
+def run_jobs(jobs, shared, executor: str, workers, ray_address, out: Path | None) -> dict[str, dict]:
+    """Run the fine-tunes through the executor; each result is saved as it finishes
+    (``jobs/<name>.json``) and reused on a re-run, so a killed cycle resumes its table."""
+    results: dict[str, dict] = {}
+    todo = []
+    jobs_dir = out / "jobs" if out is not None else None
+    if jobs_dir is not None:
+        jobs_dir.mkdir(exist_ok=True)
+    for job in jobs:
+        path = jobs_dir / f"{job.name}.json" if jobs_dir is not None else None
+        if path is not None and path.exists():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("extra_ids") == list(job.extra_ids):
+                results[job.name] = saved
+                continue
+        todo.append(job)
+    if todo:
+        with make_executor(executor, workers=workers, ray_address=ray_address) as ex:
+            for k, result in ex.map(run_surrogate, todo, shared):
+                result["extra_ids"] = list(todo[k].extra_ids)
+                results[todo[k].name] = result
+                if jobs_dir is not None:
+                    atomic_write_json(jobs_dir / f"{todo[k].name}.json", _jsonable(result))
+    return results
+
+
+def _fmt(v: float) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6f}"
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value

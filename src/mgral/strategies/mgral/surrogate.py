@@ -1,0 +1,253 @@
+"""Surrogate fine-tunes: what training on a candidate combination would do to the detector.
+
+One job copies the task detector, fine-tunes it for ``steps`` steps and scores it on the
+reward set. Every job of a cycle draws the *same* labeled mini-batches (its own generator,
+seeded by the cycle), so two jobs differ only in their extra images: the control job has
+none; a semi-supervised job adds a candidate combination **without labels**, with loss
+
+    L = L_sup(labeled batch) + w(step) * (L_pseudo + L_cons)
+
+where ``L_pseudo`` is the detector's own loss on the candidates with the task detector's
+detections over a confidence threshold as targets (pseudo-labels), ``L_cons`` the flip
+consistency of the dense head outputs (class probabilities and box regression of every
+location against its mirror location on the flipped image), and ``w`` a Gaussian ramp
+``w_max * exp(-5 (1 - t)^2)`` over the first ``ramp`` fraction of the steps. The research
+ablations (labeled simulation, oracle gains) reuse the same job with true targets,
+``w = 1`` and no consistency term.
+
+Flip consistency is exact in the anchor grid: a location at column ``j`` (anchor centre
+``j * stride``) mirrors to column ``W_l - j`` of the flipped input, so columns ``1..W_l-1``
+are compared. One-stage heads (FCOS, RetinaNet) compare classification (and FCOS
+centerness) probabilities and regression with left/right swapped (FCOS) or ``dx`` negated
+(RetinaNet); two-stage models (Faster R-CNN) compare the RPN's objectness and deltas. SSD
+has no consistency term here (pseudo-labels only); the job reports which term it used.
+
+A job reads only what it is given: the visible dataset (boxes on labeled images only) and
+the pseudo-labels computed by the parent from the task detector's predictions. Nothing in
+it can reach a pool image's true labels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mgral.data.records import Dataset, ImageId
+from mgral.detectors.training import derive_seed, load_image, make_config, make_optimizer
+
+
+@dataclass(frozen=True)
+class SurrogateShared:
+    """What every job of a cycle shares (sent once per worker).
+
+    Attributes:
+        model: the task detector, ``TorchvisionDetector.to_bytes()``.
+        dataset: the visible dataset (labels on labeled images only).
+        fit_ids: the labeled images the surrogates train on (``L_fit``).
+        eval_ids: the reward set ``E_t`` (never trained on).
+        train: optimizer settings (``TrainConfig`` keys: optimizer, lr, weight_decay, ...).
+        steps: fine-tuning steps ``K``; batch_size: labeled (and extra) images per step.
+        unsup_weight: ``w_max``; ramp: fraction of the steps over which ``w`` ramps up.
+        threads: torch threads per job (fixed, so every backend computes the same).
+        seed: the cycle's seed (labeled batches, flips).
+    """
+
+    model: bytes
+    dataset: Dataset
+    fit_ids: list[ImageId]
+    eval_ids: list[ImageId]
+    train: dict[str, Any]
+    steps: int
+    batch_size: int
+    unsup_weight: float = 1.0
+    ramp: float = 0.25
+    threads: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SurrogateJob:
+    """One table row's fine-tune.
+
+    Attributes:
+        name: ``"control"`` or ``"m<k>"``.
+        extra_ids: the combination's images (empty for the control).
+        extra_targets: id -> (boxes ``[N, 4]``, category ids ``[N]``): pseudo-labels, or true
+            labels in the research ablations.
+        semi: True: ramped weight and flip consistency (label-free); False: weight 1, no
+            consistency (the extra images are treated as labeled).
+    """
+
+    name: str
+    extra_ids: list[ImageId] = field(default_factory=list)
+    extra_targets: dict[ImageId, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    semi: bool = True
+
+
+def ramp_weight(step: int, steps: int, w_max: float, ramp: float) -> float:
+    """Gaussian ramp-up: ``w_max * exp(-5 (1 - t)^2)``, ``t = step / (ramp * steps)`` capped at 1."""
+    length = max(1.0, ramp * steps)
+    t = min(1.0, step / length)
+    return float(w_max * math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def _mirror(x: torch.Tensor) -> torch.Tensor:
+    """Columns ``1..W-1`` of a ``[..., W]``-last map, mirrored to align with the original's."""
+    return x[..., 1:].flip(-1)
+
+
+def _levels(flat: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Split a torchvision one-stage head output ``[N, sum(H*W*A), C]`` into per-level
+    ``[N, A, C, H, W]`` maps (torchvision orders each level as H, W, A)."""
+    n, total, c = flat.shape
+    a = total // sum(h * w for h, w in shapes)
+    out, start = [], 0
+    for h, w in shapes:
+        size = h * w * a
+        out.append(flat[:, start : start + size].reshape(n, h, w, a, c).permute(0, 3, 4, 1, 2))
+        start += size
+    return out
+
+
+def consistency_loss(model: nn.Module, images: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
+    """Flip consistency of the dense outputs on ``images`` (and which head it used)."""
+    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+
+    x = model.transform(images)[0].tensors
+    n = x.shape[0]
+    features = model.backbone(torch.cat([x, x.flip(-1)]))
+    maps = list(features.values()) if isinstance(features, dict) else [features]
+    zero = x.new_zeros(())
+    if isinstance(model, FCOS | RetinaNet):
+        out = model.head(maps)
+        shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
+        loss = zero
+        for key, value in out.items():
+            for level in _levels(value, shapes):
+                orig, flip = level[:n, ..., 1:], _mirror(level[n:])
+                if key == "bbox_regression":
+                    if isinstance(model, FCOS):
+                        flip = flip[:, :, [2, 1, 0, 3]]  # (l, t, r, b) -> (r, t, l, b)
+                    else:
+                        flip = flip * flip.new_tensor([-1.0, 1.0, 1.0, 1.0]).view(1, 1, 4, 1, 1)
+                    loss = loss + nn.functional.smooth_l1_loss(orig, flip)
+                else:
+                    loss = loss + nn.functional.mse_loss(orig.sigmoid(), flip.sigmoid()) * orig.shape[2]
+        return loss, type(model).__name__
+    if isinstance(model, FasterRCNN):
+        objectness, deltas = model.rpn.head(maps)
+        loss = zero
+        for obj, dlt in zip(objectness, deltas, strict=True):
+            loss = loss + nn.functional.mse_loss(obj[:n, ..., 1:].sigmoid(), _mirror(obj[n:]).sigmoid())
+            a = dlt.shape[1] // 4
+            d = dlt.reshape(2 * n, a, 4, *dlt.shape[-2:])
+            flip = _mirror(d[n:]) * d.new_tensor([-1.0, 1.0, 1.0, 1.0]).view(1, 1, 4, 1, 1)
+            loss = loss + nn.functional.smooth_l1_loss(d[:n, ..., 1:], flip)
+        return loss, "FasterRCNN-RPN"
+    return zero, "none"
+
+
+def _batch(dataset: Dataset, ids, targets, class_index, gen: torch.Generator):
+    """Images and torchvision targets (class indices), each flipped with probability 1/2."""
+    images, out = [], []
+    for i in ids:
+        image = load_image(dataset, i)
+        boxes, labels = targets(i)
+        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+        labels = torch.tensor([class_index[int(c)] for c in np.asarray(labels).reshape(-1)], dtype=torch.int64)
+        if torch.rand((), generator=gen).item() < 0.5:
+            image = image.flip(-1)
+            w = image.shape[-1]
+            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        images.append(image)
+        out.append({"boxes": boxes, "labels": labels})
+    return images, out
+
+
+def _cycle_batches(ids: list, batch_size: int, gen: torch.Generator):
+    """Endless mini-batches: shuffled passes over ``ids``."""
+    while True:
+        order = torch.randperm(len(ids), generator=gen).tolist()
+        for start in range(0, len(ids), batch_size):
+            yield [ids[k] for k in order[start : start + batch_size]]
+
+
+def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
+    """Fine-tune a copy of the task detector as ``job`` says and score it on the reward set.
+
+    Returns a JSON-able dict: ``mAP`` (COCO mAP@[.5:.95] on ``eval_ids``; NaN if undefined),
+    ``per_class`` (list aligned with the dataset's categories), mean ``loss_sup``,
+    ``loss_pseudo``, ``loss_cons``, ``consistency`` (the head it used), ``seconds``.
+    """
+    from mgral.detectors.torchvision_detector import TorchvisionDetector
+    from mgral.evaluation import SubsetEvaluator
+
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(shared.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(shared.seed, 3))
+            det = TorchvisionDetector.from_bytes(shared.model, device="cpu")
+            model, class_index = det.model, det.class_index
+            config = make_config(shared.train)
+            optimizer = make_optimizer(model, config)
+            labeled_gen = torch.Generator().manual_seed(derive_seed(shared.seed, 1))  # the same in every job
+            extra_gen = torch.Generator().manual_seed(derive_seed(shared.seed, 2))
+            labeled = _cycle_batches(list(shared.fit_ids), shared.batch_size, labeled_gen)
+            extra = _cycle_batches(list(job.extra_ids), shared.batch_size, extra_gen) if job.extra_ids else None
+            sums = {"loss_sup": 0.0, "loss_pseudo": 0.0, "loss_cons": 0.0}
+            used = "none"
+            model.train()
+            for step in range(shared.steps):
+                images, targets = _batch(
+                    shared.dataset, next(labeled), _true_targets(shared.dataset), class_index, labeled_gen
+                )
+                loss = sup = sum(model(images, targets).values())
+                sums["loss_sup"] += float(sup.detach())
+                if extra is not None:
+                    ids = next(extra)
+                    uimages, utargets = _batch(
+                        shared.dataset, ids, lambda i: job.extra_targets[i], class_index, extra_gen
+                    )
+                    pseudo = sum(model(uimages, utargets).values())
+                    sums["loss_pseudo"] += float(pseudo.detach())
+                    if job.semi:
+                        cons, used = consistency_loss(model, uimages)
+                        sums["loss_cons"] += float(cons.detach())
+                        w = ramp_weight(step, shared.steps, shared.unsup_weight, shared.ramp)
+                        loss = loss + w * (pseudo + cons)
+                    else:
+                        loss = loss + pseudo
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+            preds = det.predict(shared.dataset, shared.eval_ids, embeddings=False)
+        ap = SubsetEvaluator(shared.dataset.subset(shared.eval_ids), preds).average_precision()
+    finally:
+        torch.set_num_threads(threads)
+    steps = max(shared.steps, 1)
+    return {
+        "name": job.name,
+        "mAP": float(ap.mAP),
+        "per_class": [float(v) for v in ap.per_class],
+        **{k: v / steps for k, v in sums.items()},
+        "consistency": used,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _true_targets(dataset: Dataset):
+    def get(i: ImageId) -> tuple[np.ndarray, np.ndarray]:
+        target = dataset[i].target
+        return target.boxes, target.labels
+
+    return get
