@@ -240,6 +240,7 @@ def test_report_writes_png_and_svg_curves(run, tmp_path):
         "curves_images.png",
         "curves_images.svg",
         "curves_images_mAP50.png",
+        "report.html",
         "results.csv",
         "results.md",
     ]  # no temporary files left behind

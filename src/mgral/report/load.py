@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,3 +168,176 @@ def run_title(run_dirs: Sequence[str | Path]) -> str:
         name = str(config.get("name") or run_dir.name)
         names.append(f"{name} ({Path(path).name})" if path else name)
     return ", ".join(dict.fromkeys(names))
+
+
+# -- MGRAL diagnostics --------------------------------------------------------------------
+
+MGRAL_DIR = "mgral"
+"""MGRAL's per-cycle diagnostics: ``RUN/<label>/seed-<s>/cycle-<c>/mgral/``."""
+MGRAL_SUMMARY = "summary.json"
+MGRAL_AGENT = "agent_rewards.csv"
+MGRAL_TABLE = "table.csv"
+AGENT_COLUMNS = ("update", "reward_mean", "reward_max", "baseline", "entropy")
+MGRAL_STAGES = ("features", "table", "reward_model", "agent", "selection")
+
+
+@dataclass(frozen=True, eq=False)
+class TableRow:
+    """One row of MGRAL's ``table.csv``: a candidate combination of images and what adding
+    them did to the model (``dmAP``: change of mAP; ``mAP`` after; ``ap``: AP per category
+    name). The control row (``combination`` = ``control``) has ``control`` True and no ids."""
+
+    cycle: int | None
+    combination: list[Any]
+    control: bool
+    dmAP: float
+    mAP: float
+    ap: dict[str, float]
+
+
+@dataclass(frozen=True, eq=False)
+class MgralCycle:
+    """MGRAL's diagnostics of one (run, label, seed, cycle), from ``cycle-<c>/mgral/``.
+
+    Any file may be absent (an older run, a cycle in progress) or unreadable: its fields
+    are then empty (None, ``{}``, ``[]``) and ``problems`` says why, one line a file.
+    ``loo_spearman``: the reward model's leave-one-out Spearman correlation on the table
+    (how well it ranks combinations). ``seconds``: wall seconds per MGRAL stage.
+    ``mean_pairwise_distance``, ``class_histogram``: the diversity of the chosen batch.
+    ``agent``: the columns of ``agent_rewards.csv`` (:data:`AGENT_COLUMNS`), one entry per
+    agent update. ``table``: the rows of ``table.csv``; ``categories`` its AP columns.
+    """
+
+    label: str
+    seed: int
+    cycle: int
+    run_dir: Path
+    path: Path
+    loo_spearman: float | None = None
+    table_rows: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    mean_pairwise_distance: float | None = None
+    class_histogram: dict[str, int] = field(default_factory=dict)
+    reward_first: float | None = None
+    reward_last: float | None = None
+    agent: dict[str, np.ndarray] = field(default_factory=dict)
+    table: list[TableRow] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _optional(value: Any) -> float | None:
+    number = _number({"v": value}, "v")
+    return None if math.isnan(number) else number
+
+
+def _cell(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _read_summary(path: Path, values: dict[str, Any]) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    values["loo_spearman"] = _optional(data.get("loo_spearman"))
+    rows = data.get("table_rows")
+    values["table_rows"] = rows if isinstance(rows, int) and not isinstance(rows, bool) else None
+    seconds = data.get("seconds") if isinstance(data.get("seconds"), dict) else {}
+    values["seconds"] = {str(k): v for k, raw in seconds.items() if (v := _optional(raw)) is not None}
+    diversity = data.get("diversity") if isinstance(data.get("diversity"), dict) else {}
+    values["mean_pairwise_distance"] = _optional(diversity.get("mean_pairwise_distance"))
+    histogram = diversity.get("class_histogram") if isinstance(diversity.get("class_histogram"), dict) else {}
+    values["class_histogram"] = {str(k): int(v) for k, v in histogram.items() if _optional(v) is not None}
+    reward = data.get("reward") if isinstance(data.get("reward"), dict) else {}
+    values["reward_first"], values["reward_last"] = _optional(reward.get("first")), _optional(reward.get("last"))
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _read_agent(path: Path, values: dict[str, Any]) -> None:
+    header, rows = _read_csv(path)
+    values["agent"] = {k: np.array([_cell(r.get(k)) for r in rows]) for k in AGENT_COLUMNS if k in header}
+
+
+def _combination(text: str) -> tuple[list[Any], bool]:
+    if text.strip() == "control":
+        return [], True
+    try:
+        ids = json.loads(text)
+    except json.JSONDecodeError:
+        return [text], False
+    return (ids if isinstance(ids, list) else [ids]), False
+
+
+def _read_table(path: Path, values: dict[str, Any]) -> None:
+    header, rows = _read_csv(path)
+    names = {k: k[3:-1] for k in header if k.startswith("AP[") and k.endswith("]")}
+    table = []
+    for r in rows:
+        combination, control = _combination(r.get("combination") or "")
+        cycle = _cell(r.get("cycle"))
+        table.append(
+            TableRow(
+                cycle=None if math.isnan(cycle) else int(cycle),
+                combination=combination,
+                control=control,
+                dmAP=_cell(r.get("dmAP")),
+                mAP=_cell(r.get("mAP")),
+                ap={name: _cell(r.get(k)) for k, name in names.items()},
+            )
+        )
+    values["table"], values["categories"] = table, list(names.values())
+
+
+_MGRAL_READERS = ((MGRAL_SUMMARY, _read_summary), (MGRAL_AGENT, _read_agent), (MGRAL_TABLE, _read_table))
+
+
+def _mgral_cycle(run_dir: Path, label: str, seed: int, cycle: int, path: Path) -> MgralCycle | None:
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    found = False
+    for name, reader in _MGRAL_READERS:
+        file = path / name
+        if not file.is_file():
+            continue
+        found = True
+        try:
+            reader(file, values)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as err:
+            # diagnostics are for reading, not for the curves: a bad file is reported, not fatal
+            log.warning("%s: cannot read MGRAL diagnostics (%s); left out of the report", file, err)
+            problems.append(f"{name}: unreadable ({err})")
+    if not found:
+        return None
+    return MgralCycle(label=label, seed=seed, cycle=cycle, run_dir=run_dir, path=path, problems=problems, **values)
+
+
+def load_mgral_diagnostics(run_dirs: str | Path | Sequence[str | Path]) -> list[MgralCycle]:
+    """MGRAL's diagnostics of every cycle that has them, sorted by (label, seed, cycle, run).
+
+    A cycle has them when ``RUN/<label>/seed-<s>/cycle-<c>/mgral/`` holds at least one of
+    ``summary.json``, ``agent_rewards.csv`` and ``table.csv``; runs of other strategies
+    give ``[]``. Unreadable files do not raise: they are logged and named in
+    :attr:`MgralCycle.problems`.
+    """
+    paths = [Path(run_dirs)] if isinstance(run_dirs, str | os.PathLike) else [Path(p) for p in run_dirs]
+    found: list[MgralCycle] = []
+    for run_dir in paths:
+        for label, seed in list_series(run_dir):
+            if label == REFERENCE_LABEL:
+                continue
+            for cycle_dir in (run_dir / label / f"seed-{seed}").glob("cycle-*"):
+                number = cycle_dir.name.removeprefix("cycle-")
+                if number.isdigit() and (cycle_dir / MGRAL_DIR).is_dir():
+                    item = _mgral_cycle(run_dir, label, seed, int(number), cycle_dir / MGRAL_DIR)
+                    if item is not None:
+                        found.append(item)
+    return sorted(found, key=lambda d: (d.label, d.seed, d.cycle, str(d.run_dir)))

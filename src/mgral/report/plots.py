@@ -1,4 +1,5 @@
-"""AL-curve plots: mean test mAP over seeds against labels spent, one line per strategy."""
+"""AL-curve plots (mean test mAP over seeds against labels spent, one line per strategy) and
+MGRAL's diagnostics (the agent's reward per update, the reward model's accuracy per cycle)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mgral._io import atomic_write_bytes
-from mgral.report.load import X_KEYS, Y_KEYS, Series, reference_map
+from mgral.report.load import X_KEYS, Y_KEYS, MgralCycle, Series, reference_map
 from mgral.report.metrics import aggregate
 
 X_LABELS = {"num_labeled": "labeled images", "num_boxes_labeled": "labeled boxes", "labeling_cost": "labeling cost"}
@@ -79,13 +82,104 @@ def plot_curves(
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
         stem = f"curves_{_STEMS[x_key]}" + ("" if metric == "mAP" else f"_{metric}")
-        paths = []
-        for fmt in formats:
-            buffer = io.BytesIO()
-            # no date in SVG, no matplotlib version in either: the bytes depend on the data only
-            metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
-            fig.savefig(buffer, format=fmt, dpi=150, metadata=metadata)
-            path = Path(out_dir) / f"{stem}.{fmt}"
-            atomic_write_bytes(path, buffer.getvalue())
-            paths.append(path)
+        return _save(fig, Path(out_dir) / stem, formats)
+
+
+def _save(fig: Any, stem: Path, formats: Sequence[str]) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        buffer = io.BytesIO()
+        # no date in SVG, no matplotlib version in either: the bytes depend on the data only
+        metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
+        fig.savefig(buffer, format=fmt, dpi=150, metadata=metadata)
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        atomic_write_bytes(path, buffer.getvalue())
+        paths.append(path)
     return paths
+
+
+MAX_DIAGNOSTIC_SERIES = 8
+"""At most this many (label, seed, run) series get a row in ``mgral_diagnostics``."""
+
+
+def diagnostic_series(diagnostics: Sequence[MgralCycle]) -> dict[tuple[str, int, Path], list[MgralCycle]]:
+    """The diagnostics grouped by series ``(label, seed, run_dir)``, in that order, cycles sorted."""
+    groups: dict[tuple[str, int, Path], list[MgralCycle]] = {}
+    for d in sorted(diagnostics, key=lambda d: (d.label, d.seed, str(d.run_dir), d.cycle)):
+        groups.setdefault((d.label, d.seed, d.run_dir), []).append(d)
+    return groups
+
+
+def plot_mgral_diagnostics(
+    diagnostics: Sequence[MgralCycle],
+    out_dir: str | Path,
+    *,
+    formats: Sequence[str] = ("png", "svg"),
+) -> list[Path]:
+    """Draw MGRAL's diagnostics and write ``mgral_diagnostics.<format>`` to ``out_dir``.
+
+    One row per (label, seed) series (:func:`diagnostic_series`; the first
+    :data:`MAX_DIAGNOSTIC_SERIES`): on the left the agent's mean reward per update, one
+    line per cycle (lighter = later); on the right the reward model's leave-one-out
+    Spearman correlation per cycle (its accuracy at ranking the table's combinations,
+    -1..1). Same conventions as :func:`plot_curves` (reproducible SVG, no pyplot state).
+
+    Returns:
+        The written paths, in ``formats`` order.
+
+    Raises:
+        ValueError: no diagnostics, or an unknown format.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if not diagnostics:
+        raise ValueError("no MGRAL diagnostics to plot")
+    if bad := [f for f in formats if f not in ("png", "svg")]:
+        raise ValueError(f"unsupported formats {bad}; use png and/or svg")
+    groups = diagnostic_series(diagnostics)
+    shown = list(groups.items())[:MAX_DIAGNOSTIC_SERIES]
+    several_runs = len({run for _, _, run in groups}) > 1
+    cmap = matplotlib.colormaps["viridis"]
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(10, 0.6 + 2.8 * len(shown)), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(shown), 2, squeeze=False, width_ratios=(3, 2))
+        for (left, right), ((label, seed, run), cycles) in zip(axes, shown, strict=True):
+            name = f"{label} seed {seed}" + (f" ({run.name})" if several_runs else "")
+            last = max(d.cycle for d in cycles) or 1
+            drawn = 0
+            for d in cycles:
+                rewards = d.agent.get("reward_mean")
+                if rewards is None or not len(rewards):
+                    continue
+                updates = d.agent.get("update", np.arange(len(rewards)))
+                left.plot(updates, rewards, color=cmap(0.9 * d.cycle / last), linewidth=1.2, label=f"cycle {d.cycle}")
+                drawn += 1
+            if drawn:
+                left.legend(fontsize="x-small", ncols=2 if drawn > 6 else 1, loc="best")
+            else:
+                left.text(0.5, 0.5, "no agent rewards", ha="center", va="center", transform=left.transAxes)
+            left.xaxis.set_major_locator(MaxNLocator(integer=True))
+            left.set_title(f"{name}: agent reward", fontsize="medium")
+            left.set_xlabel("agent update")
+            left.set_ylabel("mean reward")
+            left.grid(True, alpha=0.3)
+            points = [(d.cycle, d.loo_spearman) for d in cycles if d.loo_spearman is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                right.plot(xs, ys, color="C0", marker="o", markersize=4)
+            else:
+                right.text(0.5, 0.5, "no LOO Spearman", ha="center", va="center", transform=right.transAxes)
+            right.axhline(0, color="0.4", linewidth=0.8)
+            right.set_ylim(-1.05, 1.05)
+            right.set_xticks(sorted({d.cycle for d in cycles}))
+            right.set_title(f"{name}: reward model LOO Spearman", fontsize="medium")
+            right.set_xlabel("cycle")
+            right.set_ylabel("Spearman ρ")
+            right.grid(True, alpha=0.3)
+        if len(groups) > len(shown):
+            fig.suptitle(f"MGRAL diagnostics: the first {len(shown)} of {len(groups)} series")
+        return _save(fig, Path(out_dir) / "mgral_diagnostics", formats)

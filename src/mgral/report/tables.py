@@ -13,9 +13,16 @@ from typing import Any
 import numpy as np
 
 from mgral._io import atomic_write_text
-from mgral.report.load import Series, load_reference, load_series, reference_map, run_title
+from mgral.report.load import (
+    Series,
+    load_mgral_diagnostics,
+    load_reference,
+    load_series,
+    reference_map,
+    run_title,
+)
 from mgral.report.metrics import by_label, labels_to_reach, normalized_auc, std_over_seeds
-from mgral.report.plots import plot_curves
+from mgral.report.plots import plot_curves, plot_mgral_diagnostics
 
 PHASES = ("train", "evaluate", "predict", "select")
 FRACTIONS = (0.9, 0.95)
@@ -200,20 +207,41 @@ def write_markdown(table: Table, path: str | Path) -> None:
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Load the runs and write the curves and the results table into ``out_dir``.
+    """Load the runs and write the curves, the results table and the HTML report into ``out_dir``.
 
     Writes ``curves_images.{png,svg}``, ``curves_boxes.{png,svg}``, ``curves_images_mAP50.png``,
-    ``results.csv`` and ``results.md``. Returns the path of ``results.md``.
+    ``results.csv``, ``results.md``, ``report.html`` (everything in one self-contained page:
+    :mod:`mgral.report.html`) and, when a run has MGRAL diagnostics,
+    ``mgral_diagnostics.{png,svg}``. Returns the path of ``results.md``.
 
     Raises:
         RunError: as :func:`load_series` and :func:`load_reference`.
     """
+    from mgral.report.html import write_html  # it builds on this module
+
     series, reference = load_series(run_dirs), load_reference(run_dirs)
     out, title = Path(out_dir), run_title(run_dirs)
-    plot_curves(series, out, x_key="num_labeled", reference=reference, title=title)
-    plot_curves(series, out, x_key="num_boxes_labeled", reference=reference, title=title)
-    plot_curves(series, out, metric="mAP50", reference=reference, title=title, formats=("png",))
+    images = plot_curves(series, out, x_key="num_labeled", reference=reference, title=title)
+    boxes = plot_curves(series, out, x_key="num_boxes_labeled", reference=reference, title=title)
+    map50 = plot_curves(series, out, metric="mAP50", reference=reference, title=title, formats=("png",))
     table = results_table(series, reference)
     write_csv(table, out / "results.csv")
     write_markdown(table, out / "results.md")
+    diagnostics = load_mgral_diagnostics(run_dirs)
+    drawing = plot_mgral_diagnostics(diagnostics, out)[-1] if diagnostics else None
+    figures = [
+        ("test mAP@[.5:.95] vs labeled images", images[-1]),
+        ("test mAP@[.5:.95] vs labeled boxes", boxes[-1]),
+        ("test mAP50 vs labeled images", map50[-1]),
+    ]
+    write_html(
+        out / "report.html",
+        run_dirs,
+        series,
+        reference=reference,
+        table=table,
+        diagnostics=diagnostics,
+        figures=figures,
+        diagnostics_figure=drawing,
+    )
     return out / "results.md"
