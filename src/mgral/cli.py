@@ -206,6 +206,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from mgral.config import load_config
+    from mgral.human import query
+
+    config = load_config(args.config, args.set) if args.config is not None else None
+    if config is None and args.set:
+        raise ConfigError("--set changes a config: pass it with --config (a run's recorded config cannot change)")
+    query(
+        args.run,
+        config,
+        budget=args.budget,
+        strategy=args.strategy,
+        seed=args.seed,
+        min_score=args.min_score,
+        image_url_prefix=args.image_url_prefix,
+    )
+    return 0
+
+
+def cmd_import_labels(args: argparse.Namespace) -> int:
+    from mgral.human import import_labels
+
+    import_labels(
+        args.run,
+        args.file,
+        args.format,
+        strategy=args.strategy,
+        seed=args.seed,
+        skip_missing=args.skip_missing,
+        clip_boxes=args.clip_boxes,
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mgral.report import write_report
 
@@ -310,6 +344,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out (start it if there is none yet)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "query",
+        help="labeling for real: train on the labels so far and write the next images to label",
+        description=(
+            "For a run labeled by people (config oracle.kind: human). Trains the current model on the images "
+            "labeled so far (reused if already trained), evaluates it when the test split has labels, selects "
+            "--budget images with the strategy, records the request in the ledger, then writes the labeling "
+            "package RUN/<strategy>/seed-<s>/cycle-<c>/labeling/: images.txt, predictions_coco.json (pre-annotations, "
+            "COCO) and label_studio_tasks.json (+ label_studio_config.xml). While images are pending it selects "
+            "nothing new and writes their package again. The initial labeled set is initial.ids_file (labels read "
+            "from the dataset file) or initial.from_dataset: true (the pool images with boxes in the dataset "
+            "file; none: the first query picks images at random)."
+        ),
+    )
+    p.add_argument("--run", type=Path, required=True, help="run directory (created from --config if it holds none)")
+    p.add_argument("--config", type=Path, help="YAML config with oracle.kind: human (needed to create the run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --config value")
+    p.add_argument("--budget", type=int, help="images to ask for (default: the config's budget)")
+    p.add_argument("--strategy", metavar="LABEL", help="the strategy's label (needed if the config has several)")
+    p.add_argument("--seed", type=int, help="the seed (needed if the config has several)")
+    p.add_argument(
+        "--min-score", type=float, default=0.5, help="leave detections scoring lower out of the pre-annotations"
+    )
+    p.add_argument(
+        "--image-url-prefix",
+        metavar="PREFIX",
+        help="Label Studio data.image = PREFIX + the image's path relative to the image root, e.g. "
+        "'/data/local-files/?d=' (default: the absolute path)",
+    )
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser(
+        "import-labels",
+        help="labeling for real: import the labels made for the images a query asked for",
+        description=(
+            "Reads the annotated images (COCO JSON, VOC or YOLO directory, Label Studio JSON export), checks them "
+            "(only images that were asked for; known category names; each image once; boxes inside their image), "
+            "stores them in RUN/<strategy>/seed-<s>/labels.json and updates the ledger; the cycle is recorded "
+            "when no asked image is pending. An image in the file is labeled (no boxes: nothing in it). Skipped: "
+            "Label Studio tasks whose annotations are all cancelled (Skip), or with --skip-missing the asked "
+            "images the file leaves out; a skipped image is never asked again. Asked images the file leaves out "
+            "stay pending. Images imported before with the same labels are ignored: importing twice changes nothing."
+        ),
+    )
+    p.add_argument("file", type=Path, help="COCO .json, VOC or YOLO directory, or Label Studio JSON export")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--format", choices=["coco", "voc", "yolo", "label-studio"], help="default: detected")
+    p.add_argument("--strategy", metavar="LABEL", help="the strategy's label (needed if the run has several)")
+    p.add_argument("--seed", type=int, help="the seed (needed if the run has several)")
+    p.add_argument("--skip-missing", action="store_true", help="mark the asked images the file leaves out skipped")
+    p.add_argument("--clip-boxes", action="store_true", help="clip boxes that stick out of their image")
+    p.set_defaults(func=cmd_import_labels)
 
     p = sub.add_parser("report", help="AL curves and results tables of one or more runs")
     p.add_argument("runs", type=Path, nargs="+")

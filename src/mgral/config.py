@@ -131,25 +131,44 @@ class StrategySpec(_Section):
 
 
 class InitialConfig(_Section):
-    """The initial labeled set (cycle 0): exactly one of a size, a fraction of the pool, or an id file."""
+    """The initial labeled set (cycle 0): exactly one of a size, a fraction of the pool, or an id file.
+
+    With ``oracle.kind: human`` (people label the images) the initial set is labels you
+    already have: ``ids_file`` (exactly those pool images; their labels are read from the
+    dataset file, an image without boxes there counts as labeled with no objects) or
+    ``from_dataset: true`` (the pool images that carry at least one box in the dataset file;
+    none at all is a cold start: the first query picks images at random). ``size`` and
+    ``fraction`` draw from the hidden labels of a simulation and are refused there.
+    """
 
     size: int | None = Field(default=None, ge=1)
     fraction: float | None = Field(default=None, gt=0, lt=1)
     ids_file: str | None = None
+    from_dataset: Literal[True] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> InitialConfig:
-        given = [k for k in ("size", "fraction", "ids_file") if getattr(self, k) is not None]
+        given = [k for k in ("size", "fraction", "ids_file", "from_dataset") if getattr(self, k) is not None]
         if len(given) != 1:
             got = " and ".join(given) if given else "none"
-            raise ValueError(f"set exactly one of size, fraction, ids_file (got {got})")
+            raise ValueError(
+                f"set exactly one of size, fraction, ids_file (got {got}); a human-labeled run may set "
+                "from_dataset: true instead"
+            )
         return self
 
 
 class OracleConfig(_Section):
-    """The simulated oracle: cost per box, and label noise (fractions of boxes)."""
+    """Who labels the images the strategies pick.
 
-    kind: Literal["simulated"] = "simulated"
+    ``kind: simulated`` reveals the dataset's hidden labels at once (an experiment; ``box_cost``
+    and the annotation noise ``label_noise`` / ``drop_boxes``, fractions of boxes, apply).
+    ``kind: human``: people label them in their own tool, one round at a time (``mgral query``
+    writes a labeling package, ``mgral import-labels`` reads the result; ``mgral run`` refuses
+    such a config). ``box_cost`` still prices the cost curves; the noise settings must stay 0.
+    """
+
+    kind: Literal["simulated", "human"] = "simulated"
     box_cost: float = Field(default=0.0, ge=0)
     label_noise: float = Field(default=0.0, ge=0, le=1)
     drop_boxes: float = Field(default=0.0, ge=0, lt=1)
@@ -187,7 +206,39 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"ray_address is set but executor is {self.executor!r}; set executor: ray or remove ray_address"
             )
+        if self.oracle.kind == "human":
+            self._check_human()
+        elif self.initial.from_dataset:
+            raise ValueError(
+                "initial.from_dataset is for oracle.kind: human (in a simulation every pool image carries its "
+                "hidden label); set initial.size, fraction or ids_file"
+            )
         return self
+
+    def _check_human(self) -> None:
+        """What a run labeled by people cannot do: anything that reads the pool's hidden labels."""
+        if self.initial.size is not None or self.initial.fraction is not None:
+            raise ValueError(
+                "oracle.kind is human, so the initial set is labels you already have: set initial.ids_file (a file "
+                "of pool image ids labeled in the dataset file) or initial.from_dataset: true (the pool images "
+                "that carry boxes there), not initial.size / fraction"
+            )
+        simulated = [k for k in ("label_noise", "drop_boxes") if getattr(self.oracle, k)]
+        if simulated:
+            raise ValueError(
+                f"oracle.{simulated[0]} simulates annotation noise; people make their own: remove it for "
+                "oracle.kind: human"
+            )
+        if self.budget_boxes is not None:
+            raise ValueError(
+                "budget_boxes counts the boxes of images before they are labeled, which only a simulation "
+                "knows; remove it for oracle.kind: human"
+            )
+        if self.full_data_reference:
+            raise ValueError(
+                "full_data_reference trains on the labels of the whole pool, which people have not made yet; "
+                "set it to false for oracle.kind: human"
+            )
 
 
 _PATH_KEYS = (("dataset", "path"), ("dataset", "image_root"), ("detector", "weights"), ("initial", "ids_file"))
@@ -231,7 +282,11 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Expe
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
     """The resolved config (defaults filled in, labels set, paths absolute) as plain JSON/YAML data."""
-    return config.model_dump(mode="json")
+    data = config.model_dump(mode="json")
+    if data["initial"]["from_dataset"] is None:
+        # absent unless used, so the configs recorded by runs started before it existed still resume
+        del data["initial"]["from_dataset"]
+    return data
 
 
 def dump_config(config: ExperimentConfig, path: str | os.PathLike[str]) -> None:

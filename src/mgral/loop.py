@@ -129,6 +129,12 @@ def run_experiment(
     from mgral.detectors.models import PRESETS
     from mgral.strategies import build_strategy
 
+    if config.oracle.kind == "human":
+        raise ConfigError(
+            "oracle.kind is human: people label the chosen images, one round at a time, so this config is not run "
+            "by mgral run; use mgral query --config CONFIG --run RUN (writes what to label), label the images, "
+            "then mgral import-labels --run RUN FILE, and query again"
+        )
     if config.executor != "inline":
         raise ConfigError(
             f"executor {config.executor!r}: series run in this process for now (executor: inline); the "
@@ -239,6 +245,24 @@ def run_cycle(
             ledger.save(ledger_path)
             seconds["label"] = time.perf_counter() - t0
 
+    return cycle_record(config, label, strategy, seed, cycle, labeled, labels, result, selected, scores, seconds)
+
+
+def cycle_record(
+    config: ExperimentConfig,
+    label: str,
+    strategy,
+    seed: int,
+    cycle: int,
+    labeled: list[ImageId],
+    labels: Mapping[ImageId, Target],
+    result: Mapping[str, Any],
+    selected: list[ImageId],
+    scores: list[float],
+    seconds: Mapping[str, float],
+) -> dict[str, Any]:
+    """The record of a finished cycle, as ``cycles.jsonl`` keeps it and ``mgral report`` reads it
+    (``mAP`` / ``mAP50`` are None where nothing was evaluated)."""
     num_boxes = sum(len(labels[i]) for i in labeled)
     return {
         "strategy": label,
@@ -284,13 +308,15 @@ def _train_and_evaluate(exp, seed, cycle, wdir: Path, view, labeled, seconds, in
     (wdir / "last.pt").unlink(missing_ok=True)
     seconds["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics = detector.evaluate(exp.dataset, exp.test)
+    result: dict[str, Any] = {"mAP": None, "mAP50": None, "per_class": {}}  # no labeled test split (human runs)
+    if exp.test:
+        metrics = detector.evaluate(exp.dataset, exp.test)
+        result = {
+            "mAP": _finite(metrics.mAP),
+            "mAP50": _finite(metrics.mAP50),
+            "per_class": {k: _finite(v) for k, v in metrics.per_class.items()},
+        }
     seconds["evaluate"] = time.perf_counter() - t0
-    result = {
-        "mAP": _finite(metrics.mAP),
-        "mAP50": _finite(metrics.mAP50),
-        "per_class": {k: _finite(v) for k, v in metrics.per_class.items()},
-    }
     atomic_write_json(done, {"result": result, "seconds": {k: seconds[k] for k in ("train", "evaluate")}})
     return detector, result
 

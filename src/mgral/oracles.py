@@ -3,7 +3,9 @@
 Every oracle follows one protocol: ``request(image_ids)`` hands the images over, then
 ``collect()`` returns the answer — labels for the images that were labeled and the ids the
 annotator skipped. The simulated oracle answers at once from the dataset's hidden labels;
-a human oracle (labeling in an annotation tool) differs only in how long the wait is.
+a human oracle (labeling in an annotation tool) differs only in how long the wait is: with
+``oracle.kind: human`` the request is the labeling package ``mgral query`` writes and the
+answer is what ``mgral import-labels`` reads, in two processes (see :mod:`mgral.human`).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def _detector(categories: tuple[Category, ...]):
     """An untrained tiny detector (random but real outputs), built once per category set."""
     from mgral.detectors.torchvision_detector import TorchvisionDetector
 
-    return TorchvisionDetector("tiny", list(categories), device="cpu", seed=0, pretrained=False)
+    return TorchvisionDetector("tiny", list(categories), device="cpu", seed=0, pretrained=False, min_size=64)
 
 
 def _for_strategy(

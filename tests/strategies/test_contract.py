@@ -26,6 +26,7 @@ CONTRACT_PARAMS = {
         "chunk": 8,
         "orders": 2,
         "pca_components": 2,
+        "job_threads": 1,
     },
 }
 

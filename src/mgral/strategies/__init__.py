@@ -4,7 +4,7 @@ Importing this package registers every built-in strategy in :data:`STRATEGIES`; 
 with ``build_strategy(name, **params)``.
 """
 
-from mgral.strategies import core_set, random, uncertainty  # noqa: F401  (registers the strategies)
+from mgral.strategies import cald, cdal, core_set, mgral, ppal, random, uncertainty  # noqa: F401  (registers the strategies)
 from mgral.strategies.base import (
     REQUIREMENTS,
     STRATEGIES,

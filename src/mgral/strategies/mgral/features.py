@@ -64,7 +64,8 @@ def flip_consistency(det: Detections, mirrored: Detections, width: float) -> tup
     box = float(np.average(iou[np.arange(len(best)), best], weights=weights))
     if det.probs is None or mirrored.probs is None:
         return box, box
-    js = jensenshannon(det.probs, mirrored.probs[best], axis=1, base=2)
+    with np.errstate(invalid="ignore"):  # rounding can make the divergence a hair below 0 (sqrt -> NaN -> 0)
+        js = jensenshannon(det.probs, mirrored.probs[best], axis=1, base=2)
     return box, float(np.average(1.0 - np.nan_to_num(js, nan=0.0), weights=weights))
 
 

@@ -225,6 +225,16 @@ class MGRAL(Strategy):
         cand_rows = np.array([index[i] for i in cand])
         credits = model.credits(phi[cand_rows])
         cand_clusters = clusters[cand_rows]
+        if out is not None:  # R(S) of any batch of candidates can be recomputed from this file
+            buf = io.BytesIO()
+            np.savez(
+                buf,
+                ids=np.array(json.dumps(cand)),
+                credits=credits,
+                clusters=cand_clusters,
+                cluster_coef=np.array(model.cluster_coef),
+            )
+            atomic_write_bytes(out / "candidates.npz", buf.getvalue())
         info.update({"loo_spearman": rho, "table_rows": int(current.sum()), "history_rows": int((~current).sum())})
         if out is not None:
             atomic_write_json(

@@ -1,0 +1,345 @@
+"""Label Studio: the tasks mgral hands over (with the model's boxes as pre-annotations) and
+the export it reads back.
+
+Tasks written by :func:`to_tasks`, for a project whose labeling config is
+:func:`labeling_config` (an ``Image`` named ``image`` and ``RectangleLabels`` named
+``label`` with one ``Label`` per category name)::
+
+    [{"data": {"image": "/abs/images/00017.png", "mgral_id": 17, "mgral_file": "images/00017.png"},
+      "predictions": [{"model_version": "mgral entropy seed-0 cycle-2", "score": 0.83,
+                       "result": [{"id": "p0", "type": "rectanglelabels", "from_name": "label",
+                                   "to_name": "image", "original_width": 640, "original_height": 480,
+                                   "image_rotation": 0, "score": 0.91,
+                                   "value": {"x": 10.5, "y": 20.0, "width": 5.0, "height": 8.25,
+                                             "rotation": 0, "rectanglelabels": ["cat"]}}]}]}]
+
+``x``, ``y`` (top-left corner), ``width`` and ``height`` are percent (0..100) of the image's
+``original_width`` / ``original_height``. ``data.mgral_id`` is the dataset's image id: Label
+Studio keeps task data in its exports, so the labels find their image again whatever URL
+``data.image`` had to be for Label Studio to show it.
+
+The export read by :func:`read_export` is Label Studio's "JSON" export: a list of tasks with
+``data`` and ``annotations`` (each with ``result``, a list of regions, and ``was_cancelled``).
+A task is:
+
+* **labeled**: it has an annotation that is not cancelled. The one used is the one marked
+  ``ground_truth``, else the latest (highest ``id``). Its ``rectanglelabels`` regions are
+  the boxes; an empty ``result`` means "labeled: nothing in this image".
+* **skipped**: every annotation is cancelled (what Label Studio's *Skip* button records).
+* **unlabeled**: no annotation at all (only predictions, or nothing yet).
+
+Result entries of per-image types (``choices``, ``textarea``, ``rating``, ...) are ignored;
+other region types (polygons, keypoints, brushes, ...), rotated rectangles and regions with
+several labels are refused: an axis-aligned box has one class.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+from mgral.data._layout import read_json
+from mgral.data.records import Category, Dataset, Detections, ImageId, ImageRecord, Target, check_box
+from mgral.errors import DatasetError
+
+FROM_NAME = "label"
+TO_NAME = "image"
+_IGNORED_TYPES = frozenset({"choices", "textarea", "rating", "number", "datetime", "taxonomy", "pairwise", "ranker"})
+_STATUSES = ("labeled", "skipped", "unlabeled")
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def labeling_config(categories: Iterable[Category], *, from_name: str = FROM_NAME, to_name: str = TO_NAME) -> str:
+    """The labeling config (XML) of a project the tasks of :func:`to_tasks` fit."""
+    labels = "\n".join(f"    <Label value={quoteattr(c.name)}/>" for c in categories)
+    return (
+        "<View>\n"
+        f'  <Image name={quoteattr(to_name)} value="$image"/>\n'
+        f"  <RectangleLabels name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n"
+        f"{labels}\n"
+        "  </RectangleLabels>\n"
+        "</View>\n"
+    )
+
+
+def _percent(v: float, size: int) -> float:
+    return round(float(v) / size * 100.0, 4)
+
+
+def to_tasks(
+    dataset: Dataset,
+    image_ids: Sequence[ImageId],
+    predictions: Mapping[ImageId, Detections] | None = None,
+    *,
+    image_ref: Callable[[ImageRecord], str],
+    model_version: str,
+    min_score: float = 0.0,
+    from_name: str = FROM_NAME,
+    to_name: str = TO_NAME,
+) -> list[dict[str, Any]]:
+    """One Label Studio task per image, with the detections scoring ``>= min_score`` as a
+    prediction (none where ``predictions`` is None or lacks the image).
+
+    ``image_ref(record)`` gives ``data.image``: what Label Studio loads the image from (a
+    URL, or a path its local-files storage serves).
+    """
+    names = dataset.category_names
+    tasks = []
+    for image_id in image_ids:
+        rec = dataset[image_id]
+        task: dict[str, Any] = {"data": {"image": image_ref(rec), "mgral_id": image_id, "mgral_file": rec.file_name}}
+        det = predictions.get(image_id) if predictions is not None else None
+        if det is not None:
+            result, kept = [], []
+            for k, (box, score, label) in enumerate(zip(det.boxes, det.scores, det.labels, strict=True)):
+                if score < min_score:
+                    continue
+                x1, y1, x2, y2 = (float(v) for v in box)
+                x1, y1 = max(x1, 0.0), max(y1, 0.0)
+                x2, y2 = min(x2, float(rec.width)), min(y2, float(rec.height))
+                if x2 <= x1 or y2 <= y1:
+                    continue
+                kept.append(float(score))
+                result.append(
+                    {
+                        "id": f"p{k}",
+                        "type": "rectanglelabels",
+                        "from_name": from_name,
+                        "to_name": to_name,
+                        "original_width": rec.width,
+                        "original_height": rec.height,
+                        "image_rotation": 0,
+                        "score": round(float(score), 4),
+                        "value": {
+                            "x": _percent(x1, rec.width),
+                            "y": _percent(y1, rec.height),
+                            "width": _percent(x2 - x1, rec.width),
+                            "height": _percent(y2 - y1, rec.height),
+                            "rotation": 0,
+                            "rectanglelabels": [names.get(int(label), str(int(label)))],
+                        },
+                    }
+                )
+            score = round(sum(kept) / len(kept), 4) if kept else 0.0
+            task["predictions"] = [{"model_version": model_version, "score": score, "result": result}]
+        tasks.append(task)
+    return tasks
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Region:
+    """One ``rectanglelabels`` region of an annotation, as exported (percent of the image)."""
+
+    index: int
+    """Position in the annotation's ``result`` list (what messages call ``result N``)."""
+    x: float
+    y: float
+    width: float
+    height: float
+    label: str
+    original_width: int | None = None
+    original_height: int | None = None
+
+
+@dataclass
+class Task:
+    """One exported task: which image, and whether it was labeled, skipped or not yet labeled."""
+
+    position: int
+    """Index of the task in the export list."""
+    task_id: Any
+    image: str
+    mgral_id: ImageId | None
+    status: str
+    """``"labeled"``, ``"skipped"`` or ``"unlabeled"`` (see the module docstring)."""
+    annotation_id: Any = None
+    regions: list[Region] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """``task 12 (image '/data/00017.png')``: how messages name a task."""
+        name = f"task {self.task_id!r}" if self.task_id is not None else f"task [{self.position}]"
+        return f"{name} (image {self.image!r})" if self.image else name
+
+
+def _number(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _image_of(data: dict) -> str:
+    for key in ("image", "img", "url"):
+        if isinstance(data.get(key), str):
+            return data[key]
+    strings = [v for k, v in data.items() if isinstance(v, str) and not k.startswith("mgral_")]
+    return strings[0] if len(strings) == 1 else ""
+
+
+def _region(raw: object, n: int, *, where: str) -> Region | None:
+    here = f"{where}, result {n}"
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{here}: expected an object, got {type(raw).__name__} {raw!r:.80}")
+    kind = raw.get("type")
+    if kind in _IGNORED_TYPES:
+        return None
+    if kind != "rectanglelabels":
+        raise DatasetError(
+            f"{here}: region type {kind!r}; only boxes are read (type 'rectanglelabels', from a RectangleLabels "
+            "control): label with rectangles, or delete that region"
+        )
+    value = raw.get("value")
+    if not isinstance(value, dict):
+        raise DatasetError(f"{here}: expected 'value' to be an object with x, y, width, height, rectanglelabels")
+    coords = {k: value.get(k) for k in ("x", "y", "width", "height")}
+    bad = [k for k, v in coords.items() if not _number(v)]
+    if bad:
+        raise DatasetError(
+            f"{here}: expected value.{bad[0]} to be a finite number (percent of the image), got {coords[bad[0]]!r:.40}"
+        )
+    rotation = value.get("rotation", 0)
+    if not _number(rotation) or abs(rotation) > 1e-6:
+        raise DatasetError(
+            f"{here}: the rectangle is rotated by {rotation!r} degrees; expected an axis-aligned box (rotation 0): "
+            "redraw it without rotating"
+        )
+    labels = value.get("rectanglelabels")
+    if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
+        raise DatasetError(
+            f"{here}: expected value.rectanglelabels to hold exactly one class name, got {labels!r:.80}; give "
+            "each box one label"
+        )
+    sizes = []
+    for key in ("original_width", "original_height"):
+        v = raw.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise DatasetError(f"{here}: expected {key} to be a positive integer, got {v!r:.40}")
+        sizes.append(v)
+    return Region(n, *(float(coords[k]) for k in ("x", "y", "width", "height")), labels[0], *sizes)
+
+
+def _task(raw: object, position: int, *, source: str) -> Task:
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+        raise DatasetError(
+            f"{source}: task [{position}]: expected an object with 'data' (and 'annotations'), got {raw!r:.80}; "
+            "export the project as Label Studio JSON (not JSON-MIN or CSV)"
+        )
+    data = raw["data"]
+    mgral_id = data.get("mgral_id")
+    if isinstance(mgral_id, bool) or not isinstance(mgral_id, (int, str, type(None))):
+        raise DatasetError(f"{source}: task [{position}]: data.mgral_id must be an image id, got {mgral_id!r:.40}")
+    task = Task(position, raw.get("id"), _image_of(data), mgral_id, "unlabeled")
+    where = f"{source}: {task.describe()}"
+    annotations = raw.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise DatasetError(f"{where}: expected 'annotations' to be a list, got {type(annotations).__name__}")
+    kept = []
+    for k, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            raise DatasetError(f"{where}: annotations[{k}]: expected an object, got {ann!r:.80}")
+        if not ann.get("was_cancelled", False):
+            kept.append((k, ann))
+    if not annotations:
+        return task
+    if not kept:
+        task.status = "skipped"
+        return task
+    truth = [(k, a) for k, a in kept if a.get("ground_truth")]
+    k, ann = max(truth or kept, key=lambda ka: (_order(ka[1]), ka[0]))  # ground truth first, then the latest
+    task.status, task.annotation_id = "labeled", ann.get("id", k)
+    where = f"{where}, annotation {task.annotation_id!r}"
+    result = ann.get("result", [])
+    if not isinstance(result, list):
+        raise DatasetError(f"{where}: expected 'result' to be a list of regions, got {type(result).__name__}")
+    task.regions = [r for n, raw_region in enumerate(result) if (r := _region(raw_region, n, where=where)) is not None]
+    return task
+
+
+def _order(ann: dict) -> tuple:
+    i = ann.get("id")
+    return (0, i) if isinstance(i, int) and not isinstance(i, bool) else (-1, 0)
+
+
+def parse_export(obj: object, *, source: str) -> list[Task]:
+    """Validate a parsed Label Studio JSON export (see the module docstring).
+
+    Raises:
+        DatasetError: not a list of tasks, or a malformed task, annotation or region,
+            naming ``source``, the task (id and image) and the result index.
+    """
+    if isinstance(obj, dict) and isinstance(obj.get("tasks"), list):
+        obj = obj["tasks"]
+    if not isinstance(obj, list):
+        raise DatasetError(
+            f"{source}: expected a Label Studio JSON export (a list of tasks), got {type(obj).__name__}"
+            + (" (this looks like COCO: pass --format coco)" if isinstance(obj, dict) and "images" in obj else "")
+        )
+    return [_task(raw, n, source=source) for n, raw in enumerate(obj)]
+
+
+def read_export(path: str | os.PathLike[str]) -> list[Task]:
+    """Read a Label Studio JSON export file (see :func:`parse_export`)."""
+    return parse_export(read_json(Path(path), expected="a Label Studio JSON export"), source=str(path))
+
+
+def task_target(
+    task: Task,
+    *,
+    width: int,
+    height: int,
+    categories: Iterable[Category],
+    source: str,
+    where: str,
+    clip: bool = False,
+) -> Target:
+    """The boxes of a labeled task in pixels of a ``width`` x ``height`` image, validated.
+
+    ``source`` names the file and ``where`` the task and its image in messages
+    (``FILE: task 3 (image '...') = image 17 ('a.png'), result 2: box 1 ...``).
+
+    Raises:
+        DatasetError: a region sized for another image, a class name not among
+            ``categories``, or a box outside the image (unless ``clip``), naming the result index.
+    """
+    by_name = {c.name: c.id for c in categories}
+    boxes, labels = [], []
+    for r in task.regions:
+        here = f"{source}: {where}, result {r.index}"
+        if (r.original_width, r.original_height) != (None, None) and (r.original_width, r.original_height) != (
+            width,
+            height,
+        ):
+            raise DatasetError(
+                f"{here}: the box was drawn on a {r.original_width}x{r.original_height} image, but the image is "
+                f"{width}x{height}; expected the task to show the dataset's image file (not a resized copy)"
+            )
+        if r.label not in by_name:
+            raise DatasetError(
+                f"{here}: class {r.label!r} is not a category of the dataset; expected one of {sorted(by_name)} "
+                "(rename the label in the labeling config, or relabel the box)"
+            )
+        box = (r.x * width / 100, r.y * height / 100, (r.x + r.width) * width / 100, (r.y + r.height) * height / 100)
+        boxes.append(
+            check_box(
+                box,
+                width=width,
+                height=height,
+                source=source,
+                where=f"{where}, result {r.index}",
+                index=len(boxes),
+                clip=clip,
+                convention="x1 y1 x2 y2 from Label Studio percent x, y, width, height",
+            )
+        )
+        labels.append(by_name[r.label])
+    return Target(boxes, labels)
+
+
+__all__ = ["Region", "Task", "labeling_config", "parse_export", "read_export", "task_target", "to_tasks"]

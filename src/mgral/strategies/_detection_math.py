@@ -1,0 +1,117 @@
+"""Numerics shared by the detection-specific strategies (CALD, PPAL, CDAL).
+
+* :func:`box_distributions`: every box's class distribution ``[N, K + 1]`` (background in
+  column 0, then the dataset's categories in order), checked against the dataset.
+* :func:`box_columns`: the distribution column of each box's predicted label.
+* :func:`box_iou`: pairwise IoU of xyxy boxes (``torchvision.ops.box_iou``).
+* :func:`js_divergence`: Jensen-Shannon divergence in bits, in ``[0, 1]``.
+* :func:`canonical_order`: pool ids in a fixed order, so that ``rng`` breaks ties the same
+  way however the loop lists the pool.
+* ``check_*``: parameter checks that raise :class:`ConfigError` naming the parameter and
+  its valid range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.special import rel_entr
+from torchvision.ops import box_iou as _torch_box_iou
+
+from mgral.data.records import Category, Detections, ImageId
+from mgral.errors import ConfigError
+
+
+def canonical_order(image_ids: Sequence[ImageId]) -> list[ImageId]:
+    """The ids sorted (ints before strings): a strategy that works on this order breaks ties
+    with ``rng`` independently of the order the pool was listed in."""
+    return sorted(image_ids, key=lambda i: (isinstance(i, str), i))
+
+
+def category_columns(categories: Sequence[Category]) -> dict[int, int]:
+    """Category id -> column of a ``[K + 1]`` class distribution (column 0 is background)."""
+    return {c.id: k + 1 for k, c in enumerate(categories)}
+
+
+def box_columns(det: Detections, columns: dict[int, int], image_id: ImageId) -> np.ndarray:
+    """int64 ``[N]``: the distribution column (1..K) of each box's predicted label.
+
+    Raises:
+        ConfigError: a label that is not one of the dataset's category ids (naming the image).
+    """
+    try:
+        return np.fromiter((columns[int(label)] for label in det.labels), dtype=np.int64, count=len(det))
+    except KeyError as err:
+        raise ConfigError(
+            f"predictions for image {image_id!r}: label {err.args[0]} is not a category id of the dataset "
+            f"(ids: {sorted(columns)})"
+        ) from None
+
+
+def box_distributions(det: Detections, columns: dict[int, int], image_id: ImageId) -> np.ndarray:
+    """float64 ``[N, K + 1]``: each box's class distribution, background in column 0.
+
+    Where the detector gives no ``probs`` the box's score ``s`` stands in: ``s`` on its
+    label's column, ``1 - s`` on background.
+
+    Raises:
+        ConfigError: ``probs`` of the wrong width, or a label that is not a category id
+            (naming the image).
+    """
+    width = len(columns) + 1
+    if det.probs is not None:
+        if det.probs.shape[1] != width:
+            raise ConfigError(
+                f"predictions for image {image_id!r}: probs has {det.probs.shape[1]} columns, expected {width} "
+                f"(background + the dataset's {width - 1} categories)"
+            )
+        return det.probs.astype(np.float64)
+    s = det.scores.astype(np.float64)
+    out = np.zeros((len(det), width))
+    out[:, 0] = 1.0 - s
+    out[np.arange(len(det)), box_columns(det, columns, image_id)] += s
+    return out
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 ``[N, M]`` IoU of xyxy boxes ``a`` ``[N, 4]`` and ``b`` ``[M, 4]``."""
+    ta = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64).reshape(-1, 4))
+    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64).reshape(-1, 4))
+    return torch.nan_to_num(_torch_box_iou(ta, tb), nan=0.0).numpy()  # 0/0 for degenerate boxes: no overlap
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Jensen-Shannon divergence in bits (``[0, 1]``) between distributions along ``axis``.
+
+    ``p`` and ``q`` broadcast against each other; each is normalized to sum 1 first (rows
+    must be non-negative with a positive sum). Rounding below 0 is clipped.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p = p / p.sum(axis=axis, keepdims=True)
+    q = q / q.sum(axis=axis, keepdims=True)
+    m = 0.5 * (p + q)
+    js = 0.5 * (rel_entr(p, m).sum(axis=axis) + rel_entr(q, m).sum(axis=axis)) / math.log(2.0)
+    return np.clip(js, 0.0, 1.0)
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_number(owner: str, name: str, value: object, low: float, high: float = math.inf) -> float:
+    """``value`` as a float if it is a finite number in ``[low, high]``, else ConfigError."""
+    if not _is_number(value) or not low <= value <= high:  # type: ignore[operator]
+        where = f"a number >= {low:g}" if high == math.inf else f"a number in [{low:g}, {high:g}]"
+        raise ConfigError(f"{owner}: {name} must be {where}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_int(owner: str, name: str, value: object, low: int) -> int:
+    """``value`` if it is an int ``>= low``, else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+    return value

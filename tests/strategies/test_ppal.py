@@ -1,0 +1,169 @@
+"""Known answers for PPAL: difficulty-calibrated uncertainty, matching distance, k-medoids, the strategy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mgral.data.records import Category, Dataset, Detections, ImageRecord
+from mgral.errors import ConfigError
+from mgral.strategies import SelectionContext, build_strategy
+from mgral.strategies import ppal as ppal_module
+from mgral.strategies.ppal import binary_entropy, class_quality, difficulty_weights, k_medoids, matching_distance
+
+CATS = [Category(1, "a"), Category(2, "b"), Category(3, "c"), Category(4, "d")]
+
+
+def det(labels, scores, probs=None) -> Detections:
+    """Boxes of ``labels`` (category ids) with ``scores``; ``probs`` peaked on the label by default."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if probs is None:
+        probs = np.full((len(labels), len(CATS) + 1), 0.02)
+        probs[np.arange(len(labels)), labels] = 1 - 0.02 * len(CATS)
+    boxes = np.tile([0.0, 0.0, 10.0, 10.0], (len(labels), 1))
+    return Detections(boxes, scores, labels, probs=probs)
+
+
+def ppal_context(preds: dict, seed: int = 0) -> SelectionContext:
+    dataset = Dataset("/nonexistent", CATS, [ImageRecord(i, f"{i}.png", 32, 32, "train") for i in preds])
+    return SelectionContext(dataset, list(preds), [], np.random.default_rng(seed), predictions=preds)
+
+
+def test_binary_entropy_known_values():
+    assert binary_entropy(np.array([0.0, 0.5, 1.0, 0.1])) == pytest.approx(
+        [0.0, math.log(2), 0.0, -(0.1 * math.log(0.1) + 0.9 * math.log(0.9))]
+    )
+
+
+def test_difficulty_weights_run_from_one_to_one_plus_the_upper_bound():
+    q = np.array([1.0, 0.75, 0.5, 0.25, 0.0])
+    w = difficulty_weights(q, upper=0.2, alpha=0.3)
+    assert w[0] == pytest.approx(1.0) and w[-1] == pytest.approx(1.2)
+    assert np.all(np.diff(w) > 0)  # harder (lower quality) -> heavier
+    assert difficulty_weights(q, upper=0.0, alpha=0.3) == pytest.approx(np.ones(5))
+
+
+def test_class_quality_is_the_mean_of_per_image_maxima_where_present():
+    class_max = np.array([[0.9, 0.0, 0.0], [0.7, 0.2, 0.0], [0.0, 0.4, 0.0]])
+    assert class_quality(class_max) == pytest.approx([0.8, 0.3, 0.0])
+
+
+def test_the_uncertain_image_of_a_hard_category_scores_highest():
+    # category a: confidently detected elsewhere (easy); category b: never confident (hard)
+    preds = {f"easy{k}": det([1], [0.95]) for k in range(3)}
+    preds |= {"x": det([1], [0.3]), "y": det([2], [0.3]), "z": det([2], [0.35]), "sure": det([1, 1], [0.99, 0.98])}
+    sel = build_strategy("ppal", candidate_ratio=1.0).select(ppal_context(preds), len(preds))
+    score = dict(zip(sel.image_ids, sel.scores, strict=True))
+    weights = sel.info["class_weights"]
+    assert weights[1] > weights[0] > 1.0  # b is the harder category
+    assert score["y"] > score["x"]  # same entropy, harder category
+    assert score["y"] == pytest.approx(weights[1] * binary_entropy(np.array([0.3]))[0])
+    assert score["x"] > score["sure"]
+    assert sel.scores == sorted(sel.scores, reverse=True)
+
+
+def test_boxes_below_min_score_are_ignored():
+    preds = {"a": det([1], [0.04]), "b": det([1], [0.9])}
+    sel = build_strategy("ppal").select(ppal_context(preds), 2)
+    assert dict(zip(sel.image_ids, sel.scores, strict=True))["a"] == 0.0
+
+
+# -- matching distance -----------------------------------------------------------------------
+
+
+def test_matching_distance_known_values():
+    one = [np.array([[1.0, 0.0]])]
+    feats = one + [np.array([[1.0, 1.0]])] + [np.array([[1.0, 0.0], [1.0, 0.0]])] + [np.zeros((0, 2))] * 2
+    labels = [np.array([1]), np.array([1]), np.array([1, 2]), np.zeros(0, int), np.zeros(0, int)]
+    weights = [np.array([1.0]), np.array([1.0]), np.array([1.0, 3.0]), np.zeros(0), np.zeros(0)]
+    d = matching_distance(feats, labels, weights)
+    assert d[0, 1] == pytest.approx(1 - 1 / math.sqrt(2))  # cosine distance of the matched boxes
+    assert d[0, 2] == pytest.approx(0.5 * ((1 * 0 + 3 * 1) / 4 + 0))  # the category-2 box has no match in image 0
+    assert d[0, 3] == d[3, 0] == 1.0  # an image without boxes is far from one with boxes
+    assert d[3, 4] == 0.0  # two images without boxes are alike
+    np.testing.assert_allclose(d, d.T)
+    assert np.all(np.diag(d) == 0) and d.min() >= 0 and d.max() <= 1
+
+
+def test_matching_distance_is_zero_for_identical_images_and_chunking_does_not_matter(monkeypatch):
+    rng = np.random.default_rng(0)
+    feats = [rng.dirichlet(np.ones(5), size=n) for n in (3, 4, 2, 5)]
+    labels = [rng.integers(1, 4, size=len(f)) for f in feats]
+    weights = [rng.uniform(0.1, 1, size=len(f)) for f in feats]
+    feats.append(feats[0].copy())
+    labels.append(labels[0].copy())
+    weights.append(weights[0].copy())
+    whole = matching_distance(feats, labels, weights)
+    assert whole[0, 4] == pytest.approx(0.0, abs=1e-7)
+    monkeypatch.setattr(ppal_module, "CHUNK_ELEMENTS", 1)
+    np.testing.assert_allclose(matching_distance(feats, labels, weights), whole, atol=1e-12)
+
+
+# -- k-medoids -------------------------------------------------------------------------------
+
+
+def test_k_medoids_finds_the_centre_of_each_cluster():
+    x = np.array([0.0, 1.0, 2.0, 10.0, 11.0, 12.0])
+    d = np.abs(x[:, None] - x[None, :])
+    for seed in range(6):
+        medoids, iterations = k_medoids(d, 2, np.random.default_rng(seed))
+        assert sorted(medoids.tolist()) == [1, 4]
+        assert 1 <= iterations <= 100
+
+
+def test_k_medoids_with_as_many_medoids_as_points_takes_them_all():
+    d = np.ones((3, 3)) - np.eye(3)
+    assert sorted(k_medoids(d, 3, np.random.default_rng(0))[0].tolist()) == [0, 1, 2]
+
+
+# -- diversity ---------------------------------------------------------------------------
+
+
+def test_near_duplicates_are_not_both_picked():
+    base = np.full((3, 5), 0.05)
+    base[:, 1] = 0.8
+    preds = {
+        "dup1": det([1, 1, 1], [0.5, 0.5, 0.5], base),
+        "dup2": det([1, 1, 1], [0.5, 0.49, 0.5], base + [0.001, -0.001, 0, 0, 0]),
+        "b": det([2], [0.4]),
+        "c": det([3], [0.4]),
+        "d": det([4], [0.4]),
+        "ab": det([1, 2], [0.8, 0.4]),
+    }
+    # uncertainty alone takes both duplicates ...
+    alone = build_strategy("ppal", candidate_ratio=1.0).select(ppal_context(preds), 2)
+    assert sorted(alone.image_ids) == ["dup1", "dup2"]
+    # ... the matching-similarity stage does not
+    for seed in range(10):
+        sel = build_strategy("ppal").select(ppal_context(preds, seed), 2)
+        assert len(sel.image_ids) == 2
+        assert not {"dup1", "dup2"} <= set(sel.image_ids)
+        assert sel.info["candidates"] == 6
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "message"),
+    [
+        ("candidate_ratio", 0.5, r"ppal: candidate_ratio must be a number >= 1, got 0.5"),
+        ("candidate_ratio", float("inf"), r"candidate_ratio must be a number >= 1"),
+        ("min_score", 1.5, r"min_score must be a number in \[0, 1\]"),
+        ("class_weight_ub", -0.1, r"class_weight_ub must be a number >= 0"),
+        ("class_weight_alpha", 0.0, r"class_weight_alpha must be a number in \[0.01, 100\]"),
+        ("max_iter", 0, r"max_iter must be an integer >= 1"),
+        ("max_iter", 2.0, r"max_iter must be an integer >= 1"),
+    ],
+)
+def test_bad_parameters_are_config_errors(param, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_strategy("ppal", **{param: value})
+
+
+def test_pool_order_does_not_matter_even_with_ties():
+    preds = {f"p{k}": det([1 + k % 3], [0.5]) for k in range(9)}
+    for seed in range(4):
+        forward = build_strategy("ppal").select(ppal_context(preds, seed), 2)
+        backward_ctx = ppal_context(preds, seed)
+        backward_ctx.pool_ids = backward_ctx.pool_ids[::-1]
+        assert build_strategy("ppal").select(backward_ctx, 2).image_ids == forward.image_ids
