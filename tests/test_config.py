@@ -36,7 +36,8 @@ def test_quickstart_loads():
     assert config.dataset.path == str(QUICKSTART.parents[1] / "runs" / "digits")
     assert config.dataset.synth_config().images == 600
     assert config.detector.preset == "tiny" and config.detector.train == {"iterations": 120, "warmup_iters": 12}
-    assert [s.label for s in config.strategies] == ["random", "entropy", "core_set"]
+    assert config.detector.warm_start is True
+    assert [s.label for s in config.strategies] == ["random", "entropy", "core_set", "cald", "ppal", "cdal", "mgral"]
     assert config.strategies[1].params == {"aggregation": "max"}
     assert (config.initial.size, config.budget, config.cycles, config.seeds) == (40, 40, 4, [0, 1])
     assert config.executor == "inline"

@@ -150,3 +150,23 @@ def test_warm_start_begins_each_cycle_from_the_previous_model(tmp_path, warm):
     weights = [k for k in a if k.endswith("weight") and a[k].dtype == torch.float32 and a[k].dim() == 4]
     same = all(torch.allclose(a[k], b[k], atol=1e-6) for k in weights)
     assert same == warm  # lr ~0: warm-started conv weights stay the previous cycle's; fresh ones differ
+
+
+def test_mgral_two_cycle_run_end_to_end(tmp_path):
+    """MGRAL through the loop with micro settings: diagnostics per cycle, the second cycle's
+    reward model keeps the first cycle's rows, its agent starts from the first's."""
+    micro = {"combinations": 3, "steps": 2, "surrogate_batch": 2, "updates": 8, "hidden": 16, "chunk": 8}
+    cfg = _config(tmp_path / "run", strategies=[{"name": "mgral", "params": micro}])
+    run_experiment(config_from_dict(cfg), tmp_path / "run", log=lambda _: None)
+    series = _series(tmp_path / "run")["mgral"]
+    assert [r["num_labeled"] for r in series["records"]] == [8, 14, 20]
+    base = tmp_path / "run" / "mgral" / "seed-0"
+    for cycle in (0, 1):
+        out = base / f"cycle-{cycle}" / "mgral"
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["table_rows"] == 3 and (out / "agent_rewards.csv").is_file() and (out / "table.csv").is_file()
+        assert summary["history_rows"] == 3 * cycle  # earlier cycles' rows kept
+        assert (out / "agent.pt").is_file()  # the next cycle warm-starts from it
+        selection = json.loads((base / f"cycle-{cycle}" / "selection.json").read_text())
+        assert selection["info"]["seconds"] == summary["seconds"]
+    assert not (base / "cycle-2" / "mgral").exists()  # the last cycle selects nothing
