@@ -226,7 +226,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     map50 = plot_curves(series, out, metric="mAP50", reference=reference, title=title, formats=("png",))
     table = results_table(series, reference)
     write_csv(table, out / "results.csv")
-    write_markdown(table, out / "results.md")
+    from mgral.report.diversity import diversity_markdown
+
+    atomic_write_text(out / "results.md", _markdown(table) + diversity_markdown(series))
     diagnostics = load_mgral_diagnostics(run_dirs)
     drawing = plot_mgral_diagnostics(diagnostics, out)[-1] if diagnostics else None
     figures = [

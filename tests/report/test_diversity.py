@@ -1,0 +1,63 @@
+"""Batch diversity in results.md: known figures from hand-written cycle caches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mgral.data.records import Detections
+from mgral.detectors.cache import save_predictions
+from mgral.report import load_series
+from mgral.report.diversity import batch_figures, diversity_by_label, diversity_markdown
+
+
+def _det(embedding, labels, scores):
+    n = len(labels)
+    return Detections(
+        np.tile(np.array([[0, 0, 5, 5]], np.float32), (n, 1)),
+        np.array(scores, np.float32),
+        np.array(labels, np.int64),
+        embedding=np.array(embedding, np.float32),
+    )
+
+
+def _series(run, label, selected, preds):
+    sdir = run / label / "seed-0"
+    (sdir / "cycle-0").mkdir(parents=True)
+    rec = {
+        "cycle": 0,
+        "num_labeled": 10,
+        "num_boxes_labeled": 10,
+        "labeling_cost": 10,
+        "mAP": 0.1,
+        "mAP50": 0.2,
+        "strategy": label,
+        "strategy_name": label,
+        "seed": 0,
+        "selected": selected,
+        "seconds": {},
+    }
+    (sdir / "cycles.jsonl").write_text(json.dumps(rec) + "\n")
+    if preds is not None:
+        save_predictions(sdir / "cycle-0" / "predictions.npz", preds)
+
+
+def test_batch_figures_and_the_markdown_section(tmp_path):
+    preds = {
+        "a": _det([0, 0], [1, 1], [0.9, 0.8]),
+        "b": _det([3, 4], [2], [0.9]),
+        7: _det([0, 8], [1], [0.2]),  # below 0.3: not counted in the class share
+    }
+    _series(tmp_path, "entropy", ["a", "b", 7], preds)
+    _series(tmp_path, "random", ["a"], None)
+    fig = batch_figures(tmp_path / "entropy" / "seed-0" / "cycle-0", ["a", "b", 7])
+    assert fig["mean_pairwise_distance"] == pytest.approx((5 + 8 + 5) / 3)
+    assert fig["top_class_share"] == pytest.approx(2 / 3)
+    series = load_series([tmp_path])
+    assert diversity_by_label(series) == {
+        "entropy": {"mean_pairwise_distance": pytest.approx(6.0), "top_class_share": pytest.approx(2 / 3), "batches": 1}
+    }
+    md = diversity_markdown(series)
+    assert "| entropy | 1 | 6.000 | 0.667 |" in md and "| random | 0 | — | — |" in md
