@@ -12,7 +12,9 @@ same jobs, because each job seeds itself and fixes its own thread count.
 
 Pointing at a Ray cluster: ``ray_address="ray://head:10001"`` or ``"auto"`` (a cluster this
 machine has joined); ``None`` starts a local Ray instance for the duration of the executor.
-Workers need mgral installed and the dataset paths readable (a shared filesystem).
+Workers need mgral installed and the dataset paths readable (a shared filesystem). Ray
+itself keeps retrying an address where no cluster answers (for about a minute) before it
+fails; the error then names the address.
 """
 
 from __future__ import annotations
