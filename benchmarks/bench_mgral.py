@@ -89,7 +89,9 @@ def run(name: str, n_random: int, executor: str) -> dict:
     pool = [i for i in pool_all if i not in set(labeled)]
     view = visible_dataset(dataset, {i: dataset[i].target for i in labeled})
 
-    det = TorchvisionDetector("tiny", dataset.categories, device="cpu", seed=0, train={"progress": False}, **setup["params"])
+    det = TorchvisionDetector(
+        "tiny", dataset.categories, device="cpu", seed=0, train={"progress": False}, **setup["params"]
+    )
     t0 = time.perf_counter()
     det.fit(view, labeled, **setup["train"])
     train_s = time.perf_counter() - t0
@@ -159,7 +161,9 @@ def run(name: str, n_random: int, executor: str) -> dict:
         results = {jobs[k].name: r for k, r in ex.map(run_surrogate, jobs, shared)}
     true_s = time.perf_counter() - t0
     gain = {k: results[k]["mAP"] - results["control"]["mAP"] for k in batches}
-    return summarize(name, setup, table, gain, randoms, combos, reward, out, train_s, select_s, true_s, base_map, chosen)
+    return summarize(
+        name, setup, table, gain, randoms, combos, reward, out, train_s, select_s, true_s, base_map, chosen
+    )
 
 
 def summarize(name, setup, table, gain, randoms, combos, reward, out, train_s, select_s, true_s, base_map, chosen):
@@ -197,7 +201,6 @@ def summarize(name, setup, table, gain, randoms, combos, reward, out, train_s, s
     def rho(a, b):
         return float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else None
 
-    overhead = sum(summary["seconds"].values())
     return {
         "dataset": name,
         "budget": setup["budget"],
@@ -257,12 +260,15 @@ def write(rows: list[dict], loads: tuple) -> None:
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['initial']} | {r['budget']} | {r['mgral']['combinations']} / "
-            f"{r['mgral']['steps']} | {f(r['base_test_mAP'])} | {f(r['spearman_R_vs_true_random'])} (n={r['random_batches']}) | "
-            f"{f(r['spearman_R_vs_true_table'])} | {f(r['spearman_surrogate_vs_true_table'])} | {f(r['loo_spearman'])} |"
+            f"{r['mgral']['steps']} | {f(r['base_test_mAP'])} | "
+            f"{f(r['spearman_R_vs_true_random'])} (n={r['random_batches']}) | "
+            f"{f(r['spearman_R_vs_true_table'])} | {f(r['spearman_surrogate_vs_true_table'])} | "
+            f"{f(r['loo_spearman'])} |"
         )
     lines += [
         "",
-        "| dataset | true gain: random batches (mean ± std) | MGRAL batch | entropy batch | MGRAL beats k of n random | "
+        "| dataset | true gain: random batches (mean ± std) | MGRAL batch | entropy batch | "
+        "MGRAL beats k of n random | "
         "agent reward first 10 → last 10 updates | R of random batches | selection s | f_t train s | overhead ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

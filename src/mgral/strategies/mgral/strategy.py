@@ -269,7 +269,6 @@ class MGRAL(Strategy):
                 feats,
                 index,
                 out,
-                table,
             )
         else:
             agent = self._agent(context, phi.shape[1])
@@ -306,7 +305,7 @@ class MGRAL(Strategy):
         if picked is not None:
             info["reward_selected_batch"] = float(model.batch_rewards(credits, cand_clusters, picked[None])[0])
         seconds.setdefault("selection", time.perf_counter() - t0)
-        return self._finish(context, cand, scores, n, rng, info, seconds, feats, index, out, selection, curve, table)
+        return self._finish(context, cand, scores, n, rng, info, seconds, feats, index, out, selection, curve)
 
     # -- stages ------------------------------------------------------------------------------
     def _features(self, context: SelectionContext, ids: list[ImageId], out: Path | None) -> dict[str, Any]:
@@ -491,7 +490,7 @@ class MGRAL(Strategy):
                     pass  # another feature width (e.g. changed settings): start fresh
         return agent
 
-    def _greedy(self, context, cand, credits, clusters, lam, n, info, seconds, t0, feats, index, out, table):
+    def _greedy(self, context, cand, credits, clusters, lam, n, info, seconds, t0, feats, index, out):
         """Greedy maximisation of ``R``: add the image with the largest marginal gain."""
         counts = np.zeros(int(clusters.max()) + 1)
         chosen = np.zeros(len(cand), dtype=bool)
@@ -507,9 +506,9 @@ class MGRAL(Strategy):
         seconds["agent"] = 0.0
         seconds["selection"] = time.perf_counter() - t0
         selection = Selection([cand[k] for k in picks], gains, {})
-        return self._finish(context, cand, None, n, context.rng, info, seconds, feats, index, out, selection, [], table)
+        return self._finish(context, cand, None, n, context.rng, info, seconds, feats, index, out, selection, [])
 
-    def _finish(self, context, cand, scores, n, rng, info, seconds, feats, index, out, selection, curve, table=None):
+    def _finish(self, context, cand, scores, n, rng, info, seconds, feats, index, out, selection, curve):
         if selection is None:
             selection = select_top(cand, scores, n, rng)
         picked = np.array([index[i] for i in selection.image_ids])
