@@ -76,6 +76,18 @@ def box_distributions(det: Detections, columns: dict[int, int], image_id: ImageI
     return out
 
 
+def hflip(image: torch.Tensor) -> torch.Tensor:
+    """The horizontal mirror of a ``[3, H, W]`` image (a picklable ``augment`` for predict)."""
+    return image.flip(-1)
+
+
+def unflip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """xyxy boxes found on the mirrored image, mapped back to the original (``x -> W - x``)."""
+    out = boxes.copy()
+    out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    return out
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """float64 ``[N, M]`` IoU of xyxy boxes ``a`` ``[N, 4]`` and ``b`` ``[M, 4]``."""
     ta = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64).reshape(-1, 4))

@@ -68,7 +68,9 @@ from mgral.strategies._detection_math import (
     canonical_order,
     category_columns,
     check_number,
+    hflip,
     js_divergence,
+    unflip_boxes,
 )
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 
@@ -82,14 +84,8 @@ def _scaled_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(width * SCALE)), max(1, round(height * SCALE))
 
 
-def _flip(image: torch.Tensor) -> torch.Tensor:
-    return image.flip(-1)
-
-
 def _unflip(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    out = boxes.copy()
-    out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
-    return out
+    return unflip_boxes(boxes, width)
 
 
 def _scale(image: torch.Tensor) -> torch.Tensor:
@@ -122,7 +118,7 @@ class View:
 
 
 VIEWS: dict[str, View] = {
-    "flip": View(_flip, _unflip),
+    "flip": View(hflip, _unflip),
     "scale": View(_scale, _unscale),
     "color": View(_color, _same),
 }

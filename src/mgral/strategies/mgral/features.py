@@ -6,8 +6,8 @@ Per image, from the task detector's detections on the image and on its horizonta
   (background included, normalised by ``log(K + 1)``), the max score, the number of boxes
   over 0.3 and over 0.5;
 * flip consistency — each box's best IoU with the mirrored view's boxes mapped back (score
-  weighted mean), and ``1 - JS divergence`` between the matched boxes' class distributions
-  (1 when neither view finds anything, 0 when only one does);
+  weighted mean), and ``1 - JS distance`` (the square root of the JS divergence, in bits)
+  between the matched boxes' class distributions (1 when neither view finds anything, 0 when only one does);
 * the predicted-class histogram (boxes over 0.3 per category);
 * the pooled backbone embedding (kept apart: the compact vector uses a few principal
   components of it, fitted on the candidate pool).
@@ -18,12 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
-from scipy.spatial.distance import jensenshannon
 from sklearn.decomposition import PCA
-from torchvision.ops import box_iou
 
 from mgral.data.records import Dataset, Detections, ImageId
+from mgral.strategies._detection_math import box_iou, js_divergence, unflip_boxes
 
 STAT_NAMES = (
     "max_entropy",
@@ -34,11 +32,6 @@ STAT_NAMES = (
     "flip_box_consistency",
     "flip_class_consistency",
 )
-
-
-def hflip(image: torch.Tensor) -> torch.Tensor:
-    """The horizontal mirror of a ``[3, H, W]`` image (a picklable ``augment`` for predict)."""
-    return image.flip(-1)
 
 
 def feature_names(class_names: Sequence[str]) -> list[str]:
@@ -56,17 +49,14 @@ def flip_consistency(det: Detections, mirrored: Detections, width: float) -> tup
         return 1.0, 1.0
     if len(det.boxes) == 0 or len(mirrored.boxes) == 0:
         return 0.0, 0.0
-    back = mirrored.boxes.copy()
-    back[:, [0, 2]] = width - mirrored.boxes[:, [2, 0]]
-    iou = box_iou(torch.from_numpy(det.boxes).double(), torch.from_numpy(back).double()).numpy()
+    iou = box_iou(det.boxes, unflip_boxes(mirrored.boxes, width))
     best = iou.argmax(axis=1)
     weights = np.clip(det.scores, 1e-6, None)
     box = float(np.average(iou[np.arange(len(best)), best], weights=weights))
     if det.probs is None or mirrored.probs is None:
         return box, box
-    with np.errstate(invalid="ignore"):  # rounding can make the divergence a hair below 0 (sqrt -> NaN -> 0)
-        js = jensenshannon(det.probs, mirrored.probs[best], axis=1, base=2)
-    return box, float(np.average(1.0 - np.nan_to_num(js, nan=0.0), weights=weights))
+    distance = np.sqrt(js_divergence(det.probs, mirrored.probs[best], axis=1))  # Jensen-Shannon distance, bits
+    return box, float(np.average(1.0 - distance, weights=weights))
 
 
 def image_stats(det: Detections, mirrored: Detections, width: float, class_ids: Sequence[int]) -> np.ndarray:

@@ -40,9 +40,10 @@ from mgral._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mgral.data.records import Dataset, ImageId
 from mgral.errors import ConfigError
 from mgral.executors import EXECUTORS, make_executor
+from mgral.strategies._detection_math import hflip
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 from mgral.strategies.mgral import agent as agent_mod
-from mgral.strategies.mgral.features import compact_features, feature_names, hflip, raw_features
+from mgral.strategies.mgral.features import compact_features, feature_names, raw_features
 from mgral.strategies.mgral.reward import TableRows, cluster_term, fit_reward_model, loo_spearman
 from mgral.strategies.mgral.surrogate import SurrogateJob, SurrogateShared, run_surrogate
 
