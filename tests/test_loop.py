@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mgral.config import config_from_dict
+from mgral.config import config_from_dict, config_to_dict
 from mgral.errors import RunError
 from mgral.loop import run_experiment
 from mgral.pool import Ledger
-from mgral.runs import RunLock, read_cycle_records
+from mgral.runs import RunDir, RunLock, read_cycle_records
 
 MICRO = {
     "name": "micro",
@@ -68,8 +68,10 @@ def test_two_cycle_run_end_to_end(tmp_path):
         assert {"strategy", "seed", "num_boxes_labeled", "mAP50", "per_class", "seconds"} <= set(full)
         assert set(full["seconds"]) >= {"train", "evaluate", "predict", "select"}
     # strategies that need predictions got them cached, random computed none
-    assert (tmp_path / "run" / "entropy" / "seed-0" / "cycle-0" / "predictions.npz").is_file()
-    assert not (tmp_path / "run" / "random" / "seed-0" / "cycle-0" / "predictions.npz").exists()
+    # (cycle 0's model is every strategy's: its predictions are made once, for all of them)
+    assert (tmp_path / "run" / "_shared" / "seed-0" / "cycle-0" / "predictions.npz").is_file()
+    assert (tmp_path / "run" / "entropy" / "seed-0" / "cycle-1" / "predictions.npz").is_file()
+    assert not list((tmp_path / "run" / "random").glob("seed-0/cycle-*/predictions.npz"))
     # only the latest model is kept
     assert sorted(p.parent.name for p in (tmp_path / "run" / "random").glob("seed-0/cycle-*/model.pt")) == ["cycle-2"]
     reference = series["reference"]["records"]
@@ -126,13 +128,71 @@ def test_sigkill_mid_cycle_then_resume_selects_exactly_the_same_images(uninterru
     assert _series(run) == expected
 
 
-def test_executors_other_than_inline_are_refused_not_ignored(tmp_path):
-    from mgral.errors import ConfigError
+@pytest.fixture(scope="module")
+def inline_two_seeds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("inline")
+    # one torch thread, as the parallel workers use: float sums then agree to the last bit
+    cfg = _config(tmp / "run", seeds=[0, 1], full_data_reference=True, reference_train={"iterations": 3}, threads=1)
+    run_experiment(config_from_dict(cfg), tmp / "run", log=lambda _: None)
+    return cfg, _series(tmp / "run")
 
-    cfg = _config(tmp_path / "run", executor="process")
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        run_experiment(config_from_dict(cfg), tmp_path / "run", log=lambda _: None)
-    assert not (tmp_path / "run").exists()
+
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_parallel_series_give_exactly_the_inline_results(inline_two_seeds, tmp_path, executor):
+    cfg, expected = inline_two_seeds
+    logs: list[str] = []
+    parallel = {**cfg, "executor": executor, "workers": 2, "threads": 1}
+    run_experiment(config_from_dict(parallel), tmp_path / "run", log=logs.append)
+    assert _series(tmp_path / "run") == expected  # same selections, same mAP, same ledgers
+    assert sum("shared cycle 0: done" in line for line in logs) == 2
+    assert sum(line.endswith(": done") for line in logs) == 2 + 2 * 4  # 3 strategies + reference, 2 seeds
+    # resuming a finished run with another executor is allowed (where it runs is not what it computes)
+    run_experiment(config_from_dict({**cfg, "executor": "inline"}), tmp_path / "run", resume=True, log=logs.append)
+    assert _series(tmp_path / "run") == expected
+
+
+def test_a_failed_series_does_not_stop_the_others_and_resume_retries_it(inline_two_seeds, tmp_path):
+    cfg, expected = inline_two_seeds
+    run = tmp_path / "run"
+    parallel = {**cfg, "executor": "process", "workers": 2, "threads": 1}
+    RunDir(run).create(config_to_dict(config_from_dict(parallel)))
+    broken = run / "entropy" / "seed-1" / "ledger.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{not json")
+    logs: list[str] = []
+    with pytest.raises(RunError, match=r"1 task\(s\) failed: entropy seed 1 .*--resume"):
+        run_experiment(config_from_dict(parallel), run, resume=True, log=logs.append)
+    assert any("entropy seed 1: FAILED" in line and "ledger.json" in line for line in logs)
+    done = _series(run)
+    assert {k: v for k, v in done.items() if k != "entropy"} == {k: v for k, v in expected.items() if k != "entropy"}
+    broken.unlink()
+    run_experiment(config_from_dict(parallel), run, resume=True, log=logs.append)
+    assert _series(run) == expected
+
+
+def test_resume_still_refuses_a_different_computation(inline_two_seeds, tmp_path):
+    cfg, _ = inline_two_seeds
+    run_experiment(config_from_dict({**cfg, "seeds": [0], "cycles": 0}), tmp_path / "run", log=lambda _: None)
+    with pytest.raises(RunError, match="budget: 6 \\(recorded\\) vs 7"):
+        run_experiment(
+            config_from_dict({**cfg, "seeds": [0], "cycles": 0, "budget": 7, "executor": "process"}),
+            tmp_path / "run",
+            resume=True,
+            log=lambda _: None,
+        )
+
+
+def test_reference_train_sets_only_the_reference_runs_training(tmp_path):
+    from mgral.loop import open_experiment
+
+    cfg = config_from_dict(_config(tmp_path / "run", full_data_reference=True, reference_train={"iterations": 50}))
+    exp = open_experiment(cfg, RunDir(tmp_path / "run"))
+    assert exp.detector(0, 0, reference=True).train_overrides["iterations"] == 50
+    assert "epochs" not in exp.detector(0, 0, reference=True).train_overrides  # the length is replaced
+    assert exp.detector(0, 0).train_overrides["epochs"] == 2
+    assert "iterations" not in exp.detector(0, 0).train_overrides
+    with pytest.raises(Exception, match="reference_train is set but full_data_reference is false"):
+        config_from_dict(_config(tmp_path / "run", reference_train={"iterations": 50}))
 
 
 @pytest.mark.parametrize("warm", [True, False])

@@ -189,7 +189,17 @@ class ExperimentConfig(_Section):
     oracle: OracleConfig = OracleConfig()
     executor: Literal["inline", "process", "ray"] = "inline"
     ray_address: str | None = None
+    workers: int | None = Field(default=None, ge=1)
+    """Series run at once (process / ray executors; default: this machine's cores, or as many
+    as the Ray cluster schedules)."""
+    threads: int | None = Field(default=None, ge=1)
+    """Torch threads per series (default: torch's own for inline, 1 for process / ray, so that
+    ``workers`` series do not oversubscribe the cores). Also what each Ray task reserves."""
     full_data_reference: bool = False
+    reference_train: dict[str, Any] = {}
+    """Training overrides for the full-data reference run, on top of ``detector.train`` (e.g.
+    ``{iterations: 720}``: with ``warm_start`` a series' last model has trained for
+    ``(cycles + 1) x`` the per-cycle iterations, so the reference should train as long)."""
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
@@ -202,6 +212,8 @@ class ExperimentConfig(_Section):
                 )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed; list each seed once")
+        if self.reference_train and not self.full_data_reference:
+            raise ValueError("reference_train is set but full_data_reference is false; set it to true or remove it")
         if self.ray_address is not None and self.executor != "ray":
             raise ValueError(
                 f"ray_address is set but executor is {self.executor!r}; set executor: ray or remove ray_address"
@@ -280,12 +292,19 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Expe
         raise ConfigError("\n".join(_describe(e, source) for e in err.errors())) from err
 
 
+EXECUTION_KEYS = ("executor", "ray_address", "workers", "threads")
+"""Where and how parallel a run executes: not part of what it computes, so a run may be
+resumed with other values (e.g. started inline, continued on a Ray cluster)."""
+
+
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
     """The resolved config (defaults filled in, labels set, paths absolute) as plain JSON/YAML data."""
     data = config.model_dump(mode="json")
     if data["initial"]["from_dataset"] is None:
         # absent unless used, so the configs recorded by runs started before it existed still resume
         del data["initial"]["from_dataset"]
+    if not data["reference_train"]:
+        del data["reference_train"]  # likewise
     return data
 
 

@@ -101,8 +101,8 @@ class RayExecutor(InlineExecutor):
         self._started = False
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if address is None:
-                kwargs["num_cpus"] = workers or max(1, os.cpu_count() or 1)
+            if address is None:  # room for ``workers`` jobs at once (default: one CPU each)
+                kwargs["num_cpus"] = workers * cpus_per_job if workers else max(1, os.cpu_count() or 1)
             try:
                 ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as err:
@@ -134,9 +134,12 @@ class RayExecutor(InlineExecutor):
         self._started = False
 
 
-def make_executor(kind: str, *, workers: int | None = None, ray_address: str | None = None) -> InlineExecutor:
+def make_executor(
+    kind: str, *, workers: int | None = None, ray_address: str | None = None, cpus_per_job: float = 1
+) -> InlineExecutor:
     """Build the executor named ``kind`` (``inline``, ``process`` or ``ray``); use it as a
     context manager so a local Ray instance or process pool is shut down afterwards.
+    ``cpus_per_job``: what each Ray task reserves (the threads it uses).
 
     Raises:
         ConfigError: an unknown kind, or a Ray cluster that cannot be reached.
@@ -146,5 +149,5 @@ def make_executor(kind: str, *, workers: int | None = None, ray_address: str | N
     if kind == "process":
         return ProcessExecutor(workers)
     if kind == "ray":
-        return RayExecutor(ray_address, workers=workers)
+        return RayExecutor(ray_address, workers=workers, cpus_per_job=cpus_per_job)
     raise ConfigError(f"unknown executor {kind!r}; valid: {', '.join(EXECUTORS)}")

@@ -16,6 +16,13 @@ For every seed, every strategy starts from the same initial labeled set. One ser
 Cycle 0 of every strategy of a seed is one model (same seed, same initial set): it is
 trained once, in ``RUN/_shared/seed-<s>/cycle-0``, and reused.
 
+Series are independent: with ``executor: process`` or ``ray`` they run in parallel
+(``workers`` at once, ``threads`` torch threads each), first every seed's shared cycle 0 (and
+the full-data references), then every (strategy, seed) series. A series that fails does not
+stop the others; the run then fails naming each failed series, and ``--resume`` retries it.
+The executor settings are not part of what a run computes: a run started inline may be
+resumed on a Ray cluster.
+
 On ``--resume`` each series restarts at its first unfinished cycle. Training is
 deterministic for a seed on CPU, predictions are cached per cycle, a selection already
 written is reused and never recomputed, and the oracle's answers depend only on (seed,
@@ -27,6 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from mgral._io import atomic_write_json
-from mgral.config import ExperimentConfig, config_to_dict
+from mgral.config import EXECUTION_KEYS, ExperimentConfig, config_from_dict, config_to_dict
 from mgral.data.records import Dataset, ImageId, Target, read_id_list
 from mgral.errors import ConfigError, RunError
 from mgral.oracles import SimulatedOracle
@@ -99,20 +107,46 @@ class Experiment:
     log: Callable[[str], None] = print
     progress: bool = True
 
-    def detector(self, seed: int, cycle: int):
+    def detector(self, seed: int, cycle: int, *, reference: bool = False):
+        """A fresh detector for ``cycle`` of a series (``reference``: the full-data run,
+        trained with ``reference_train`` on top of ``detector.train``)."""
         from mgral.detectors.torchvision_detector import TorchvisionDetector
         from mgral.detectors.training import derive_seed
 
         det = self.config.detector
+        train = {"progress": self.progress, **det.train}
+        if reference and self.config.reference_train:
+            extra = self.config.reference_train
+            for a, b in (("epochs", "iterations"), ("iterations", "epochs")):
+                if a in extra:
+                    train.pop(b, None)  # the reference's length replaces the series' one
+            train.update(extra)
         return TorchvisionDetector(
             det.preset,
             self.dataset.categories,
             weights=det.weights,
             device=det.device,
             seed=derive_seed(seed, cycle, 11),
-            train={"progress": self.progress, **det.train},
+            train=train,
             **det.params,
         )
+
+
+def open_experiment(config: ExperimentConfig, run: RunDir, log=print, progress: bool = True) -> Experiment:
+    """Read the dataset and split it into pool and test.
+
+    Raises:
+        ConfigError: an empty pool or test split.
+    """
+    dataset = prepare_dataset(config)
+    pool = dataset.image_ids(config.dataset.pool_splits)
+    test = dataset.image_ids(config.dataset.test_split)
+    if not pool or not test:
+        raise ConfigError(
+            f"the pool splits {config.dataset.pool_splits} hold {len(pool)} images and the test split "
+            f"{config.dataset.test_split!r} {len(test)}; both must be non-empty"
+        )
+    return Experiment(config, run, dataset, pool, test, log, progress)
 
 
 def run_experiment(
@@ -135,36 +169,152 @@ def run_experiment(
             "by mgral run; use mgral query --config CONFIG --run RUN (writes what to label), label the images, "
             "then mgral import-labels --run RUN FILE, and query again"
         )
-    if config.executor != "inline":
-        raise ConfigError(
-            f"executor {config.executor!r}: series run in this process for now (executor: inline); the "
-            "process and Ray executors are not implemented yet"
-        )
     run = RunDir(out)
     resolved = config_to_dict(config)
     with run.lock():
         if resume and (Path(out) / "config.yaml").exists():
-            run.open(resolved)
+            run.open(resolved, ignore=EXECUTION_KEYS)
         else:
             run.create(resolved)
         PRESETS.get(config.detector.preset)  # unknown names fail before any long work
         strategies = {s.label: build_strategy(s.name, **s.params) for s in config.strategies}
-        dataset = prepare_dataset(config)
-        pool = dataset.image_ids(config.dataset.pool_splits)
-        test = dataset.image_ids(config.dataset.test_split)
-        if not pool or not test:
-            raise ConfigError(
-                f"the pool splits {config.dataset.pool_splits} hold {len(pool)} images and the test split "
-                f"{config.dataset.test_split!r} {len(test)}; both must be non-empty"
-            )
-        exp = Experiment(config, run, dataset, pool, test, log, progress)
-        for seed in config.seeds:
-            initial = initial_ids(config, dataset, pool, seed)
-            for label, strategy in strategies.items():
-                run_series(exp, label, strategy, seed, initial)
-            if config.full_data_reference:
-                run_series(exp, REFERENCE_LABEL, None, seed, pool)
+        exp = open_experiment(config, run, log, progress)
+        if config.executor != "inline":
+            _run_parallel(exp)
+            return Path(out)
+        with _torch_threads(config.threads):
+            for seed in config.seeds:
+                initial = initial_ids(config, exp.dataset, exp.pool, seed)
+                for label, strategy in strategies.items():
+                    run_series(exp, label, strategy, seed, initial)
+                if config.full_data_reference:
+                    run_series(exp, REFERENCE_LABEL, None, seed, exp.pool)
     return Path(out)
+
+
+class _torch_threads:
+    """Use ``n`` torch threads inside the block (None: leave torch's setting alone)."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.before = n, None
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            import torch
+
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.before is not None:
+            import torch
+
+            torch.set_num_threads(self.before)
+
+
+# -- parallel series ---------------------------------------------------------------------
+
+_CYCLE0 = "cycle-0"  # a task that trains (and predicts with) one seed's shared cycle-0 model
+_SERIES = "series"
+
+
+def _series_done(exp: Experiment, label: str, seed: int) -> bool:
+    last = 0 if label == REFERENCE_LABEL else exp.config.cycles
+    records = exp.run.path / label / f"seed-{seed}" / "cycles.jsonl"
+    return len(read_cycle_records(records)) > last
+
+
+def _run_parallel(exp: Experiment) -> None:
+    """Run the unfinished series of ``exp`` through its executor: every seed's shared cycle 0
+    and the references first, then every (strategy, seed) series of a seed whose cycle 0 is
+    done. Each task's failure is collected; the run fails at the end naming them all."""
+    from mgral.executors import make_executor
+
+    config = exp.config
+    threads = config.threads or 1
+    reference = [(_SERIES, REFERENCE_LABEL, s) for s in config.seeds if config.full_data_reference]
+    first = [(_CYCLE0, "", s) for s in config.seeds] + reference
+    series = [(_SERIES, spec.label, s) for s in config.seeds for spec in config.strategies]
+    first = [t for t in first if t[0] == _CYCLE0 or not _series_done(exp, t[1], t[2])]
+    series = [t for t in series if not _series_done(exp, t[1], t[2])]
+    if not series:
+        first = [t for t in first if t[0] != _CYCLE0]
+    shared = (config_to_dict(config), str(exp.run.path), threads)
+    failures: dict[tuple, str] = {}
+    exp.log(
+        f"running {len(series) + len(reference)} series ({len(first) - len(reference)} shared cycle-0 models first) "
+        f"with the {config.executor} executor, {threads} torch thread(s) each"
+    )
+    with make_executor(
+        config.executor, workers=config.workers, ray_address=config.ray_address, cpus_per_job=threads
+    ) as executor:
+        for phase in (first, series):
+            phase = [t for t in phase if not (t[0] == _SERIES and (_CYCLE0, "", t[2]) in failures)]
+            for index, error in executor.map(_run_task, phase, shared):
+                kind, label, seed = phase[index]
+                name = f"seed {seed} shared cycle 0" if kind == _CYCLE0 else f"{label} seed {seed}"
+                if error is None:
+                    exp.log(f"{name}: done")
+                else:
+                    failures[phase[index]] = error
+                    exp.log(f"{name}: FAILED\n{error}")
+    if failures:
+        names = [f"seed {s} shared cycle 0" if k == _CYCLE0 else f"{lab} seed {s}" for k, lab, s in failures]
+        last = next(reversed(failures.values())).strip().splitlines()[-1]
+        raise RunError(
+            f"{len(failures)} task(s) failed: {', '.join(names)} (last error: {last}); the other series are "
+            "saved: fix the cause and continue with --resume"
+        )
+
+
+_WORKER_EXPERIMENTS: dict[str, Experiment] = {}  # one per run, per worker process: read once
+
+
+def _run_task(task: tuple[str, str, int], shared: tuple[dict, str, int]) -> str | None:
+    """One task in a worker (process or Ray): returns None, or the traceback of its failure."""
+    kind, label, seed = task
+    config_dict, out, threads = shared
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        exp = _WORKER_EXPERIMENTS.get(out)
+        if exp is None:
+            config = config_from_dict(config_dict, source=str(Path(out) / "config.yaml"))
+            exp = _WORKER_EXPERIMENTS[out] = open_experiment(config, RunDir(out), log=_flush_print, progress=False)
+        initial = initial_ids(exp.config, exp.dataset, exp.pool, seed)
+        if kind == _CYCLE0:
+            _shared_cycle0(exp, seed, initial)
+        elif label == REFERENCE_LABEL:
+            run_series(exp, label, None, seed, exp.pool)
+        else:
+            from mgral.strategies import build_strategy
+
+            spec = next(s for s in exp.config.strategies if s.label == label)
+            run_series(exp, label, build_strategy(spec.name, **spec.params), seed, initial)
+        return None
+    except Exception:  # reported by the parent, which goes on with the other series
+        return traceback.format_exc()
+
+
+def _flush_print(text: str) -> None:
+    print(text, flush=True)
+
+
+def _shared_cycle0(exp: Experiment, seed: int, initial: list[ImageId]) -> None:
+    """Train one seed's shared cycle-0 model and, if a strategy needs them, cache its pool
+    predictions, so that the seed's series (run in parallel) reuse both."""
+    from mgral.strategies import build_strategy
+
+    wdir = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0"
+    oracle = SimulatedOracle(
+        exp.dataset, seed=seed, label_noise=exp.config.oracle.label_noise, drop_boxes=exp.config.oracle.drop_boxes
+    )
+    view = visible_dataset(exp.dataset, {i: oracle.labels_for(i) for i in initial})
+    detector, _ = _train_and_evaluate(exp, seed, 0, wdir, view, initial, {})
+    needs = set().union(*(build_strategy(s.name, **s.params).requires for s in exp.config.strategies))
+    if exp.config.cycles and needs & {"predictions", "embeddings"}:
+        _cached_predictions(exp, detector, view, wdir / "predictions.npz", exp.pool)
 
 
 def run_series(exp: Experiment, label: str, strategy, seed: int, initial: list[ImageId]) -> None:
@@ -224,7 +374,9 @@ def run_cycle(
             else exp.run.cycle_dir(label, seed, cycle - 1)
         )
         init = prev / "model.pt"
-    detector, result = _train_and_evaluate(exp, seed, cycle, wdir, view, labeled, seconds, init)
+    detector, result = _train_and_evaluate(
+        exp, seed, cycle, wdir, view, labeled, seconds, init, reference=strategy is None
+    )
 
     selected: list[ImageId] = []
     scores: list[float] = []
@@ -282,10 +434,13 @@ def cycle_record(
     }
 
 
-def _train_and_evaluate(exp, seed, cycle, wdir: Path, view, labeled, seconds, init=None) -> tuple[Any, dict]:
+def _train_and_evaluate(
+    exp, seed, cycle, wdir: Path, view, labeled, seconds, init=None, reference: bool = False
+) -> tuple[Any, dict]:
     """Train (resuming from ``wdir/last.pt``) and evaluate, or reuse both from ``wdir``.
 
-    ``init``: a model file to start from (warm start) instead of the preset's initialisation."""
+    ``init``: a model file to start from (warm start) instead of the preset's initialisation;
+    ``reference``: the full-data run (``reference_train`` applies)."""
     from mgral.detectors.torchvision_detector import TorchvisionDetector
 
     done = wdir / "evaluation.json"
@@ -295,7 +450,7 @@ def _train_and_evaluate(exp, seed, cycle, wdir: Path, view, labeled, seconds, in
         return TorchvisionDetector.load(wdir / "model.pt", device=exp.config.detector.device), cached["result"]
     wdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    detector = exp.detector(seed, cycle)
+    detector = exp.detector(seed, cycle, reference=reference)
     if init is not None:
         if not init.exists():
             raise RunError(
@@ -323,7 +478,6 @@ def _train_and_evaluate(exp, seed, cycle, wdir: Path, view, labeled, seconds, in
 
 def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -> tuple[list, list]:
     """The selection of ``cycle`` (reused from ``selection.json`` when already made)."""
-    from mgral.detectors.cache import load_predictions, save_predictions
     from mgral.strategies import SelectionContext
 
     path = cdir / "selection.json"
@@ -341,12 +495,11 @@ def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -
     )
     t0 = time.perf_counter()
     if strategy.requires & {"predictions", "embeddings"}:
-        cache = cdir / "predictions.npz"
-        wanted = pool + (labeled if "embeddings" in strategy.requires else [])
-        preds = load_predictions(cache) if cache.exists() else {}
-        if set(wanted) - set(preds):
-            preds = detector.predict(view, wanted, progress=exp.progress)
-            save_predictions(cache, preds)
+        if cycle == 0:  # one model for every strategy of the seed: predict once, for all of them
+            cache, wanted = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0" / "predictions.npz", exp.pool
+        else:
+            cache, wanted = cdir / "predictions.npz", pool + (labeled if "embeddings" in strategy.requires else [])
+        preds = _cached_predictions(exp, detector, view, cache, wanted)
         if "predictions" in strategy.requires:
             context.predictions = {i: preds[i] for i in pool}
         if "embeddings" in strategy.requires:
@@ -365,6 +518,18 @@ def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -
     seconds["select"] = time.perf_counter() - t0
     atomic_write_json(path, {"image_ids": ids, "scores": scores, "info": selection.info}, indent=1)
     return ids, scores
+
+
+def _cached_predictions(exp: Experiment, detector, view: Dataset, cache: Path, wanted: list[ImageId]) -> dict:
+    """The detector's predictions on ``wanted``, read from ``cache`` when it holds them all,
+    else computed and saved there (atomically: a series running beside may read it)."""
+    from mgral.detectors.cache import load_predictions, save_predictions
+
+    preds = load_predictions(cache) if cache.exists() else {}
+    if set(wanted) - set(preds):
+        preds = detector.predict(view, wanted, progress=exp.progress)
+        save_predictions(cache, preds)
+    return preds
 
 
 def _cap_boxes(dataset: Dataset, ids: list, scores: list, budget_boxes: int) -> tuple[list, list]:

@@ -75,8 +75,9 @@ class RunDir:
         atomic_write_text(self.path / CONFIG_FILE, yaml.safe_dump(_plain(config), sort_keys=False))
         return self
 
-    def open(self, config: Mapping[str, Any] | None = None) -> RunDir:
-        """Open an existing run to resume it; if ``config`` is given it must equal the recorded one.
+    def open(self, config: Mapping[str, Any] | None = None, *, ignore: tuple[str, ...] = ()) -> RunDir:
+        """Open an existing run to resume it; if ``config`` is given it must equal the recorded one
+        (top-level keys in ``ignore``, such as where the run executes, may differ).
 
         Raises:
             RunError: no run there, an unreadable ``config.yaml``, or a different config
@@ -86,7 +87,8 @@ class RunDir:
         if config is None:
             return self
         given, old = _flatten(_plain(config)), _flatten(recorded)
-        diffs = [k for k in sorted(set(given) | set(old)) if given.get(k, _MISSING) != old.get(k, _MISSING)]
+        keys = {k for k in set(given) | set(old) if k.split(".", 1)[0] not in ignore}
+        diffs = [k for k in sorted(keys) if given.get(k, _MISSING) != old.get(k, _MISSING)]
         if diffs:
             shown = "; ".join(
                 f"{k}: {_show(old.get(k, _MISSING))} (recorded) vs {_show(given.get(k, _MISSING))} (given)"
