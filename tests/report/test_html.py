@@ -273,6 +273,7 @@ def test_report_writes_report_html_and_the_diagnostics_png(report):
         "report.html",
         "results.csv",
         "results.md",
+        "selections.csv",
     ]
     png = (out / "mgral_diagnostics.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
@@ -298,12 +299,13 @@ def test_report_html_results_and_timings(report):
     _, _, page = report
     head, *rows = page.tables["results"]
     assert head[:5] == ["strategy", "seeds", "c0 (20 imgs)", "c1 (40 imgs)", "c2 (60 imgs)"]
-    assert head[5:] == ["nAUC", "imgs to 90%", "imgs to 95%"]
+    assert head[5:] == ["nAUC", "vs random", "imgs to 90%", "imgs to 95%"]
     by_label = {r[0]: r for r in rows}
     assert list(by_label) == ["entropy-max (entropy)", "mgral", "random"]
     assert by_label["random"][1:5] == ["2", "0.1000 ± 0.0141", "0.3000 ± 0.0141", "0.4000 ± 0.0141"]
     assert by_label["random"][5] == "0.2750 ± 0.0141"
-    assert by_label["random"][6:] == ["—", "—"]  # no full-data reference
+    assert by_label["random"][6:] == ["—", "—", "—"]  # no pair with itself, no full-data reference
+    assert by_label["mgral"][6] == "+0.0475 ± 0.0000 (1/1)"  # mgral has seed 0 only: one pair
     head, *rows = page.tables["timings"]
     assert head == ["strategy", "train", "evaluate", "predict", "select", "label", "total"]
     assert dict((r[0], r[1:]) for r in rows)["random"] == ["10.50", "1.00", "2.00", "0.50", "0.25", "14.25"]

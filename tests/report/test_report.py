@@ -244,6 +244,7 @@ def test_report_writes_png_and_svg_curves(run, tmp_path):
         "report.html",
         "results.csv",
         "results.md",
+        "selections.csv",
     ]  # no temporary files left behind
 
 
@@ -261,3 +262,51 @@ def test_plot_rejects_unknown_keys(run, tmp_path):
         plot_curves(load_series([run]), tmp_path, x_key="images")
     with pytest.raises(ValueError, match="no series"):
         plot_curves([], tmp_path)
+
+
+def test_vs_random_pairs_seeds_and_their_common_cycles(run, tmp_path):
+    write_report([run], tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    # entropy minus random, per seed: (0.225 + 0.415) / 2 - 0.275 = 0.045 on every seed
+    ent = rows["entropy-max"]
+    assert float(ent["nauc_vs_random_mean"]) == pytest.approx(0.045)
+    assert float(ent["nauc_vs_random_std"]) == pytest.approx(0.0, abs=1e-12)
+    assert (ent["wins_vs_random"], ent["paired_seeds"]) == ("3", "3")
+    assert rows["random"]["nauc_vs_random_mean"] == ""  # no pair with itself
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| +0.0450 ± 0.0000 (3/3) |" in md
+
+
+def test_vs_random_uses_only_common_seeds_and_cycles(tmp_path):
+    from mgral.report.tables import paired_vs_random
+
+    run = tmp_path / "run"
+    write_series(run, "random", 0, [0.1, 0.2, 0.3])
+    write_series(run, "random", 1, [0.1, 0.2])  # still running
+    write_series(run, "mgral", 1, [0.1, 0.3, 0.9])
+    write_series(run, "mgral", 2, [0.1, 0.4])  # no random series for seed 2
+    series = load_series([run])
+    group = [s for s in series if s.label == "mgral"]
+    rnd = [s for s in series if s.label == "random"]
+    mean, std, wins, paired = paired_vs_random(group, rnd)
+    # seed 1 only, on cycles 0-1: (0.1 + 0.3) / 2 - (0.1 + 0.2) / 2
+    assert (mean, std, wins, paired) == (pytest.approx(0.05), 0.0, 1, 1)
+    assert paired_vs_random([s for s in group if s.seed == 2], rnd) is None
+
+
+def test_selections_csv_lists_every_chosen_image_in_order(tmp_path):
+    run = tmp_path / "run"
+    path = write_series(run, "entropy", 3, [0.1, 0.2, 0.3])
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[0].update(selected=[7, "b"], scores=[0.9, 0.5])
+    records[1].update(selected=[2], scores=[0.4])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_report([run], tmp_path / "out")
+    with open(tmp_path / "out" / "selections.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["seed"], r["cycle"], r["rank"], r["image_id"], r["score"]) for r in rows] == [
+        ("3", "0", "0", "7", "0.9"),
+        ("3", "0", "1", "b", "0.5"),
+        ("3", "1", "0", "2", "0.4"),
+    ]
+    assert {r["strategy"] for r in rows} == {"entropy"} and {r["file_name"] for r in rows} == {""}  # no dataset

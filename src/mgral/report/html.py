@@ -115,6 +115,7 @@ def _results(table: Table) -> dict[str, Any]:
         for f in FRACTIONS:
             value, k = r.reach[f]
             reach.append("—" if value is None else f"{value:.1f}" + ("" if k == r.seeds else f" ({k}/{r.seeds})"))
+        v = r.vs_random
         rows.append(
             {
                 "label": r.label,
@@ -125,6 +126,7 @@ def _results(table: Table) -> dict[str, Any]:
                 "seeds": r.seeds,
                 "maps": maps,
                 "auc": f"{r.auc_mean:.4f} ± {r.auc_std:.4f}",
+                "vs_random": "—" if v is None else f"{v[0]:+.4f} ± {v[1]:.4f} ({v[2]}/{v[3]})",
                 "reach": reach,
             }
         )
@@ -239,6 +241,11 @@ def _dataset(run_dir: Path, cache: dict[Path, tuple[Dataset | None, str]]) -> tu
         found = (None, f"the run's dataset cannot be read, so there are no thumbnails: {err}")
     cache[run_dir] = found
     return found
+
+
+def dataset_of(run_dir: Path) -> Dataset | None:
+    """The run's dataset as its ``config.yaml`` names it, or None (logged) when it cannot be read."""
+    return _dataset(Path(run_dir), {})[0]
 
 
 def _thumbnail(path: Path, dets: Detections | None, colours: dict[int, tuple[int, int, int]]) -> tuple[str, int]:

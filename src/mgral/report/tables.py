@@ -6,7 +6,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from mgral.report.load import (
 )
 from mgral.report.metrics import by_label, labels_to_reach, normalized_auc, std_over_seeds
 from mgral.report.plots import plot_curves, plot_mgral_diagnostics
+from mgral.runs import CYCLES_FILE, list_series, read_cycle_records
 
 PHASES = ("train", "evaluate", "predict", "select")
 FRACTIONS = (0.9, 0.95)
@@ -39,6 +40,10 @@ class Row:
     ``reach[f]``: (mean over the seeds that reach it of :func:`labels_to_reach` at
     ``f`` × full-data mAP, how many seeds reach it); ``(None, 0)`` without a reference.
     ``seconds[phase]``: mean wall seconds per cycle (NaN if never recorded).
+    ``vs_random``: the nAUC minus the ``random`` label's nAUC on the same seed (same initial
+    set, so the pairs share their cycle-0 model), over the seeds both have on the cycles both
+    finished: (mean, sample std, seeds where it is higher, seeds paired); None without a
+    random row, for the random row itself, or with no seed in common.
     """
 
     label: str
@@ -53,6 +58,7 @@ class Row:
     auc_std: float
     reach: dict[float, tuple[float | None, int]]
     seconds: dict[str, float]
+    vs_random: tuple[float, float, int, int] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +108,27 @@ def _row(group: list[Series], full: float | None) -> Row:
     )
 
 
+RANDOM_LABEL = "random"
+"""The label of the baseline every strategy is paired with (``vs_random``)."""
+
+
+def paired_vs_random(group: list[Series], random: list[Series]) -> tuple[float, float, int, int] | None:
+    """nAUC(group) - nAUC(random), paired by seed on the cycles both series of a seed finished:
+    (mean, sample std, seeds where ``group`` is higher, seeds paired), or None with no common seed."""
+    baseline = {s.seed: s for s in random}
+    diffs = []
+    for s in group:
+        r = baseline.get(s.seed)
+        if r is None:
+            continue
+        n = min(len(s), len(r))
+        diffs.append(normalized_auc(s.num_labeled[:n], s.mAP[:n]) - normalized_auc(r.num_labeled[:n], r.mAP[:n]))
+    if not diffs:
+        return None
+    d = np.array(diffs)
+    return float(d.mean()), float(std_over_seeds(d[:, None])[0]), int((d > 0).sum()), len(d)
+
+
 def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, Any]] | None = None) -> Table:
     """One :class:`Row` per strategy label; ``reference`` as :func:`load_reference` gives it.
 
@@ -111,7 +138,14 @@ def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, 
     if not series_list:
         raise ValueError("no series to tabulate")
     full = reference_map(reference)
-    rows = [_row(group, full) for group in by_label(series_list).values()]
+    groups = by_label(series_list)
+    rows = [_row(group, full) for group in groups.values()]
+    if RANDOM_LABEL in groups:
+        baseline = groups[RANDOM_LABEL]
+        rows = [
+            r if r.label == RANDOM_LABEL else replace(r, vs_random=paired_vs_random(groups[r.label], baseline))
+            for r in rows
+        ]
     width = max(r.cycles for r in rows)
     headings = np.array([np.mean([r.num_labeled[c] for r in rows if c < r.cycles]) for c in range(width)])
     return Table(
@@ -131,11 +165,12 @@ def _pct(f: float) -> str:
 def write_csv(table: Table, path: str | Path) -> None:
     """Write ``table`` as CSV: plain numbers at full precision, mean and std in separate
     columns, an empty cell for a missing value; cycle columns ``c<k>_num_labeled``,
-    ``c<k>_mAP_mean``, ``c<k>_mAP_std``; ``labels_to_<p>pct`` with ``..._seeds`` (how many reached)."""
+    ``c<k>_mAP_mean``, ``c<k>_mAP_std``; ``nauc_vs_random_*`` (paired by seed, see :class:`Row`);
+    ``labels_to_<p>pct`` with ``..._seeds`` (how many reached)."""
     width = len(table.num_labeled)
     header = ["label", "strategy_name", "seeds", "cycles", "max_cycles"]
     header += [f"c{c}_{k}" for c in range(width) for k in ("num_labeled", "mAP_mean", "mAP_std")]
-    header += ["nauc_mean", "nauc_std"]
+    header += ["nauc_mean", "nauc_std", "nauc_vs_random_mean", "nauc_vs_random_std", "wins_vs_random", "paired_seeds"]
     header += [f"labels_to_{_pct(f)}{k}" for f in FRACTIONS for k in ("", "_seeds")]
     header += [f"seconds_{p}" for p in PHASES]
 
@@ -150,6 +185,8 @@ def write_csv(table: Table, path: str | Path) -> None:
         for c in range(width):
             line += [cell(a[c]) if c < r.cycles else "" for a in (r.num_labeled, r.map_mean, r.map_std)]
         line += [cell(r.auc_mean), cell(r.auc_std)]
+        v = r.vs_random
+        line += ["", "", "", ""] if v is None else [cell(v[0]), cell(v[1]), v[2], v[3]]
         line += [v for f in FRACTIONS for v in (cell(r.reach[f][0]), r.reach[f][1])]
         line += [cell(r.seconds[p]) for p in PHASES]
         writer.writerow(line)
@@ -173,6 +210,8 @@ def _markdown(table: Table) -> str:
         "over seeds (ddof=1; 0 with one seed).",
         "- nAUC: normalized area under the curve of mAP vs labeled images: trapezoid area divided by "
         "(last - first labeled count), i.e. the mean mAP over the labeling range (0..1); mean ± std over seeds.",
+        "- vs random: nAUC minus random's nAUC on the same seed (same initial set), mean ± std over seeds, "
+        "and on how many seeds it is higher.",
         "- imgs to P%: labeled images at which a seed's curve (linear between cycles) first reaches P% of the "
         "full-data mAP; mean over the seeds that reach it ((k/n) when only k of n do); — if none or no reference.",
         "- Timings: mean wall seconds per cycle.",
@@ -185,7 +224,7 @@ def _markdown(table: Table) -> str:
             + ")."
         )
     heads = ["strategy", "seeds"] + [f"c{c} ({n:.0f} imgs)" for c, n in enumerate(table.num_labeled)]
-    heads += ["nAUC"] + [f"imgs to {round(f * 100)}%" for f in FRACTIONS] + [f"{p} s" for p in PHASES]
+    heads += ["nAUC", "vs random"] + [f"imgs to {round(f * 100)}%" for f in FRACTIONS] + [f"{p} s" for p in PHASES]
     lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
     for r in table.rows:
         cells = [r.label + ("*" if r.max_cycles > r.cycles else ""), str(r.seeds)]
@@ -193,6 +232,8 @@ def _markdown(table: Table) -> str:
             f"{r.map_mean[c]:.4f} ± {r.map_std[c]:.4f}" if c < r.cycles else "" for c in range(len(table.num_labeled))
         ]
         cells.append(f"{r.auc_mean:.4f} ± {r.auc_std:.4f}")
+        v = r.vs_random
+        cells.append("—" if v is None else f"{v[0]:+.4f} ± {v[1]:.4f} ({v[2]}/{v[3]})")
         for f in FRACTIONS:
             value, k = r.reach[f]
             cells.append("—" if value is None else f"{value:.1f}" + ("" if k == r.seeds else f" ({k}/{r.seeds})"))
@@ -206,12 +247,45 @@ def write_markdown(table: Table, path: str | Path) -> None:
     atomic_write_text(path, _markdown(table))
 
 
+SELECTION_COLUMNS = ("strategy", "strategy_name", "seed", "cycle", "rank", "image_id", "file_name", "score")
+
+
+def write_selections(run_dirs: Sequence[str | Path], path: str | Path) -> int:
+    """Write every image each series chose, as CSV (:data:`SELECTION_COLUMNS`): ``cycle`` is
+    the cycle whose model chose it (it is labeled from cycle + 1 on), ``rank`` its place in
+    that batch (0 = first), ``score`` the strategy's score, ``file_name`` from the run's
+    dataset when it can be read. Returns the number of rows.
+
+    Raises:
+        RunError: as :func:`load_series`.
+    """
+    from mgral.report.html import dataset_of
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SELECTION_COLUMNS)
+    n = 0
+    for run_dir in map(Path, run_dirs):
+        dataset = dataset_of(run_dir)
+        for label, seed in list_series(run_dir):
+            for record in read_cycle_records(run_dir / label / f"seed-{seed}" / CYCLES_FILE):
+                scores = record.get("scores") or []
+                for rank, image_id in enumerate(record.get("selected") or []):
+                    file_name = dataset[image_id].file_name if dataset is not None and image_id in dataset else ""
+                    score = scores[rank] if rank < len(scores) else ""
+                    name = record.get("strategy_name", label)
+                    writer.writerow([label, name, seed, record["cycle"], rank, image_id, file_name, score])
+                    n += 1
+    atomic_write_text(path, buffer.getvalue())
+    return n
+
+
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Load the runs and write the curves, the results table and the HTML report into ``out_dir``.
 
     Writes ``curves_images.{png,svg}``, ``curves_boxes.{png,svg}``, ``curves_images_mAP50.png``,
-    ``results.csv``, ``results.md``, ``report.html`` (everything in one self-contained page:
-    :mod:`mgral.report.html`) and, when a run has MGRAL diagnostics,
+    ``results.csv``, ``results.md``, ``selections.csv`` (every chosen image), ``report.html``
+    (everything in one self-contained page: :mod:`mgral.report.html`) and, when a run has MGRAL diagnostics,
     ``mgral_diagnostics.{png,svg}``. Returns the path of ``results.md``.
 
     Raises:
@@ -226,6 +300,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     map50 = plot_curves(series, out, metric="mAP50", reference=reference, title=title, formats=("png",))
     table = results_table(series, reference)
     write_csv(table, out / "results.csv")
+    write_selections(run_dirs, out / "selections.csv")
     from mgral.report.diversity import diversity_markdown
 
     atomic_write_text(out / "results.md", _markdown(table) + diversity_markdown(series))
