@@ -1,0 +1,302 @@
+"""The published AL benchmark: every registered strategy, 3 seeds, on real data and the digits scenes.
+
+One config per dataset in ``benchmarks/configs/`` (``digits``, ``bccd``, ``pinochle``: budgets,
+detector and training recipe are documented there). For each dataset named on the command line
+this script
+
+1. runs the experiment into ``RUNS/<name>`` with ``--resume`` semantics (a killed or
+   interrupted benchmark continues where it stopped; the series run in parallel through the
+   config's executor: ``--executor ray --ray-address auto`` runs them on a Ray cluster);
+2. publishes what a reader needs into ``OUT/<name>/``: ``results.md`` / ``results.csv`` (mAP
+   per cycle mean ± std, nAUC, paired difference to random, labels to reach 90% / 95% of the
+   full-data mAP, per-phase wall seconds), ``selections.csv`` (every chosen image id per
+   strategy, seed and cycle), the curve plots, MGRAL's diagnostics, and ``run.md`` (machine,
+   command, wall time);
+3. writes ``OUT/summary.md`` over every dataset published so far, and replaces the block
+   between the ``al-benchmark`` markers of the README with it.
+
+``--report-only`` skips step 1 (refresh the published files of runs still in progress: a
+row marked ``*`` uses only the cycles all its seeds finished).
+
+Usage::
+
+    .venv/bin/python benchmarks/al_benchmark.py digits bccd pinochle
+    .venv/bin/python benchmarks/al_benchmark.py bccd --executor ray --ray-address auto --workers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CONFIGS = HERE / "configs"
+DATASETS = ("digits", "bccd", "pinochle")
+PUBLISHED = (
+    "results.md",
+    "results.csv",
+    "selections.csv",
+    "curves_images.png",
+    "curves_boxes.png",
+    "curves_images_mAP50.png",
+    "mgral_diagnostics.png",
+)
+WALL_SUFFIX = ".wall.json"  # RUNS/<name>.wall.json, beside the run directory: one entry per invocation
+MARKERS = ("<!-- al-benchmark:start -->", "<!-- al-benchmark:end -->")
+
+
+def machine() -> str:
+    """One line naming the machine and the software versions."""
+    import torch
+    import torchvision
+
+    mem = next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
+        platform.machine(),
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores, {int(mem) // 1024**2} GiB RAM, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    )
+
+
+# -- wall time, across invocations ---------------------------------------------------------
+
+
+class WallClock:
+    """Records this invocation's wall seconds in ``RUNS/<name>.wall.json`` every ``every``
+    seconds and at the end, so the total survives a kill (it loses at most ``every`` seconds)."""
+
+    def __init__(self, run_dir: Path, note: dict, every: float = 60.0) -> None:
+        self.path, self.every = wall_path(run_dir), every
+        self.entries = read_wall(run_dir)
+        self.entry = {"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "seconds": 0.0, **note}
+        self.entries.append(self.entry)
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def _save(self) -> None:
+        from mgral._io import atomic_write_json
+
+        self.entry["seconds"] = round(time.perf_counter() - self.t0, 1)
+        atomic_write_json(self.path, self.entries, indent=1)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self._save()
+
+    def __enter__(self) -> WallClock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._save()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._save()
+
+
+def wall_path(run_dir: Path) -> Path:
+    return Path(run_dir).with_name(Path(run_dir).name + WALL_SUFFIX)
+
+
+def read_wall(run_dir: Path) -> list[dict]:
+    """The invocations recorded for ``run_dir`` (none if absent)."""
+    path = wall_path(run_dir)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+
+
+# -- publishing ----------------------------------------------------------------------------
+
+
+def config_path(name: str) -> Path:
+    """``benchmarks/configs/<name>.yaml``, or ``name`` itself when it is a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+        raise SystemExit(f"no benchmark config {path}; known: {known} (or pass a config file)")
+    return path
+
+
+def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
+    """Write the report of ``run_dir`` and copy the files a reader needs into ``out_dir``."""
+    from mgral._io import atomic_write_text
+    from mgral.report import write_report
+    from mgral.runs import RunDir
+
+    with tempfile.TemporaryDirectory(prefix=f"al-{name}-") as tmp:
+        write_report([run_dir], tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for file in PUBLISHED:
+            if (Path(tmp) / file).exists():
+                shutil.copyfile(Path(tmp) / file, out_dir / file)
+    config = RunDir(run_dir).config()
+    wall = read_wall(run_dir)
+    total = sum(e["seconds"] for e in wall)
+    lines = [
+        f"# {name}: how these results were made",
+        "",
+        f"- Command: `{command}`",
+        f"- Config: `benchmarks/configs/{name}.yaml` (resolved copy in the run directory's config.yaml)",
+        f"- Wall time: {total / 3600:.2f} h over {len(wall)} invocation(s) (a resumed run adds one):",
+    ]
+    lines += [
+        f"  - {e['started']}: {e['seconds'] / 3600:.2f} h on {e.get('machine', '?')}, executor {e.get('executor')}, "
+        f"{e.get('workers')} worker(s) x {e.get('threads')} thread(s)"
+        for e in wall
+    ]
+    lines += [
+        f"- Detector: `{config['detector']['preset']}`, training {json.dumps(config['detector']['train'])}, "
+        f"warm start {config['detector'].get('warm_start', False)}; reference training "
+        f"{json.dumps(config.get('reference_train', {}))}",
+        f"- Budget: {config['initial']} initial, {config['budget']} per cycle, {config['cycles']} cycles; seeds "
+        f"{config['seeds']}",
+        "- Per-phase seconds in results.md are per series-cycle on one worker (1 torch thread, 2 workers sharing "
+        "the cores); cycle 0's model and pool predictions are made once per seed and shared by every strategy.",
+    ]
+    atomic_write_text(out_dir / "run.md", "\n".join(lines) + "\n")
+    return out_dir
+
+
+def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
+    """The cross-dataset summary: per dataset, every strategy's nAUC, its paired difference to
+    random, labels to reach 90% of the full-data mAP, and what it cost; read from each
+    published ``results.csv`` so the summary always matches the tables."""
+    import csv
+
+    def f(text: str, fmt: str) -> str:
+        return "—" if text == "" else format(float(text), fmt)
+
+    parts = []
+    for name in names:
+        path = out_root / name / "results.csv"
+        if not path.exists():
+            continue
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        md = (out_root / name / "results.md").read_text(encoding="utf-8")
+        reference = next((ln[2:] for ln in md.splitlines() if ln.startswith("- Full-data reference:")), "")
+        run_md = out_root / name / "run.md"
+        wall = next((ln[2:] for ln in run_md.read_text().splitlines() if ln.startswith("- Wall time:")), "")
+        rows.sort(key=lambda r: -float(r["nauc_mean"]))
+        parts += [
+            f"### {name}",
+            "",
+            f"{reference}. {wall.split(' over ')[0]}. Details: [`{name}/results.md`]({name}/results.md).",
+            "",
+            "| strategy | seeds | cycles | nAUC | vs random (wins) | imgs to 90% | select s / cycle |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            partial = "*" if r["max_cycles"] != r["cycles"] else ""
+            vs = (
+                "—"
+                if r["nauc_vs_random_mean"] == ""
+                else f"{float(r['nauc_vs_random_mean']):+.4f} ± {float(r['nauc_vs_random_std']):.4f} "
+                f"({r['wins_vs_random']}/{r['paired_seeds']})"
+            )
+            reach = f(r["labels_to_90pct"], ".0f")
+            if reach != "—" and r["labels_to_90pct_seeds"] != r["seeds"]:
+                reach += f" ({r['labels_to_90pct_seeds']}/{r['seeds']})"
+            parts.append(
+                f"| {r['label']}{partial} | {r['seeds']} | {r['cycles']} | {float(r['nauc_mean']):.4f} ± "
+                f"{float(r['nauc_std']):.4f} | {vs} | {reach} | {f(r['seconds_select'], '.1f')} |"
+            )
+        parts.append("")
+    if not parts:
+        return "No dataset published yet.\n"
+    head = [
+        "nAUC: mean test mAP@[.5:.95] over the labeling range (mean ± std over seeds); vs random: the nAUC "
+        "difference to random on the same seed (same initial set), with the seeds where it is higher; "
+        "`*`: still running (only the cycles all seeds finished). Sorted by nAUC.",
+        "",
+    ]
+    return "\n".join(head + parts)
+
+
+def write_summary(out_root: Path, names: Sequence[str], readme: Path | None) -> str:
+    """Write ``OUT/summary.md`` and put it between the README's markers (if both are there)."""
+    from mgral._io import atomic_write_text
+
+    body = summary_markdown(out_root, names)
+    atomic_write_text(out_root / "summary.md", f"# AL benchmark summary\n\nMachine: {machine()}.\n\n{body}")
+    if readme is not None and readme.exists():
+        text = readme.read_text(encoding="utf-8")
+        start, end = MARKERS
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            atomic_write_text(readme, f"{head}{start}\n{body}{end}{tail}")
+    return body
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("datasets", nargs="*", default=list(DATASETS), help=f"config names ({', '.join(DATASETS)}) or files")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "al-benchmark", help="run directories go here")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "al", help="published results go here")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose al-benchmark block to update")
+    p.add_argument("--executor", choices=("inline", "process", "ray"), help="override the config's executor")
+    p.add_argument("--workers", type=int, help="series at once (process / ray)")
+    p.add_argument("--threads", type=int, help="torch threads per series")
+    p.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto, ray://head:10001)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--report-only", action="store_true", help="publish what the runs hold; run nothing")
+    args = p.parse_args(argv)
+
+    from mgral.config import load_config
+    from mgral.loop import run_experiment
+
+    overrides = list(args.overrides)
+    for key, value in (("executor", args.executor), ("workers", args.workers), ("threads", args.threads)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.ray_address:
+        overrides += ["executor=ray", f"ray_address={args.ray_address}"]
+    command = "python benchmarks/al_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    names = []
+    for dataset in args.datasets:
+        path = config_path(dataset)
+        name = path.stem
+        names.append(name)
+        run_dir = args.runs / name
+        if not args.report_only:
+            config = load_config(path, overrides)
+            note = {
+                "machine": machine(),
+                "executor": config.executor,
+                "workers": config.workers,
+                "threads": config.threads,
+            }
+            with WallClock(run_dir, note):
+                run_experiment(config, run_dir, resume=True)
+        if run_dir.exists():
+            publish(name, run_dir, args.out / name, command.strip())
+            print(f"{name}: published {args.out / name}")
+    known = [n for n in dict.fromkeys([*DATASETS, *names]) if (args.out / n / "results.csv").exists()]
+    print(write_summary(args.out, known, args.readme))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

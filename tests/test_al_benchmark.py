@@ -1,0 +1,87 @@
+"""benchmarks/al_benchmark.py: the published-benchmark driver, end to end on a local Ray instance."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("al_benchmark", ROOT / "benchmarks" / "al_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MICRO = {
+    "name": "micro",
+    "dataset": {"path": "digits", "synth": {"images": 60, "seed": 0, "image_size": 96, "max_digit_size": 32}},
+    "detector": {"preset": "tiny", "params": {"pretrained": False}, "train": {"iterations": 2, "batch_size": 4}},
+    "strategies": [{"name": "random"}, {"name": "entropy"}],
+    "initial": {"size": 8},
+    "budget": 5,
+    "cycles": 1,
+    "seeds": [0],
+    "full_data_reference": True,
+    "reference_train": {"iterations": 3},
+}
+
+
+def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path):
+    driver = _driver()
+    config = tmp_path / "micro.yaml"
+    config.write_text(yaml.safe_dump(MICRO))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{driver.MARKERS[0]}\nold\n{driver.MARKERS[1]}\nafter\n")
+    args = [str(config), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--readme", str(readme)]
+    assert driver.main([*args, "--executor", "ray", "--workers", "2", "--threads", "1"]) == 0
+
+    out = tmp_path / "out" / "micro"
+    for name in ("results.md", "results.csv", "selections.csv", "curves_images.png", "run.md"):
+        assert (out / name).is_file(), name
+    with open(out / "results.csv", newline="") as fh:
+        rows = {r["label"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"random", "entropy"} and rows["entropy"]["paired_seeds"] == "1"
+    with open(out / "selections.csv", newline="") as fh:
+        chosen = list(csv.DictReader(fh))
+    assert sorted((r["strategy"], r["cycle"]) for r in chosen) == [("entropy", "0")] * 5 + [("random", "0")] * 5
+    assert all(r["file_name"].endswith(".png") or r["file_name"].endswith(".jpg") for r in chosen)
+
+    wall = json.loads((tmp_path / "runs" / "micro.wall.json").read_text())
+    assert len(wall) == 1 and wall[0]["seconds"] > 0 and wall[0]["executor"] == "ray" and wall[0]["workers"] == 2
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{driver.MARKERS[1]}\nafter\n")
+    assert "old" not in text and "### micro" in text and "| entropy | 1 | 2 |" in text
+    assert "Full-data reference: test mAP@[.5:.95]" in text
+    assert (tmp_path / "out" / "summary.md").read_text().count("### micro") == 1
+
+    # a second invocation resumes (nothing left to run) and adds its own wall-time entry
+    assert driver.main([*args, "--executor", "inline"]) == 0
+    assert len(json.loads((tmp_path / "runs" / "micro.wall.json").read_text())) == 2
+    assert "2 invocation(s)" in (out / "run.md").read_text()
+
+
+def test_summary_reads_the_published_tables(tmp_path):
+    driver = _driver()
+    out = tmp_path / "out" / "d"
+    out.mkdir(parents=True)
+    header = (
+        "label,strategy_name,seeds,cycles,max_cycles,nauc_mean,nauc_std,nauc_vs_random_mean,nauc_vs_random_std,"
+        "wins_vs_random,paired_seeds,labels_to_90pct,labels_to_90pct_seeds,seconds_select\n"
+    )
+    (out / "results.csv").write_text(
+        header + "random,random,3,6,6,0.25,0.01,,,,,120.0,3,0.0\nmgral,mgral,3,4,6,0.3,0.02,0.05,0.01,3,3,90.5,2,30.0\n"
+    )
+    (out / "results.md").write_text("- Full-data reference: test mAP@[.5:.95] 0.5000 (mean over 3 seed(s))\n")
+    (out / "run.md").write_text("- Wall time: 1.50 h over 2 invocation(s) (a resumed run adds one):\n")
+    text = driver.summary_markdown(tmp_path / "out", ["d", "missing"])
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert lines[1] == "| mgral* | 3 | 4 | 0.3000 ± 0.0200 | +0.0500 ± 0.0100 (3/3) | 90 (2/3) | 30.0 |"
+    assert lines[2] == "| random | 3 | 6 | 0.2500 ± 0.0100 | — | 120 | 0.0 |"
+    assert "test mAP@[.5:.95] 0.5000 (mean over 3 seed(s)). Wall time: 1.50 h." in text
