@@ -17,8 +17,8 @@ Cycle 0 of every strategy of a seed is one model (same seed, same initial set): 
 trained once, in ``RUN/_shared/seed-<s>/cycle-0``, and reused.
 
 Series are independent: with ``executor: process`` or ``ray`` they run in parallel
-(``workers`` at once, ``threads`` torch threads each), first every seed's shared cycle 0 (and
-the full-data references), then every (strategy, seed) series. A series that fails does not
+(``workers`` at once, ``threads`` torch threads each), first every seed's shared cycle 0,
+then every (strategy, seed) series and the full-data references. A series that fails does not
 stop the others; the run then fails naming each failed series, and ``--resume`` retries it.
 The executor settings are not part of what a run computes: a run started inline may be
 resumed on a Ray cluster.
@@ -226,24 +226,24 @@ def _series_done(exp: Experiment, label: str, seed: int) -> bool:
 
 def _run_parallel(exp: Experiment) -> None:
     """Run the unfinished series of ``exp`` through its executor: every seed's shared cycle 0
-    and the references first, then every (strategy, seed) series of a seed whose cycle 0 is
-    done. Each task's failure is collected; the run fails at the end naming them all."""
+    first, then every (strategy, seed) series of a seed whose cycle 0 is done, then the
+    full-data references. Each task's failure is collected; the run fails at the end naming
+    them all."""
     from mgral.executors import make_executor
 
     config = exp.config
     threads = config.threads or 1
-    reference = [(_SERIES, REFERENCE_LABEL, s) for s in config.seeds if config.full_data_reference]
-    first = [(_CYCLE0, "", s) for s in config.seeds] + reference
     series = [(_SERIES, spec.label, s) for s in config.seeds for spec in config.strategies]
-    first = [t for t in first if t[0] == _CYCLE0 or not _series_done(exp, t[1], t[2])]
     series = [t for t in series if not _series_done(exp, t[1], t[2])]
-    if not series:
-        first = [t for t in first if t[0] != _CYCLE0]
+    first = [(_CYCLE0, "", s) for s in sorted({t[2] for t in series})]
+    # the references last: the AL curves come first, their ceiling after
+    series += [(_SERIES, REFERENCE_LABEL, s) for s in config.seeds if config.full_data_reference]
+    series = [t for t in series if not _series_done(exp, t[1], t[2])]
     shared = (config_to_dict(config), str(exp.run.path), threads)
     failures: dict[tuple, str] = {}
     exp.log(
-        f"running {len(series) + len(reference)} series ({len(first) - len(reference)} shared cycle-0 models first) "
-        f"with the {config.executor} executor, {threads} torch thread(s) each"
+        f"running {len(series)} series ({len(first)} shared cycle-0 models first) with the {config.executor} "
+        f"executor, {threads} torch thread(s) each"
     )
     with make_executor(
         config.executor, workers=config.workers, ray_address=config.ray_address, cpus_per_job=threads
@@ -465,7 +465,7 @@ def _train_and_evaluate(
     t0 = time.perf_counter()
     result: dict[str, Any] = {"mAP": None, "mAP50": None, "per_class": {}}  # no labeled test split (human runs)
     if exp.test:
-        metrics = detector.evaluate(exp.dataset, exp.test)
+        metrics = detector.evaluate(exp.dataset, exp.test, style=exp.config.evaluation.style)
         result = {
             "mAP": _finite(metrics.mAP),
             "mAP50": _finite(metrics.mAP50),
