@@ -23,7 +23,8 @@ def test_synth_and_info(digits, capsys):
 
 def test_list_shows_registered_plugins(capsys):
     assert main(["list", "formats"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["coco", "voc", "yolo"]
+    formats = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert formats == ["coco", "coco2017", "voc", "voc0712", "yolo"]
     assert main(["list", "detectors"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert {"tiny", "mobilenet_v2_fpn", "fasterrcnn_resnet50_fpn", "ssd300_vgg16"} <= set(names)

@@ -16,6 +16,8 @@ from pathlib import Path
 from mgral.errors import ConfigError, MgralError
 
 EXIT_USAGE = 2
+FORMATS = ["coco", "voc", "yolo"]
+LAYOUTS = ["voc0712", "coco2017"]  # read-only: the published data sets' folders (mgral.data.formats)
 
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
@@ -200,9 +202,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mgral.loop import run_experiment
 
     config = load_config(args.config, args.set)
+    if args.dry_run:
+        return _dry_run(config, args)
     out = args.out or Path("runs") / config.name
     run_experiment(config, out, resume=args.resume)
     print(f"run finished: {out} (next: mgral report {out})")
+    return 0
+
+
+def _dry_run(config, args: argparse.Namespace) -> int:
+    import tempfile
+
+    from mgral.protocols import dry_run
+
+    if args.resume:
+        raise ConfigError("--dry-run starts a fresh micro run; drop --resume")
+    with tempfile.TemporaryDirectory(prefix="mgral-dry-run-") as tmp:
+        out = args.out if args.out is not None else Path(tmp)
+        result = dry_run(config, out)
+        print(result.summary())
+        print(f"dry run passed: {args.config} runs on its data{f' (files in {out})' if args.out else ''}")
     return 0
 
 
@@ -283,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path)
     p.add_argument("--to", required=True, choices=["coco", "voc", "yolo"])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"], help="source format (default: detected)")
+    p.add_argument("--from", dest="from_", choices=FORMATS + LAYOUTS, help="source format (default: detected)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-copy-images", action="store_true", help="write annotations only")
     _add_read_options(p)
@@ -291,14 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="read a dataset, validate it and print a summary")
     p.add_argument("path", type=Path)
-    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"])
+    p.add_argument("--from", dest="from_", choices=FORMATS + LAYOUTS)
     p.add_argument("--no-check-files", action="store_true", help="do not check that image files exist")
     _add_read_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("evaluate", help="mAP of predictions against ground truth")
     p.add_argument("--gt", type=Path, required=True, help="ground truth dataset (COCO / VOC / YOLO)")
-    p.add_argument("--gt-format", choices=["coco", "voc", "yolo"], help="ground truth format (default: detected)")
+    p.add_argument("--gt-format", choices=FORMATS + LAYOUTS, help="ground truth format (default: detected)")
     p.add_argument("--pred", type=Path, required=True, help="COCO results list (or a COCO dataset with scores)")
     p.add_argument("--style", choices=["coco", "voc07", "voc12"], default="coco")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -343,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (start it if there is none yet)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config on its data: read the whole dataset, run one micro cycle of every strategy on a few "
+        "of its images (into --out, default a temporary folder), time the detector on this device and print the "
+        "full run's estimated hours",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

@@ -51,10 +51,15 @@ class DatasetConfig(_Section):
     ``synth`` (the parameters of :class:`mgral.data.synth.SynthConfig`, e.g.
     ``{images: 600, seed: 0}``): if ``path`` does not exist, generate the built-in digits
     scenes there first. ``test_split`` must not be one of the ``pool_splits``.
+
+    ``format: voc0712`` / ``coco2017`` read the published data sets in their standard
+    folders (:mod:`mgral.data.voc0712`, :mod:`mgral.data.coco2017`). Their splits have the
+    layout's names, and ``pool_splits`` / ``test_split`` default to the AL papers' choice:
+    ``[2007-trainval, 2012-trainval]`` / ``2007-test``, and ``[train2017]`` / ``val2017``.
     """
 
     path: str = Field(min_length=1)
-    format: Literal["coco", "voc", "yolo"] | None = None
+    format: Literal["coco", "voc", "yolo", "voc0712", "coco2017"] | None = None
     image_root: str | None = None
     pool_splits: list[str] = Field(default=["train"], min_length=1)
     test_split: str = "test"
@@ -77,8 +82,25 @@ class DatasetConfig(_Section):
                 raise ValueError(str(err).removeprefix("synth: ")) from err
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _layout_splits(cls, data: Any) -> Any:
+        """A layout's own split names, when the config leaves the splits out."""
+        if isinstance(data, dict) and data.get("format") in _LAYOUTS:
+            _, pool, test = _layout_splits(data["format"])
+            data = {"pool_splits": list(pool), "test_split": test, **data}
+        return data
+
     @model_validator(mode="after")
     def _check_splits(self) -> DatasetConfig:
+        if self.format in _LAYOUTS:
+            names, _, _ = _layout_splits(self.format)
+            for split in [*self.pool_splits, self.test_split]:
+                if split not in names:
+                    raise ValueError(
+                        f"split {split!r} is not one of the {self.format} layout's splits ({', '.join(names)}); "
+                        "leave pool_splits and test_split out for the AL papers' choice"
+                    )
         if self.test_split in self.pool_splits:
             raise ValueError(
                 f"test_split {self.test_split!r} is also a pool split ({self.pool_splits}); the test "
@@ -93,6 +115,15 @@ class DatasetConfig(_Section):
         from mgral.data.synth import SynthConfig
 
         return None if self.synth is None else SynthConfig(**self.synth)
+
+
+_LAYOUTS = ("voc0712", "coco2017")
+
+
+def _layout_splits(layout: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    from mgral.data.formats import LAYOUT_SPLITS  # the readers: only when a config names a layout
+
+    return LAYOUT_SPLITS[layout]
 
 
 class DetectorConfig(_Section):
@@ -158,6 +189,18 @@ class InitialConfig(_Section):
         return self
 
 
+class EvaluationConfig(_Section):
+    """How every cycle's model is scored on the test split: the record's ``mAP``.
+
+    ``coco``: mAP@[.5:.95] (cocoapi's protocol); ``voc07``: Pascal VOC 11-point AP at IoU 0.5
+    (the VOC07 test metric of the VOC AL papers); ``voc12``: all-point AP at IoU 0.5. Under the
+    VOC styles ``mAP50`` equals ``mAP`` and ``per_class`` holds AP@0.5; ``difficult`` objects
+    are ignored (COCO style ignores ``iscrowd`` ones).
+    """
+
+    style: Literal["coco", "voc07", "voc12"] = "coco"
+
+
 class OracleConfig(_Section):
     """Who labels the images the strategies pick.
 
@@ -187,6 +230,7 @@ class ExperimentConfig(_Section):
     cycles: int = Field(ge=0)
     seeds: list[NonNegInt] = Field(min_length=1)
     oracle: OracleConfig = OracleConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     executor: Literal["inline", "process", "ray"] = "inline"
     ray_address: str | None = None
     workers: int | None = Field(default=None, ge=1)
@@ -305,6 +349,8 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
         del data["initial"]["from_dataset"]
     if not data["reference_train"]:
         del data["reference_train"]  # likewise
+    if data["evaluation"] == EvaluationConfig().model_dump(mode="json"):
+        del data["evaluation"]  # likewise
     return data
 
 

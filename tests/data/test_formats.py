@@ -15,10 +15,10 @@ from mgral.errors import ConfigError, DatasetError
 
 
 def test_registry():
-    assert FORMATS.names() == ["coco", "voc", "yolo"]
+    assert FORMATS.names() == ["coco", "coco2017", "voc", "voc0712", "yolo"]  # the layouts: tests/test_protocols.py
     fmt = FORMATS.get("voc")
     assert isinstance(fmt, formats.Format) and fmt.read is voc.read and fmt.name == "voc" and fmt.summary
-    with pytest.raises(ConfigError, match="unknown format 'xml'; valid formats: coco, voc, yolo"):
+    with pytest.raises(ConfigError, match="unknown format 'xml'; valid formats: coco, coco2017, voc, voc0712, yolo"):
         FORMATS.get("xml")
 
 

@@ -1,4 +1,11 @@
-"""The dataset formats by name, format detection, and conversion between them."""
+"""The dataset formats by name, format detection, and conversion between them.
+
+Besides the three file formats, two read-only *layouts* name the published data sets in
+their standard folders: ``voc0712`` (a ``VOCdevkit`` with VOC2007 and VOC2012, see
+:mod:`mgral.data.voc0712`) and ``coco2017`` (train2017 + val2017, see
+:mod:`mgral.data.coco2017`). Their splits carry the layout's own names (``2007-trainval``,
+``train2017``, ...), listed in :data:`LAYOUT_SPLITS`.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +16,19 @@ from pathlib import Path
 from types import ModuleType
 
 from mgral._io import atomic_directory
-from mgral.data import coco, voc, yolo
+from mgral.data import coco, coco2017, voc, voc0712, yolo
 from mgral.data.records import Dataset
-from mgral.errors import DatasetError
+from mgral.errors import ConfigError, DatasetError
 from mgral.registry import Registry
 
 
 @dataclass(frozen=True)
 class Format:
-    """One dataset format: its reader, writer and sniffer (see :mod:`mgral.data.coco`)."""
+    """One dataset format: its reader, writer (None: a read-only layout) and sniffer (see :mod:`mgral.data.coco`)."""
 
     name: str
     read: Callable[..., Dataset]
-    write: Callable[..., None]
+    write: Callable[..., None] | None
     sniff: Callable[[Path], str | None]
     summary: str
 
@@ -31,12 +38,35 @@ FORMATS: Registry[Format] = Registry("format")
 
 def _register(module: ModuleType, summary: str) -> None:
     name = module.__name__.rsplit(".", 1)[-1]
-    FORMATS.add(name, Format(name, module.read, module.write, module.sniff, summary), summary)
+    FORMATS.add(name, Format(name, module.read, getattr(module, "write", None), module.sniff, summary), summary)
 
 
 _register(coco, "COCO detection JSON (a .json file, or a directory with one); keeps split, iscrowd, difficult")
 _register(voc, "Pascal VOC XML (Annotations/ + JPEGImages/, or LabelImg XML beside images); keeps difficult")
 _register(yolo, "YOLO txt labels (images/ + labels/ + data.yaml, Ultralytics layout); no flags")
+_register(voc0712, "layout (read-only): VOCdevkit/VOC2007 + VOC2012; splits 2007-trainval, 2012-trainval, 2007-test")
+_register(coco2017, "layout (read-only): COCO annotations/instances_*2017.json; splits train2017, val2017")
+
+LAYOUT_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "voc0712": (tuple(voc0712.SPLITS), voc0712.POOL_SPLITS, voc0712.TEST_SPLIT),
+    "coco2017": (coco2017.SPLITS, coco2017.POOL_SPLITS, coco2017.TEST_SPLIT),
+}
+"""Layout name -> (its split names, the AL papers' pool splits, their test split)."""
+
+_HINT = "pass --from coco|voc|yolo|voc0712|coco2017"
+
+
+def writable_format(name: str) -> Format:
+    """The format ``name``, which must have a writer.
+
+    Raises:
+        ConfigError: an unknown name, or a read-only layout.
+    """
+    fmt = FORMATS.get(name)
+    if fmt.write is None:
+        writable = ", ".join(e.name for e in FORMATS.entries() if e.obj.write is not None)
+        raise ConfigError(f"{name} is a read-only layout (the published data set's folders); write to {writable}")
+    return fmt
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -47,7 +77,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         DatasetError: ``path`` is missing, or no format or several formats match.
     """
     path = Path(path)
-    hint = "pass --from coco|voc|yolo"
+    hint = _HINT
     if not path.exists():
         raise DatasetError(f"{path}: no such file or directory")
     if path.is_file():
@@ -62,8 +92,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return found[0][0]
     if not found:
         raise DatasetError(
-            f"{path}: found no dataset: expected a COCO .json file, VOC Annotations/ or XML files, or YOLO "
-            f"images/ and labels/; {hint}"
+            f"{path}: found no dataset: expected a COCO .json file, VOC Annotations/ or XML files, YOLO "
+            f"images/ and labels/, a VOCdevkit with VOC2007/ and VOC2012/, or COCO's annotations/instances_*2017.json; "
+            f"{hint}"
         )
     what = " and ".join(f"{name.upper()} ({reason})" for name, reason in found)
     raise DatasetError(f"{path}: found {what}; {hint}")
@@ -94,11 +125,11 @@ def write_dataset(
     The directory is built beside ``out`` and moved into place only when complete.
 
     Raises:
-        ConfigError: an unknown format name.
+        ConfigError: an unknown format name, or a read-only layout.
         DatasetError: ``out`` exists and is not empty (without ``overwrite``), or the writer
             refuses the dataset (e.g. a missing image).
     """
-    fmt = FORMATS.get(format)
+    fmt = writable_format(format)
     out = Path(out)
     try:
         with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -123,10 +154,10 @@ def convert(
     The whole source is validated before anything is written. Returns the dataset read.
 
     Raises:
-        ConfigError: an unknown format name.
+        ConfigError: an unknown format name, or a read-only target layout.
         DatasetError: as :func:`read_dataset` and :func:`write_dataset`.
     """
-    FORMATS.get(to)  # an unknown target format fails before the source is read
+    writable_format(to)  # an unknown or read-only target fails before the source is read
     dataset = read_dataset(src, from_, **read_opts)
     write_dataset(dataset, dst, to, overwrite=overwrite, copy_images=copy_images)
     return dataset

@@ -141,7 +141,8 @@ class ImageRecord:
     """One image: its stable id, where its file is, its size, its split and its ground truth.
 
     ``file_name`` is a POSIX path relative to the dataset's image root.
-    ``split`` is ``"train"``, ``"val"``, ``"test"`` or ``None`` (unassigned).
+    ``split`` is ``"train"``, ``"val"``, ``"test"`` or ``None`` (unassigned); the read-only layouts
+    of the published data sets use their own names (``2007-trainval``, ``train2017``, ...).
     """
 
     id: ImageId

@@ -9,6 +9,10 @@ Two layouts are read:
   ``pinochle-cards/images/{train,test}/``); split = the parent folder's name when it is
   ``train``/``val``/``test``. Image id = see :func:`path_ids`.
 
+A ``VOCdevkit`` folder holding several years (``VOC2007/``, ``VOC2012/``) is the ``voc0712``
+layout (:mod:`mgral.data.voc0712`, which reuses this module's reader per annotation file);
+this reader refuses it with that hint.
+
 VOC corners are 1-based inclusive integers: ``xmin..xmax`` maps to ``[xmin - 1, xmax]``
 (see :mod:`mgral.data.records`); writing rounds back to integers. VOC stores only class
 names: category ids are ``1..K`` in the order of a names file at the root (``labels.txt``,
@@ -57,7 +61,7 @@ _CORNERS = ("xmin", "ymin", "xmax", "ymax")
 # -- reading ---------------------------------------------------------------------------------
 
 
-class _ImageFinder:
+class ImageFinder:
     """Finds image files below ``root``, falling back to case-insensitive matches
     (Pinochle mixes ``.JPG`` and ``.jpg``) and to ``<stem>.<any image suffix>``."""
 
@@ -166,16 +170,20 @@ def _read_xml(file: Path, *, source: str, image_id: str, clip: bool) -> tuple[st
     return filename, width, height, objects
 
 
+def split_file_ids(path: Path) -> list[tuple[int, str]]:
+    """(line number, image id) of each non-blank line of an ``ImageSets/Main/<split>.txt`` file
+    (the id is the line's first word: the per-class files add a ``1``/``-1`` flag after it)."""
+    lines = read_text(path, what="image ids, one a line").splitlines()
+    return [(n, line.split()[0]) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
 def _devkit_splits(root: Path, ids: set[str]) -> dict[str, str]:
     splits: dict[str, str] = {}
     for split in SPLITS:
         path = root / "ImageSets" / "Main" / f"{split}.txt"
         if not path.is_file():
             continue
-        for n, line in enumerate(read_text(path, what="image ids, one a line").splitlines(), start=1):
-            if not line.strip():
-                continue
-            image_id = line.split()[0]
+        for n, image_id in split_file_ids(path):
             if image_id not in ids:
                 raise DatasetError(
                     f"{path}: line {n}: image {image_id!r} has no Annotations/{image_id}.xml "
@@ -208,6 +216,53 @@ def _categories(
     return [Category(i, n) for i, n in enumerate(listed, start=1)]
 
 
+def read_record(
+    file: Path,
+    *,
+    image_id: str,
+    image_dir: str,
+    finder: ImageFinder,
+    split: str | None,
+    check_files: bool,
+    clip_boxes: bool,
+) -> tuple[ImageRecord, list[str]]:
+    """One annotation file as an :class:`ImageRecord` (labels still 0: see :func:`set_labels`)
+    and its objects' class names. ``image_dir`` is where the image is looked up, relative to
+    ``finder.root``.
+
+    Raises:
+        DatasetError: as :func:`read`, naming ``file``.
+    """
+    filename, width, height, objects = _read_xml(file, source=str(file), image_id=image_id, clip=clip_boxes)
+    file_name = finder.find(image_dir, filename, file.stem)
+    if file_name is None:
+        file_name = str(PurePosixPath(image_dir, filename or f"{file.stem}.jpg"))
+        if check_files:
+            raise DatasetError(
+                f"{file}: {describe_image(image_id, filename)}: no image file {file_name!r} (nor "
+                f"{file.stem}.<jpg|png|...>) under {str(finder.root)!r}; pass the right image root or "
+                "check_files=False / --no-check-files"
+            )
+    boxes = np.array([box for box, _, _ in objects], dtype=np.float32).reshape(-1, 4)
+    target = Target(boxes, np.zeros(len(boxes)), difficult=[d for *_, d in objects])
+    return ImageRecord(image_id, file_name, width, height, split, target), [name for _, name, _ in objects]
+
+
+def set_labels(records: list[ImageRecord], object_names: list[list[str]], categories: list[Category]) -> None:
+    """Set each record's labels from its objects' class names (every name must be a category's)."""
+    category_ids = {c.name: c.id for c in categories}
+    for rec, names in zip(records, object_names, strict=True):
+        rec.target.labels = np.array([category_ids[n] for n in names], dtype=np.int64)
+
+
+def year_dirs(root: Path) -> list[str]:
+    """The ``VOC<year>`` devkits directly below ``root`` (a ``VOCdevkit`` folder), sorted."""
+    try:
+        return sorted(p.name for p in root.iterdir() if p.name.startswith("VOC") and (p / "Annotations").is_dir())
+    except OSError:
+        return []
+
+
 def read(
     path: str | os.PathLike[str],
     *,
@@ -229,6 +284,13 @@ def read(
     if not root.is_dir():
         raise DatasetError(f"{root}: expected a VOC dataset directory (Annotations/ or XML files beside images)")
     devkit = (root / "Annotations").is_dir()
+    years = [] if devkit else year_dirs(root)
+    if years:
+        raise DatasetError(
+            f"{root}: a VOCdevkit folder with {', '.join(y + '/' for y in years)} rather than one VOC dataset; read "
+            f"it with format voc0712 (VOC2007 trainval + test and VOC2012 trainval), or point the path at one of "
+            f"{', '.join(years)}"
+        )
     xml_files = sorted((root / "Annotations").glob("*.xml") if devkit else root.rglob("*.xml"))
     if not xml_files:
         raise DatasetError(
@@ -237,32 +299,27 @@ def read(
     rel_xml = [f.relative_to(root).as_posix() for f in xml_files]
     ids = [f.stem for f in xml_files] if devkit else path_ids(rel_xml)
     splits = _devkit_splits(root, set(ids)) if devkit else {}
-    finder = _ImageFinder(Path(image_root) if image_root is not None else root)
+    finder = ImageFinder(Path(image_root) if image_root is not None else root)
 
     records, object_names = [], []
     for file, rel, image_id in zip(xml_files, rel_xml, ids, strict=True):
-        filename, width, height, objects = _read_xml(file, source=str(file), image_id=image_id, clip=clip_boxes)
         rel_dir = "JPEGImages" if devkit else str(PurePosixPath(rel).parent)
-        file_name = finder.find(rel_dir, filename, file.stem)
-        if file_name is None:
-            file_name = str(PurePosixPath(rel_dir, filename or f"{file.stem}.jpg"))
-            if check_files:
-                raise DatasetError(
-                    f"{file}: {describe_image(image_id, filename)}: no image file {file_name!r} (nor "
-                    f"{file.stem}.<jpg|png|...>) under {str(finder.root)!r}; pass the right image root or "
-                    "check_files=False / --no-check-files"
-                )
         parent = PurePosixPath(rel).parent.name
         split = splits.get(image_id) if devkit else (parent if parent in SPLITS else None)
-        boxes = np.array([box for box, _, _ in objects], dtype=np.float32).reshape(-1, 4)
-        target = Target(boxes, np.zeros(len(boxes)), difficult=[d for *_, d in objects])  # labels set below
-        records.append(ImageRecord(image_id, file_name, width, height, split, target))
-        object_names.append([name for _, name, _ in objects])
+        rec, names = read_record(
+            file,
+            image_id=image_id,
+            image_dir=rel_dir,
+            finder=finder,
+            split=split,
+            check_files=check_files,
+            clip_boxes=clip_boxes,
+        )
+        records.append(rec)
+        object_names.append(names)
 
     categories = _categories(root, records, object_names, xml_files)
-    category_ids = {c.name: c.id for c in categories}
-    for rec, names in zip(records, object_names, strict=True):
-        rec.target.labels = np.array([category_ids[n] for n in names], dtype=np.int64)
+    set_labels(records, object_names, categories)
     dataset = Dataset(finder.root, categories, records)
     if check_files:
         check_images_exist(dataset, source=str(root))
@@ -345,6 +402,8 @@ def sniff(path: Path) -> str | None:
         return None
     if (path / "Annotations").is_dir():
         return "contains Annotations/"
+    if year_dirs(path):
+        return None  # a VOCdevkit of several years: the voc0712 layout's
     for xml in path.rglob("*.xml"):
         try:
             with xml.open("rb") as fh:

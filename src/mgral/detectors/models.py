@@ -12,7 +12,9 @@ Presets:
 * ``mobilenet_v2_fpn``: Faster R-CNN on MobileNetV2-FPN with slim RPN/RoI settings at
   320 px (CPU-trainable on small real datasets).
 * paper-scale (GPU): ``fasterrcnn_resnet50_fpn``, ``retinanet_resnet50_fpn``,
-  ``ssd300_vgg16``, ``fcos_resnet50_fpn``, ``fasterrcnn_mobilenet_v3_large_fpn``.
+  ``ssd300_vgg16``, ``fcos_resnet50_fpn``, ``fasterrcnn_mobilenet_v3_large_fpn``;
+  ``pretrained: true`` starts from torchvision's COCO weights, ``pretrained_backbone: true``
+  from the ImageNet backbone alone (the AL papers' start), both read from torchvision's cache.
 """
 
 from __future__ import annotations
@@ -252,13 +254,63 @@ def torchvision_cache_file(fn_name: str) -> tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
 
 
+def torchvision_backbone_file(fn_name: str) -> tuple[Any, Path, str]:
+    """The ImageNet backbone weights torchvision's ``fn_name`` builder starts from by default
+    (its ``weights_backbone`` default, e.g. ``VGG16_Weights.IMAGENET1K_FEATURES`` for
+    ``ssd300_vgg16``, ``ResNet50_Weights.IMAGENET1K_V1`` for the ResNet-50 presets): the enum
+    member, where torchvision's cache keeps its file (named as :func:`torchvision_cache_file`
+    names the COCO weights: the URL's last part), and its URL."""
+    import inspect
+
+    from torchvision.models import detection
+
+    member = inspect.signature(getattr(detection, fn_name)).parameters["weights_backbone"].default
+    return member, Path(torch.hub.get_dir()) / "checkpoints" / member.url.rsplit("/", 1)[-1], member.url
+
+
 def _torchvision_builder(fn_name: str):
-    def build(num_classes: int, weights: Path | None = None, *, pretrained: bool = False, **params: Any) -> nn.Module:
+    def build(
+        num_classes: int,
+        weights: Path | None = None,
+        *,
+        pretrained: bool = False,
+        pretrained_backbone: bool = False,
+        **params: Any,
+    ) -> nn.Module:
         """``pretrained=True`` loads torchvision's COCO weights from its cache directory
-        (never downloading); the class-dependent head layers stay freshly initialised."""
+        (never downloading); the class-dependent head layers stay freshly initialised.
+        ``pretrained_backbone=True`` starts from the ImageNet backbone of the papers instead
+        (VGG16 for SSD, ResNet-50 for RetinaNet), read from the same cache, with torchvision's
+        recipe for it: frozen BatchNorm statistics and, for ResNets, the first layers frozen
+        (``trainable_backbone_layers``, default 3)."""
         from torchvision.models import detection
 
-        model = getattr(detection, fn_name)(weights=None, weights_backbone=None, num_classes=num_classes, **params)
+        if pretrained and pretrained_backbone:
+            raise ConfigError(
+                f"{fn_name}: pretrained (COCO weights, backbone included) and pretrained_backbone (ImageNet backbone "
+                "only) exclude each other; set one"
+            )
+        backbone = None
+        if pretrained_backbone and weights is None:
+            backbone, file, url = torchvision_backbone_file(fn_name)
+            if not file.is_file():
+                raise ConfigError(
+                    f"{fn_name}: the ImageNet backbone weights are not in torchvision's cache and mgral never "
+                    f"downloads; place {file.name} (from {url}) at {file} (the folder is $TORCH_HOME/hub/checkpoints), "
+                    "or set pretrained_backbone: false"
+                )
+        try:
+            # with the file in the cache, torchvision loads it from there (it downloads only what is missing)
+            model = getattr(detection, fn_name)(
+                weights=None, weights_backbone=backbone, num_classes=num_classes, **params
+            )
+        except Exception as err:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError)
+            if backbone is None:
+                raise
+            raise ConfigError(
+                f"{fn_name}: the ImageNet backbone file {str(file)!r} could not be loaded ({type(err).__name__}: "
+                f"{err}); replace it with the file from {url}"
+            ) from err
         if pretrained and weights is None:
             file, url = torchvision_cache_file(fn_name)
             if not file.is_file():

@@ -412,10 +412,11 @@ def render_html(
         "runs": [str(d) for d in table.run_dirs],
         "strategies": [r.label if r.label == r.strategy_name else f"{r.label} ({r.strategy_name})" for r in table.rows],
         "seeds": ", ".join(map(str, table.seed_list)),
+        "metric": table.metric,
         "reference": (
             "none"
             if table.reference_map is None
-            else f"test mAP@[.5:.95] {table.reference_map:.4f} (mean over {table.reference_seeds} seed(s))"
+            else f"test {table.metric} {table.reference_map:.4f} (mean over {table.reference_seeds} seed(s))"
         ),
         "figures": [figure(caption, path) for caption, path in figures],
         "results": _results(table),

@@ -17,6 +17,9 @@ import numpy as np
 from mgral.errors import RunError
 from mgral.runs import CYCLES_FILE, RunDir, list_series, read_cycle_records
 
+METRIC_NAMES = {"coco": "mAP@[.5:.95]", "voc07": "VOC07 AP@0.5", "voc12": "VOC12 AP@0.5"}
+"""What a record's ``mAP`` is, by the run's ``evaluation.style`` (config.yaml; absent: ``coco``)."""
+
 REFERENCE_LABEL = "reference"
 """The series directory of the full-data reference: ``RUN/reference/seed-<s>/cycles.jsonl``."""
 
@@ -152,6 +155,28 @@ def reference_map(reference: dict[int, dict[str, Any]] | None, metric: str = "mA
         return None
     values = [_number(r, metric) for r in reference.values()]
     return float(np.mean(values)) if not all(math.isnan(v) for v in values) else None
+
+
+def metric_name(run_dirs: Sequence[str | Path]) -> str:
+    """What the runs' ``mAP`` is (:data:`METRIC_NAMES`), from their recorded ``evaluation.style``;
+    a run without a readable config counts as ``coco`` (the only style before the option).
+
+    Raises:
+        RunError: runs scored with different metrics (their curves cannot share an axis).
+    """
+    styles: dict[str, Path] = {}
+    for run_dir in map(Path, run_dirs):
+        try:
+            evaluation = RunDir(run_dir).config().get("evaluation")
+        except RunError:
+            evaluation = None
+        style = evaluation.get("style", "coco") if isinstance(evaluation, dict) else "coco"
+        styles.setdefault(str(style), run_dir)
+    if len(styles) > 1:
+        shown = ", ".join(f"{d} ({s})" for s, d in styles.items())
+        raise RunError(f"the runs score their models with different metrics: {shown}; report them separately")
+    style = next(iter(styles), "coco")
+    return METRIC_NAMES.get(style, style)
 
 
 def run_title(run_dirs: Sequence[str | Path]) -> str:

@@ -33,6 +33,7 @@ def plot_curves(
     reference: dict[int, dict[str, Any]] | None = None,
     title: str | None = None,
     formats: Sequence[str] = ("png", "svg"),
+    y_label: str | None = None,
 ) -> list[Path]:
     """Draw the AL curves and write ``curves_<images|boxes|cost>[_<metric>].<format>`` to ``out_dir``.
 
@@ -77,8 +78,9 @@ def plot_curves(
         if full is not None:
             ax.axhline(full, color="0.25", linestyle="--", linewidth=1.2, label=f"full data ({full:.3f})")
         ax.set_xlabel(X_LABELS[x_key])
-        ax.set_ylabel(Y_LABELS[metric])
-        ax.set_title(f"{title}: {Y_LABELS[metric]}" if title else Y_LABELS[metric])
+        y_label = y_label or Y_LABELS[metric]  # e.g. "test VOC07 AP@0.5" for a VOC-style run
+        ax.set_ylabel(y_label)
+        ax.set_title(f"{title}: {y_label}" if title else y_label)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
         stem = f"curves_{_STEMS[x_key]}" + ("" if metric == "mAP" else f"_{metric}")

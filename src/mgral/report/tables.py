@@ -18,6 +18,7 @@ from mgral.report.load import (
     load_mgral_diagnostics,
     load_reference,
     load_series,
+    metric_name,
     reference_map,
     run_title,
 )
@@ -72,6 +73,8 @@ class Table:
     reference_seeds: int
     run_dirs: list[Path]
     seed_list: list[int]
+    metric: str = "mAP@[.5:.95]"
+    """What ``mAP`` is (:func:`~mgral.report.load.metric_name`)."""
 
 
 def _mean_finite(values: np.ndarray) -> float:
@@ -155,6 +158,7 @@ def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, 
         reference_seeds=len(reference or {}),
         run_dirs=list(dict.fromkeys(s.run_dir for s in series_list)),
         seed_list=sorted({s.seed for s in series_list}),
+        metric=metric_name(list(dict.fromkeys(s.run_dir for s in series_list))),
     )
 
 
@@ -199,14 +203,14 @@ def _markdown(table: Table) -> str:
     names = ", ".join(r.label if r.label == r.strategy_name else f"{r.label} ({r.strategy_name})" for r in table.rows)
     full = "none"
     if table.reference_map is not None:
-        full = f"test mAP@[.5:.95] {table.reference_map:.4f} (mean over {table.reference_seeds} seed(s))"
+        full = f"test {table.metric} {table.reference_map:.4f} (mean over {table.reference_seeds} seed(s))"
     lines = [
         f"# Active-learning results: {run_title(table.run_dirs)}",
         "",
         f"- Runs: {runs}",
         f"- Strategies: {names}; seeds: {', '.join(map(str, table.seed_list))}",
         f"- Full-data reference: {full}",
-        "- `cK (N imgs)`: test mAP@[.5:.95] after cycle K (N labeled images, mean), as mean ± sample std "
+        f"- `cK (N imgs)`: test {table.metric} after cycle K (N labeled images, mean), as mean ± sample std "
         "over seeds (ddof=1; 0 with one seed).",
         "- nAUC: normalized area under the curve of mAP vs labeled images: trapezoid area divided by "
         "(last - first labeled count), i.e. the mean mAP over the labeling range (0..1); mean ± std over seeds.",
@@ -295,10 +299,11 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
 
     series, reference = load_series(run_dirs), load_reference(run_dirs)
     out, title = Path(out_dir), run_title(run_dirs)
-    images = plot_curves(series, out, x_key="num_labeled", reference=reference, title=title)
-    boxes = plot_curves(series, out, x_key="num_boxes_labeled", reference=reference, title=title)
-    map50 = plot_curves(series, out, metric="mAP50", reference=reference, title=title, formats=("png",))
     table = results_table(series, reference)
+    label = f"test {table.metric}"
+    images = plot_curves(series, out, x_key="num_labeled", reference=reference, title=title, y_label=label)
+    boxes = plot_curves(series, out, x_key="num_boxes_labeled", reference=reference, title=title, y_label=label)
+    map50 = plot_curves(series, out, metric="mAP50", reference=reference, title=title, formats=("png",))
     write_csv(table, out / "results.csv")
     write_selections(run_dirs, out / "selections.csv")
     from mgral.report.diversity import diversity_markdown
@@ -307,8 +312,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     diagnostics = load_mgral_diagnostics(run_dirs)
     drawing = plot_mgral_diagnostics(diagnostics, out)[-1] if diagnostics else None
     figures = [
-        ("test mAP@[.5:.95] vs labeled images", images[-1]),
-        ("test mAP@[.5:.95] vs labeled boxes", boxes[-1]),
+        (f"{label} vs labeled images", images[-1]),
+        (f"{label} vs labeled boxes", boxes[-1]),
         ("test mAP50 vs labeled images", map50[-1]),
     ]
     write_html(
