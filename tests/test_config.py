@@ -194,3 +194,22 @@ def test_reference_label_is_reserved():
 
     with pytest.raises(ValueError, match="reserved for the full-data reference"):
         StrategySpec(name="random", label="reference")
+
+
+def test_gpus_are_for_ray_series_and_not_part_of_what_a_run_computes(tmp_path):
+    from mgral.config import EXECUTION_KEYS, config_from_dict
+
+    base = {
+        "name": "x",
+        "dataset": {"path": str(tmp_path)},
+        "detector": {"preset": "tiny"},
+        "strategies": [{"name": "random"}],
+        "initial": {"size": 2},
+        "budget": 1,
+        "cycles": 1,
+        "seeds": [0],
+    }
+    assert config_from_dict({**base, "executor": "ray", "gpus": 1}).gpus == 1
+    with pytest.raises(ConfigError, match="gpus is set but executor is 'process'; only Ray places series on GPUs"):
+        config_from_dict({**base, "executor": "process", "gpus": 1})
+    assert "gpus" in EXECUTION_KEYS

@@ -239,6 +239,9 @@ class ExperimentConfig(_Section):
     threads: int | None = Field(default=None, ge=1)
     """Torch threads per series (default: torch's own for inline, 1 for process / ray, so that
     ``workers`` series do not oversubscribe the cores). Also what each Ray task reserves."""
+    gpus: float = Field(default=0, ge=0)
+    """GPUs each series reserves under ``executor: ray`` (e.g. 1: one series per GPU of the
+    cluster, each seeing only its own as ``cuda``). 0: CPU series."""
     full_data_reference: bool = False
     reference_train: dict[str, Any] = {}
     """Training overrides for the full-data reference run, on top of ``detector.train`` (e.g.
@@ -256,6 +259,11 @@ class ExperimentConfig(_Section):
                 )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed; list each seed once")
+        if self.gpus and self.executor != "ray":
+            raise ValueError(
+                f"gpus is set but executor is {self.executor!r}; only Ray places series on GPUs (executor: ray), "
+                "inline and process runs use detector.device"
+            )
         if self.reference_train and not self.full_data_reference:
             raise ValueError("reference_train is set but full_data_reference is false; set it to true or remove it")
         if self.ray_address is not None and self.executor != "ray":
@@ -336,7 +344,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Expe
         raise ConfigError("\n".join(_describe(e, source) for e in err.errors())) from err
 
 
-EXECUTION_KEYS = ("executor", "ray_address", "workers", "threads")
+EXECUTION_KEYS = ("executor", "ray_address", "workers", "threads", "gpus")
 """Where and how parallel a run executes: not part of what it computes, so a run may be
 resumed with other values (e.g. started inline, continued on a Ray cluster)."""
 

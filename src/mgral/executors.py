@@ -91,13 +91,20 @@ class RayExecutor(InlineExecutor):
 
     kind = "ray"
 
-    def __init__(self, address: str | None = None, *, workers: int | None = None, cpus_per_job: float = 1) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        workers: int | None = None,
+        cpus_per_job: float = 1,
+        gpus_per_job: float = 0,
+    ) -> None:
         try:
             import ray
         except ImportError as err:  # a dependency of mgral, so only a broken install lands here
             raise ConfigError("executor 'ray' needs the ray package: pip install 'ray>=2.40'") from err
         self._ray = ray
-        self.cpus_per_job = cpus_per_job
+        self.cpus_per_job, self.gpus_per_job = cpus_per_job, gpus_per_job
         self._started = False
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -111,12 +118,20 @@ class RayExecutor(InlineExecutor):
                     "`ray start --head`, or leave ray_address unset for a local Ray instance"
                 ) from err
             self._started = True
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus_per_job > gpus:  # Ray would wait forever for a GPU that never comes
+            self.close()
+            raise ConfigError(
+                f"each job asks for {gpus_per_job} GPU(s) but the Ray cluster has {gpus:g}; add GPU nodes or "
+                "set gpus to 0 (CPU jobs)"
+            )
 
     def map(self, fn, items, shared=None):
         if not items:
             return
         ray = self._ray
-        remote = ray.remote(num_cpus=self.cpus_per_job, max_retries=0)(fn)
+        # a task given a GPU sees only its own (Ray sets CUDA_VISIBLE_DEVICES): "cuda" is that one
+        remote = ray.remote(num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job, max_retries=0)(fn)
         shared_ref = ray.put(shared)
         refs = {remote.remote(item, shared_ref): i for i, item in enumerate(items)}
         pending = list(refs)
@@ -135,11 +150,16 @@ class RayExecutor(InlineExecutor):
 
 
 def make_executor(
-    kind: str, *, workers: int | None = None, ray_address: str | None = None, cpus_per_job: float = 1
+    kind: str,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    cpus_per_job: float = 1,
+    gpus_per_job: float = 0,
 ) -> InlineExecutor:
     """Build the executor named ``kind`` (``inline``, ``process`` or ``ray``); use it as a
     context manager so a local Ray instance or process pool is shut down afterwards.
-    ``cpus_per_job``: what each Ray task reserves (the threads it uses).
+    ``cpus_per_job`` / ``gpus_per_job``: what each Ray task reserves (the threads it uses; its GPU).
 
     Raises:
         ConfigError: an unknown kind, or a Ray cluster that cannot be reached.
@@ -149,5 +169,5 @@ def make_executor(
     if kind == "process":
         return ProcessExecutor(workers)
     if kind == "ray":
-        return RayExecutor(ray_address, workers=workers, cpus_per_job=cpus_per_job)
+        return RayExecutor(ray_address, workers=workers, cpus_per_job=cpus_per_job, gpus_per_job=gpus_per_job)
     raise ConfigError(f"unknown executor {kind!r}; valid: {', '.join(EXECUTORS)}")

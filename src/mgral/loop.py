@@ -246,7 +246,11 @@ def _run_parallel(exp: Experiment) -> None:
         f"executor, {threads} torch thread(s) each"
     )
     with make_executor(
-        config.executor, workers=config.workers, ray_address=config.ray_address, cpus_per_job=threads
+        config.executor,
+        workers=config.workers,
+        ray_address=config.ray_address,
+        cpus_per_job=threads,
+        gpus_per_job=config.gpus,
     ) as executor:
         for phase in (first, series):
             phase = [t for t in phase if not (t[0] == _SERIES and (_CYCLE0, "", t[2]) in failures)]

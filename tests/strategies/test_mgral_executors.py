@@ -68,3 +68,13 @@ def test_results_come_back_by_index_and_failures_surface():
 def test_unknown_executor_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown executor 'slurm'; valid: inline, process, ray"):
         make_executor("slurm")
+
+
+def test_ray_jobs_asking_for_gpus_the_cluster_lacks_are_refused_not_left_waiting():
+    import ray
+
+    from mgral.executors import RayExecutor
+
+    with pytest.raises(ConfigError, match=r"each job asks for 1 GPU\(s\) but the Ray cluster has 0"):
+        RayExecutor(workers=1, gpus_per_job=1)
+    assert not ray.is_initialized()  # the local instance it started is shut down again
