@@ -150,23 +150,25 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
     config = RunDir(run_dir).config()
     wall = read_wall(run_dir)
     total = sum(e["seconds"] for e in wall)
+    initial = {k: v for k, v in config["initial"].items() if v is not None}
     lines = [
         f"# {name}: how these results were made",
         "",
-        f"- Command: `{command}`",
+        f"- Regenerate: `.venv/bin/python benchmarks/al_benchmark.py {name}` (resumes the run in `runs/al-benchmark/"
+        f"{name}` if it is there; the published files were last written by `{command}`)",
         f"- Config: `benchmarks/configs/{name}.yaml` (resolved copy in the run directory's config.yaml)",
         f"- Wall time: {total / 3600:.2f} h over {len(wall)} invocation(s) (a resumed run adds one):",
     ]
     lines += [
         f"  - {e['started']}: {e['seconds'] / 3600:.2f} h on {e.get('machine', '?')}, executor {e.get('executor')}, "
-        f"{e.get('workers')} worker(s) x {e.get('threads')} thread(s)"
+        f"{e.get('workers')} worker(s) x {e.get('threads')} thread(s), `{e.get('command', '?')}`"
         for e in wall
     ]
     lines += [
         f"- Detector: `{config['detector']['preset']}`, training {json.dumps(config['detector']['train'])}, "
         f"warm start {config['detector'].get('warm_start', False)}; reference training "
         f"{json.dumps(config.get('reference_train', {}))}",
-        f"- Budget: {config['initial']} initial, {config['budget']} per cycle, {config['cycles']} cycles; seeds "
+        f"- Budget: initial {initial}, {config['budget']} per cycle, {config['cycles']} cycles; seeds "
         f"{config['seeds']}",
         "- Per-phase seconds in results.md are per series-cycle on one worker (1 torch thread, 2 workers sharing "
         "the cores); cycle 0's model and pool predictions are made once per seed and shared by every strategy.",
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             config = load_config(path, overrides)
             note = {
+                "command": command.strip(),
                 "machine": machine(),
                 "executor": config.executor,
                 "workers": config.workers,
