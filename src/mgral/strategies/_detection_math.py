@@ -3,6 +3,8 @@
 * :func:`box_distributions`: every box's class distribution ``[N, K + 1]`` (background in
   column 0, then the dataset's categories in order), checked against the dataset.
 * :func:`box_columns`: the distribution column of each box's predicted label.
+* :func:`flatten_detections`: many images' detections as concatenated arrays (what the
+  vectorized strategies work on), with the same checks as the per-image functions.
 * :func:`box_iou`: pairwise IoU of xyxy boxes (``torchvision.ops.box_iou``).
 * :func:`js_divergence`: Jensen-Shannon divergence in bits, in ``[0, 1]``.
 * :func:`canonical_order`: pool ids in a fixed order, so that ``rng`` breaks ties the same
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -74,6 +77,72 @@ def box_distributions(det: Detections, columns: dict[int, int], image_id: ImageI
     out[:, 0] = 1.0 - s
     out[np.arange(len(det)), box_columns(det, columns, image_id)] += s
     return out
+
+
+@dataclass(frozen=True)
+class FlatDetections:
+    """Detections of ``P`` images concatenated image after image (``T`` boxes in all).
+
+    Attributes:
+        counts: int64 ``[P]`` boxes per image.
+        boxes: float32 ``[T, 4]``; scores: float32 ``[T]``; cols: int64 ``[T]`` each box's
+            distribution column (1..K, :func:`box_columns`).
+        probs: ``[T, K + 1]`` (:func:`box_distributions` once cast to float64: the detectors'
+            float32 rows are kept as they are), or None when not asked for.
+    """
+
+    counts: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    cols: np.ndarray
+    probs: np.ndarray | None
+
+    @property
+    def starts(self) -> np.ndarray:
+        """int64 ``[P]``: each image's first row."""
+        return np.cumsum(self.counts) - self.counts
+
+    @property
+    def image(self) -> np.ndarray:
+        """int64 ``[T]``: each box's image (0..P-1)."""
+        return np.repeat(np.arange(len(self.counts)), self.counts)
+
+
+def flatten_detections(
+    dets: Sequence[Detections],
+    image_ids: Sequence[ImageId],
+    columns: dict[int, int],
+    *,
+    distributions: bool = True,
+) -> FlatDetections:
+    """``dets`` (of ``image_ids``) as one :class:`FlatDetections`: the rows equal what
+    :func:`box_columns` and :func:`box_distributions` give image by image (``probs`` after a
+    cast to float64; left float32 when every image has float32 ``probs``).
+
+    Raises:
+        ConfigError: as :func:`box_columns` / :func:`box_distributions` would, naming the image.
+    """
+    counts = np.fromiter((len(d) for d in dets), dtype=np.int64, count=len(dets))
+    boxes = np.concatenate([d.boxes for d in dets]) if dets else np.zeros((0, 4), np.float32)
+    scores = np.concatenate([d.scores for d in dets]) if dets else np.zeros(0, np.float32)
+    labels = np.concatenate([d.labels for d in dets]) if dets else np.zeros(0, np.int64)
+    keys = np.array(sorted(columns), dtype=np.int64)
+    values = np.array([columns[int(k)] for k in keys], dtype=np.int64)
+    pos = np.minimum(np.searchsorted(keys, labels), max(len(keys) - 1, 0))
+    known = keys[pos] == labels if len(keys) else np.zeros(len(labels), dtype=bool)
+    if not known.all():
+        k = int(np.searchsorted(np.cumsum(counts), np.flatnonzero(~known)[0], side="right"))
+        box_columns(dets[k], columns, image_ids[k])  # raises, naming the image
+    cols = values[pos] if len(keys) else np.zeros(0, np.int64)
+    probs = None
+    if distributions:
+        width = len(columns) + 1
+        if all(d.probs is not None and d.probs.shape[1] == width for d in dets):
+            probs = np.concatenate([d.probs for d in dets]) if dets else np.zeros((0, width))
+        else:
+            parts = [box_distributions(d, columns, i) for d, i in zip(dets, image_ids, strict=True)]
+            probs = np.concatenate(parts) if parts else np.zeros((0, width))
+    return FlatDetections(counts, boxes, scores, cols, probs)
 
 
 def hflip(image: torch.Tensor) -> torch.Tensor:

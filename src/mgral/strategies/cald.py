@@ -62,12 +62,13 @@ import torchvision.transforms.functional as TF
 from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import ConfigError
 from mgral.strategies._detection_math import (
+    FlatDetections,
     box_columns,
-    box_distributions,
     box_iou,
     canonical_order,
     category_columns,
     check_number,
+    flatten_detections,
     hflip,
     js_divergence,
     unflip_boxes,
@@ -157,6 +158,116 @@ def view_consistency(values: np.ndarray, base_point: float) -> float:
     there are no boxes; :class:`Cald` also scores a view without boxes 0)."""
     v = np.asarray(values, dtype=np.float64)
     return float(np.abs(v - base_point).min()) if v.size else 0.0
+
+
+def view_consistencies(ref: FlatDetections, aug: FlatDetections, base_point: float, max_pairs: int = 1 << 18):
+    """:func:`view_consistency` of :func:`box_consistency` for every image at once, float64 ``[P]``.
+
+    Args:
+        ref: each image's original boxes (those to match; ``probs`` required).
+        aug: each image's view boxes, already mapped back to the original image.
+        base_point: ``beta``.
+        max_pairs: most (original box, view box) pairs, padding included, held at once.
+
+    Equal, image for image, to the per-image functions (the same float64 operations on the
+    same numbers; the first view box of largest IoU is the match, as ``argmax`` takes it);
+    an image with no box on either side gets 0. Images are processed in blocks of similar
+    box counts, padded to the block's largest.
+    """
+    out = np.zeros(len(ref.counts))
+    live = np.flatnonzero((ref.counts > 0) & (aug.counts > 0))
+    if not live.size:
+        return out
+    live = live[np.lexsort((aug.counts[live], ref.counts[live]))]
+    nr_all, na_all = ref.counts[live], aug.counts[live]
+    ref_start, aug_start = ref.starts[live], aug.starts[live]
+    r_cols = [ref.boxes[:, j].astype(np.float64) for j in range(4)]  # float64, as box_iou computes
+    a_cols = [aug.boxes[:, j].astype(np.float64) for j in range(4)]
+    r_area = (r_cols[2] - r_cols[0]) * (r_cols[3] - r_cols[1])
+    a_area = (a_cols[2] - a_cols[0]) * (a_cols[3] - a_cols[1])
+    ref_scores, aug_scores = ref.scores.astype(np.float64), aug.scores.astype(np.float64)
+    # the bounds below need every JS to be a number: finite, non-negative rows with a positive entry
+    exact_bounds = _js_defined(ref.probs) and _js_defined(aug.probs)
+    lo = 0
+    while lo < live.size:
+        window = slice(lo, lo + 4096)  # sorted by box count: the block's padded size is count x running max
+        cost = np.arange(1, len(nr_all[window]) + 1) * nr_all[window] * np.maximum.accumulate(na_all[window])
+        hi = lo + max(1, int(np.searchsorted(cost, max_pairs, side="right")))
+        images, nr, na = live[lo:hi], nr_all[lo:hi], na_all[lo:hi]
+        rs, as_ = ref_start[lo:hi], aug_start[lo:hi]
+        lo = hi
+        ri, ai = np.arange(int(nr.max())), np.arange(int(na.max()))
+        r_ok, a_ok = ri < nr[:, None], ai < na[:, None]
+        r_idx = np.where(r_ok, rs[:, None] + ri, rs[:, None])  # padding repeats a real box, masked below
+        a_idx = np.where(a_ok, as_[:, None] + ai, as_[:, None])
+        rx1, ry1, rx2, ry2 = (c[r_idx][:, :, None] for c in r_cols)
+        # padded view boxes are (0, 0, 0, 0): IoU 0 (or 0/0 -> 0), after every real box, so argmax
+        # (the first of the largest; a real IoU is >= 0) never takes one
+        ax1, ay1, ax2, ay2 = (np.where(a_ok, c[a_idx], 0.0)[:, None, :] for c in a_cols)
+        w = np.minimum(rx2, ax2)
+        w -= np.maximum(rx1, ax1)
+        h = np.minimum(ry2, ay2)
+        h -= np.maximum(ry1, ay1)
+        np.maximum(w, 0.0, out=w)
+        np.maximum(h, 0.0, out=h)
+        w *= h  # the intersection
+        union = r_area[r_idx][:, :, None] + np.where(a_ok, a_area[a_idx], 0.0)[:, None, :]
+        union -= w
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.divide(w, union, out=w)
+        if not np.isfinite(iou).all():
+            np.nan_to_num(iou, nan=0.0, copy=False)
+        m = iou.argmax(axis=2)
+        best = np.take_along_axis(iou, m[:, :, None], axis=2)[:, :, 0][r_ok]
+        rows, m = r_idx[r_ok], (as_[:, None] + m)[r_ok]
+        scores = 0.5 * (ref_scores[rows] + aug_scores[m])
+        starts = np.cumsum(nr) - nr
+        if exact_bounds and np.isfinite(scores).all():
+            # c = best + scores * similar with similar in [0, 1], so (rounding being monotone) the
+            # computed c lies in [best, best + scores]. Each image's box of the tightest bound is
+            # computed first; a box bound to land farther from base_point than it cannot be the
+            # minimum, and its JS is skipped.
+            low, high = best - base_point, (best + scores) - base_point
+            floor = np.where(low > 0, low, np.where(high < 0, -high, 0.0))
+            ceiling = np.maximum(np.abs(low), np.abs(high))
+            at = np.arange(len(rows))
+            first = np.minimum.reduceat(
+                np.where(ceiling == np.repeat(np.minimum.reduceat(ceiling, starts), nr), at, len(at)), starts
+            )
+            probe = _consistency_values(
+                ref.probs, aug.probs, rows[first], m[first], best[first], scores[first], base_point
+            )
+            need = floor <= np.repeat(probe, nr)
+            rows, m, best, scores = rows[need], m[need], best[need], scores[need]
+            kept = np.add.reduceat(need, starts)
+            starts = np.cumsum(kept) - kept
+        values = _consistency_values(ref.probs, aug.probs, rows, m, best, scores, base_point)
+        out[images] = np.minimum.reduceat(values, starts)
+    return out
+
+
+def _js_defined(probs: np.ndarray) -> bool:
+    """Whether every row is finite, non-negative and has a positive entry (its JS is a number)."""
+    if not len(probs):
+        return True
+    if not probs.min() >= 0:  # NaN fails too
+        return False
+    sums = probs @ np.ones(probs.shape[1], dtype=probs.dtype)  # of non-negative entries: > 0 iff one is
+    return bool((sums > 0).all() and np.isfinite(sums).all())
+
+
+def _consistency_values(ref_probs, aug_probs, rows, m, best, scores, base_point) -> np.ndarray:
+    """``|c - base_point|`` of the original boxes ``rows`` matched to the view boxes ``m``."""
+    similar = 1.0 - js_divergence(ref_probs[rows].astype(np.float64), aug_probs[m].astype(np.float64))
+    return np.abs((best + scores * similar) - base_point)
+
+
+def class_vectors(flat: FlatDetections, num_classes: int, min_score: float) -> np.ndarray:
+    """float64 ``[P, K]``: :func:`class_vector` of every image of ``flat``."""
+    out = np.zeros((len(flat.counts), num_classes))
+    keep = flat.scores >= min_score
+    np.maximum.at(out, (flat.image[keep], flat.cols[keep] - 1), flat.scores[keep].astype(np.float64))
+    return out
 
 
 def class_vector(det: Detections, columns: dict[int, int], image_id: ImageId, min_score: float) -> np.ndarray:
@@ -257,30 +368,29 @@ class Cald(Strategy):
         n = check_budget(context, budget, self.requires)
         pool, dataset = canonical_order(context.pool_ids), context.dataset  # pool order never matters
         columns = category_columns(dataset.categories)
-        refs = [context.predictions[i] for i in pool]
-        ref_probs = [box_distributions(d, columns, i) for d, i in zip(refs, pool, strict=True)]
-        vectors = [class_vector(d, columns, i, self.min_score) for d, i in zip(refs, pool, strict=True)]
+        ref = flatten_detections([context.predictions[i] for i in pool], pool, columns)
+        keep = ref.scores >= self.min_score
+        kept = (
+            ref
+            if keep.all()
+            else FlatDetections(
+                np.bincount(ref.image[keep], minlength=len(pool)),
+                ref.boxes[keep],
+                ref.scores[keep],
+                ref.cols[keep],
+                ref.probs[keep],
+            )
+        )
+        vectors = class_vectors(ref, len(columns), self.min_score)
+        sizes = np.array([(dataset[i].width, dataset[i].height) for i in pool], dtype=np.int64).reshape(-1, 2)
         consistency = np.zeros((len(pool), len(self.views)))
+        nothing = Detections()
         for v, view_name in enumerate(self.views):
             view = VIEWS[view_name]
             outs = context.detector.predict(dataset, pool, embeddings=False, augment=view.augment)
-            for k, image_id in enumerate(pool):
-                ref = refs[k]
-                aug = outs.get(image_id, Detections())
-                vectors[k] = vectors[k] + class_vector(aug, columns, image_id, self.min_score)
-                keep = ref.scores >= self.min_score
-                if not keep.any() or len(aug) == 0:
-                    continue  # no boxes on one side: consistency 0 (most informative), as in the official code
-                rec = dataset[image_id]
-                values = box_consistency(
-                    ref.boxes[keep],
-                    ref.scores[keep],
-                    ref_probs[k][keep],
-                    view.unmap(aug.boxes, rec.width, rec.height),
-                    aug.scores,
-                    box_distributions(aug, columns, image_id),
-                )
-                consistency[k, v] = view_consistency(values, self.base_point)
+            aug = flatten_detections([outs.get(i, nothing) for i in pool], pool, columns)
+            vectors = vectors + class_vectors(aug, len(columns), self.min_score)
+            consistency[:, v] = view_consistencies(kept, _unmapped(aug, view, sizes), self.base_point)
         scores = 2.0 - consistency.mean(axis=1)
         m = min(len(pool), max(n, math.ceil(self.candidate_ratio * n - 1e-9)))
         candidates = select_top(pool, scores, m, context.rng)
@@ -288,8 +398,7 @@ class Cald(Strategy):
         rows = np.array([index[i] for i in candidates.image_ids], dtype=np.int64)
         counts = labeled_class_counts(dataset, context.labeled_ids, columns)
         per_image = counts.sum() / len(context.labeled_ids) if counts.sum() > 0 else 1.0
-        class_vectors = np.stack([vectors[r] for r in rows]) / (1 + len(self.views))
-        order, div = class_diversity_order(class_vectors, counts, per_image, n, context.rng)
+        order, div = class_diversity_order(vectors[rows] / (1 + len(self.views)), counts, per_image, n, context.rng)
         info = {
             "candidates": m,
             "views": list(self.views),
@@ -297,3 +406,15 @@ class Cald(Strategy):
             "labeled_boxes": int(counts.sum()),
         }
         return Selection([pool[r] for r in rows[order]], div.tolist(), info)
+
+
+def _unmapped(aug: FlatDetections, view: View, sizes: np.ndarray) -> FlatDetections:
+    """``aug`` with its boxes mapped back to the original images (``sizes`` ``[P, 2]``: width,
+    height), one ``unmap`` call per image size (the maps work box by box)."""
+    boxes = aug.boxes.copy()
+    kinds, which = np.unique(sizes, axis=0, return_inverse=True) if len(sizes) else (np.zeros((0, 2)), None)
+    box_kind = np.repeat(np.asarray(which).reshape(-1), aug.counts)
+    for k, (w, h) in enumerate(kinds):
+        at = box_kind == k
+        boxes[at] = view.unmap(aug.boxes[at], int(w), int(h))
+    return FlatDetections(aug.counts, boxes, aug.scores, aug.cols, aug.probs)

@@ -45,15 +45,15 @@ import numpy as np
 from scipy.special import entr
 
 from mgral.data.records import Detections, ImageId
+from mgral.errors import ConfigError
 from mgral.strategies._detection_math import (
-    box_columns,
-    box_distributions,
     canonical_order,
     category_columns,
     check_number,
+    flatten_detections,
 )
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy
-from mgral.strategies.core_set import k_center_greedy
+from mgral.strategies.core_set import k_center_greedy, random_subset
 
 
 def class_confusion(probs: np.ndarray, cols: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,19 +88,50 @@ def contextual_features(
     image_ids: Sequence[ImageId],
     columns: dict[int, int],
     min_score: float = 0.0,
+    *,
+    chunk: int = 4096,
 ) -> np.ndarray:
     """float32 ``[len(image_ids), K * (K + 1)]``: each image's concatenated ``sqrt(P_c)`` (zeros
     for absent categories), so that half the squared Euclidean distance of two rows is
-    :func:`contextual_distance` of the images."""
+    :func:`contextual_distance` of the images.
+
+    Row for row equal to :func:`class_confusion` image by image (the same sums in the same
+    order), computed for ``chunk`` images at a time.
+    """
     k = len(columns)
     out = np.zeros((len(image_ids), k * (k + 1)), dtype=np.float32)
-    for row, image_id in enumerate(image_ids):
-        det = predictions[image_id]
-        keep = det.scores >= min_score
-        probs = box_distributions(det, columns, image_id)[keep]
-        conf, _ = class_confusion(probs, box_columns(det, columns, image_id)[keep], k)
-        out[row] = np.sqrt(np.clip(conf, 0.0, None)).reshape(-1)
+    for lo in range(0, len(image_ids), chunk):
+        ids = image_ids[lo : lo + chunk]
+        flat = flatten_detections([predictions[i] for i in ids], ids, columns)
+        keep = flat.scores >= min_score
+        p = flat.probs[keep].astype(np.float64)
+        w = entr(np.clip(p, 0.0, None)).sum(axis=1)
+        cell = flat.image[keep] * k + (flat.cols[keep] - 1)  # (image, category)
+        cells = len(ids) * k
+        weighted = np.zeros((cells, k + 1))
+        plain = np.zeros((cells, k + 1))
+        _add_in_order(weighted, cell, w[:, None] * p)
+        _add_in_order(plain, cell, p)
+        mass = np.bincount(cell, weights=w, minlength=cells)
+        count = np.bincount(cell, minlength=cells)
+        by_entropy = weighted / np.where(mass > 0, mass, 1.0)[:, None]
+        conf = np.where((mass > 0)[:, None], by_entropy, plain / np.maximum(count, 1)[:, None])
+        out[lo : lo + len(ids)] = np.sqrt(np.clip(conf, 0.0, None)).reshape(len(ids), -1)
     return out
+
+
+def _add_in_order(acc: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """``np.add.at(acc, index, values)``: each row of ``acc`` receives its values one after the
+    other in their order (the same sums, rounding included), one rank at a time."""
+    if not len(index):
+        return
+    order = np.argsort(index, kind="stable")
+    index = index[order]
+    first = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
+    length = np.diff(np.r_[first, len(index)])
+    for r in range(int(length.max())):
+        at = first[length > r]
+        acc[index[at]] += values[order[at + r]]
 
 
 def contextual_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,6 +146,9 @@ class Cdal(Strategy):
 
     Args:
         min_score: boxes scoring below it are ignored (0: every box the detector kept).
+        subset: run on a random subset of this many pool images (drawn with ``context.rng``; at
+            least the budget), bounding the pool x budget cost of k-center greedy on large
+            pools at the price of an approximate cover. None (default): the whole pool, exactly.
 
     Raises:
         ConfigError: a parameter out of range.
@@ -123,13 +157,17 @@ class Cdal(Strategy):
     name = "cdal"
     requires = frozenset({"predictions", "detector"})
 
-    def __init__(self, *, min_score: float = 0.0) -> None:
+    def __init__(self, *, min_score: float = 0.0, subset: int | None = None) -> None:
         self.min_score = check_number("cdal", "min_score", min_score, 0.0, 1.0)
+        if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+            raise ConfigError(f"cdal: subset must be a positive integer or null, got {subset!r}")
+        self.subset = subset
 
     def select(self, context: SelectionContext, budget: int) -> Selection:
         n = check_budget(context, budget, self.requires)
         columns = category_columns(context.dataset.categories)
         pool_ids = canonical_order(context.pool_ids)  # pool order never matters, ties go to rng
+        pool_ids = random_subset(pool_ids, self.subset, n, context.rng)
         pool = contextual_features(context.predictions, pool_ids, columns, self.min_score)
         labeled_ids = list(context.labeled_ids)
         labeled_preds = context.detector.predict(context.dataset, labeled_ids, embeddings=False) if labeled_ids else {}
@@ -137,4 +175,7 @@ class Cdal(Strategy):
         labeled = contextual_features(labeled_preds, labeled_ids, columns, self.min_score)
         picked, dist = k_center_greedy(pool, labeled.reshape(-1, pool.shape[1]), n, context.rng, normalize=False)
         scores = 0.5 * dist**2
-        return Selection([pool_ids[i] for i in picked], scores.tolist(), {"labeled_centers": len(labeled)})
+        info = {"labeled_centers": len(labeled)}
+        if self.subset is not None:
+            info["searched"] = len(pool_ids)
+        return Selection([pool_ids[i] for i in picked], scores.tolist(), info)

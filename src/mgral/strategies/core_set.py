@@ -110,6 +110,10 @@ class CoreSet(Strategy):
 
     Args:
         normalize: L2-normalize embeddings before measuring Euclidean distances.
+        subset: run on a random subset of this many pool images (drawn with ``context.rng``;
+            at least the budget) instead of the whole pool: the cost of k-center greedy is
+            pool x budget distance evaluations, so this bounds it on large pools, at the price
+            of an approximate cover. None (default): the whole pool, exactly.
 
     References:
         Sener and Savarese, "Active Learning for Convolutional Neural Networks: A Core-Set
@@ -119,14 +123,32 @@ class CoreSet(Strategy):
     name = "core_set"
     requires = frozenset({"embeddings"})
 
-    def __init__(self, *, normalize: bool = True) -> None:
+    def __init__(self, *, normalize: bool = True, subset: int | None = None) -> None:
         if not isinstance(normalize, bool):
             raise ConfigError(f"core_set: normalize must be true or false, got {normalize!r}")
+        if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+            raise ConfigError(f"core_set: subset must be a positive integer or null, got {subset!r}")
         self.normalize = normalize
+        self.subset = subset
 
     def select(self, context: SelectionContext, budget: int) -> Selection:
         n = check_budget(context, budget, self.requires)
-        pool = stack_embeddings(context.embeddings, context.pool_ids)
+        pool_ids = random_subset(context.pool_ids, self.subset, n, context.rng)
+        pool = stack_embeddings(context.embeddings, pool_ids)
         labeled = stack_embeddings(context.embeddings, context.labeled_ids, dim=pool.shape[1])
         picked, dist = k_center_greedy(pool, labeled, n, context.rng, normalize=self.normalize)
-        return Selection([context.pool_ids[i] for i in picked], dist.tolist(), {"labeled_centers": len(labeled)})
+        info = {"labeled_centers": len(labeled)}
+        if self.subset is not None:
+            info["searched"] = len(pool_ids)
+        return Selection([pool_ids[i] for i in picked], dist.tolist(), info)
+
+
+def random_subset(
+    image_ids: Sequence[ImageId], size: int | None, budget: int, rng: np.random.Generator
+) -> list[ImageId]:
+    """``image_ids`` itself when ``size`` is None or covers them; else ``max(size, budget)`` of
+    them drawn by ``rng``, in their order."""
+    if size is None or len(image_ids) <= max(size, budget):
+        return list(image_ids)
+    take = np.sort(rng.choice(len(image_ids), max(size, budget), replace=False))
+    return [image_ids[k] for k in take]

@@ -56,12 +56,11 @@ from scipy.special import entr
 
 from mgral.data.records import Detections
 from mgral.strategies._detection_math import (
-    box_columns,
-    box_distributions,
     canonical_order,
     category_columns,
     check_int,
     check_number,
+    flatten_detections,
 )
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 
@@ -108,28 +107,29 @@ def matching_distance(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
     same-category box of ``B`` (1 without one); the result is ``(d(A, B) + d(B, A)) / 2``.
     """
     m = len(features)
-    feats = [np.asarray(f, dtype=np.float64) for f in features]
+    counts = np.fromiter((len(f) for f in features), dtype=np.int64, count=m)
+    dim = next((np.shape(f)[1] for f in features if np.ndim(f) == 2), 0)
+    feats = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1, dim) for f in features]) if m else None
+    all_labels = np.concatenate([np.asarray(lab, dtype=np.int64) for lab in labels]) if m else np.zeros(0, np.int64)
+    all_w = np.concatenate([np.asarray(w, dtype=np.float64) for w in weights]) if m else np.zeros(0)
+    owner_all = np.repeat(np.arange(m), counts)
     sums = np.array([np.asarray(w, dtype=np.float64).sum() for w in weights])
     num = np.repeat(sums[:, None], m, axis=1)  # every box unmatched (distance 1) until a same-category box is found
-    all_labels = np.concatenate([np.asarray(lab, dtype=np.int64) for lab in labels]) if m else np.zeros(0, np.int64)
     for cat in np.unique(all_labels):
-        owner_list, f_list, w_list = [], [], []
-        for i in range(m):
-            sel = np.asarray(labels[i]) == cat
-            if sel.any():
-                owner_list.append(np.full(int(sel.sum()), i))
-                f_list.append(feats[i][sel])
-                w_list.append(np.asarray(weights[i], dtype=np.float64)[sel])
-        owner, f, w = np.concatenate(owner_list), np.concatenate(f_list), np.concatenate(w_list)
+        sel = all_labels == cat  # boxes of the category, grouped by owner in image order
+        owner, f, w = owner_all[sel], feats[sel], all_w[sel]
         norm = np.linalg.norm(f, axis=1, keepdims=True)
         f = f / np.where(norm > 0, norm, 1.0)
-        images, starts = np.unique(owner, return_index=True)  # boxes are grouped by owner, in image order
+        images, starts = np.unique(owner, return_index=True)
         acc = np.zeros((m, len(images)))
         rows = max(1, CHUNK_ELEMENTS // len(f))
         for lo in range(0, len(f), rows):
-            dist = np.clip(1.0 - f[lo : lo + rows] @ f.T, 0.0, 1.0)
-            nearest = np.minimum.reduceat(dist, starts, axis=1)  # [chunk, images having the category]
-            np.add.at(acc, owner[lo : lo + rows], w[lo : lo + rows, None] * nearest)
+            # clip(1 - x, 0, 1) does not increase with x, so the nearest box of each image (the
+            # smallest distance) is the one of largest dot product: reduce first, then map
+            nearest = np.maximum.reduceat(f[lo : lo + rows] @ f.T, starts, axis=1)
+            np.subtract(1.0, nearest, out=nearest)
+            np.clip(nearest, 0.0, 1.0, out=nearest)
+            _add_in_order(acc, owner[lo : lo + rows], w[lo : lo + rows, None] * nearest)
         mass = np.bincount(owner, weights=w, minlength=m)
         num[:, images] -= mass[:, None] - acc
     empty = sums <= 0
@@ -138,6 +138,18 @@ def matching_distance(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
     d[np.ix_(empty, empty)] = 0.0
     np.fill_diagonal(d, 0.0)
     return d
+
+
+def _add_in_order(acc: np.ndarray, owner: np.ndarray, values: np.ndarray) -> None:
+    """``np.add.at(acc, owner, values)`` for ``owner`` sorted: each row of ``acc`` receives its
+    values one after the other, in order (the same sums, rounding included), one rank at a time."""
+    if not len(owner):
+        return
+    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    length = np.diff(np.r_[first, len(owner)])
+    for r in range(int(length.max())):
+        at = first[length > r]
+        acc[owner[at]] += values[at + r]
 
 
 def k_medoids(distance: np.ndarray, k: int, rng: np.random.Generator, max_iter: int = 100) -> tuple[np.ndarray, int]:
@@ -231,24 +243,25 @@ class Ppal(Strategy):
         n = check_budget(context, budget, self.requires)
         pool = canonical_order(context.pool_ids)  # pool order never matters, ties go to rng
         columns = category_columns(context.dataset.categories)
-        dets = [context.predictions[i] for i in pool]
-        probs = [box_distributions(d, columns, i) for d, i in zip(dets, pool, strict=True)]
-        cols = [box_columns(d, columns, i) for d, i in zip(dets, pool, strict=True)]
+        flat = flatten_detections([context.predictions[i] for i in pool], pool, columns)
+        keep = flat.scores >= self.min_score
         class_max = np.zeros((len(pool), len(columns)))
-        for k, (det, c) in enumerate(zip(dets, cols, strict=True)):
-            keep = det.scores >= self.min_score
-            np.maximum.at(class_max[k], c[keep] - 1, det.scores[keep].astype(np.float64))
+        np.maximum.at(class_max, (flat.image[keep], flat.cols[keep] - 1), flat.scores[keep].astype(np.float64))
         weights = difficulty_weights(class_quality(class_max), self.class_weight_ub, self.class_weight_alpha)
-        scores = dcus_scores(dets, cols, weights, self.min_score)
+        # dcus_scores of every image: each image's weighted entropies summed on their own, as it does
+        values = (weights[flat.cols - 1] * binary_entropy(flat.scores))[keep]
+        ends = np.cumsum(np.bincount(flat.image[keep], minlength=len(pool))).tolist()
+        scores = np.array([float(values[a:b].sum()) for a, b in zip([0, *ends[:-1]], ends, strict=True)])
         m = min(len(pool), max(n, math.ceil(self.candidate_ratio * n - 1e-9)))
         candidates = select_top(pool, scores, m, context.rng)
         index = {image_id: k for k, image_id in enumerate(pool)}
         rows = np.array([index[i] for i in candidates.image_ids], dtype=np.int64)
-        keeps = [dets[r].scores >= self.min_score for r in rows]
+        spans = [slice(a, a + c) for a, c in zip(flat.starts[rows].tolist(), flat.counts[rows].tolist(), strict=True)]
+        keeps = [keep[s] for s in spans]
         distance = matching_distance(
-            [probs[r][keep] for r, keep in zip(rows, keeps, strict=True)],
-            [cols[r][keep] for r, keep in zip(rows, keeps, strict=True)],
-            [dets[r].scores[keep] for r, keep in zip(rows, keeps, strict=True)],
+            [flat.probs[s][k] for s, k in zip(spans, keeps, strict=True)],
+            [flat.cols[s][k] for s, k in zip(spans, keeps, strict=True)],
+            [flat.scores[s][k] for s, k in zip(spans, keeps, strict=True)],
         )
         medoids, iterations = k_medoids(distance, n, context.rng, self.max_iter)
         picked = rows[medoids]

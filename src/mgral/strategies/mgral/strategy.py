@@ -408,7 +408,7 @@ class MGRAL(Strategy):
         results = run_jobs(jobs, shared, self.executor, self.workers, self.ray_address, out)
         control = results["control"]
         names = [c.name for c in context.dataset.categories]
-        table, phi_sum, sizes, cterm, dmap = [], [], [], [], []
+        table, combos, dmap = [], [], []
         for job in jobs:
             r = results[job.name]
             dm = r["mAP"] - control["mAP"] if job.extra_ids else 0.0
@@ -427,12 +427,9 @@ class MGRAL(Strategy):
                 }
             )
             if job.extra_ids:
-                rows = np.array([index[i] for i in job.extra_ids])
-                phi_sum.append(phi[rows].sum(axis=0))
-                sizes.append(len(rows))
-                cterm.append(cluster_term(clusters[rows], num_clusters))
+                combos.append(job.extra_ids)
                 dmap.append(dm)
-        rows = TableRows(np.array(phi_sum), np.array(sizes, float), np.array(cterm), np.array(dmap), np.ones(len(dmap)))
+        rows = table_rows(combos, dmap, phi, index, clusters, num_clusters)
         if out is not None:
             self._write_table(out, table, names)
             buf = io.BytesIO()
@@ -542,6 +539,26 @@ class MGRAL(Strategy):
                 indent=1,
             )
         return Selection(list(selection.image_ids), [float(v) for v in selection.scores], _jsonable(info))
+
+
+def table_rows(
+    combinations: list[list[ImageId]],
+    dmap: list[float] | np.ndarray,
+    phi: np.ndarray,
+    index: dict[ImageId, int],
+    clusters: np.ndarray,
+    num_clusters: int,
+) -> TableRows:
+    """The reward model's samples from the table: per combination (image ids, rows of ``phi``
+    found through ``index``) its summed features, size, cluster term and ``dmap``, weight 1."""
+    phi_sum, sizes, cterm = [], [], []
+    for combo in combinations:
+        rows = np.array([index[i] for i in combo])
+        phi_sum.append(phi[rows].sum(axis=0))
+        sizes.append(len(rows))
+        cterm.append(cluster_term(clusters[rows], num_clusters))
+    dmap = np.array(dmap, dtype=float)
+    return TableRows(np.array(phi_sum), np.array(sizes, float), np.array(cterm), dmap, np.ones(len(dmap)))
 
 
 def diversity(feats: dict[str, Any], rows: np.ndarray, class_names: list[str]) -> dict[str, Any]:
