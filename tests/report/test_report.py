@@ -310,3 +310,15 @@ def test_selections_csv_lists_every_chosen_image_in_order(tmp_path):
         ("3", "1", "0", "2", "0.4"),
     ]
     assert {r["strategy"] for r in rows} == {"entropy"} and {r["file_name"] for r in rows} == {""}  # no dataset
+
+
+def test_a_series_short_of_the_planned_cycles_is_in_progress(tmp_path):
+    run = tmp_path / "run"
+    write_series(run, "mgral", 0, [0.1, 0.2])  # every seed at cycle 1 of the 6 the config plans
+    (run / "config.yaml").write_text("name: x\ncycles: 5\n")
+    write_series(run, "random", 0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    rows = {r.label: r for r in results_table(load_series([run])).rows}
+    assert (rows["mgral"].cycles, rows["mgral"].max_cycles) == (2, 6)
+    assert (rows["random"].cycles, rows["random"].max_cycles) == (6, 6)
+    text = write_report([run], tmp_path / "out").read_text()
+    assert "| mgral* | 1 |" in text and "mgral: 2 of 6" in text and "| random | 1 |" in text

@@ -179,6 +179,20 @@ def metric_name(run_dirs: Sequence[str | Path]) -> str:
     return METRIC_NAMES.get(style, style)
 
 
+def planned_cycles(run_dirs: Sequence[str | Path]) -> int | None:
+    """The most cycles a series of these runs will have (``cycles + 1`` of each recorded
+    config), or None when no run's config says (e.g. a run directory written by hand)."""
+    found = []
+    for run_dir in map(Path, run_dirs):
+        try:
+            cycles = RunDir(run_dir).config().get("cycles")
+        except RunError:
+            continue
+        if isinstance(cycles, int) and not isinstance(cycles, bool):
+            found.append(cycles + 1)
+    return max(found) if found else None
+
+
 def run_title(run_dirs: Sequence[str | Path]) -> str:
     """A short name for plots: each run's experiment name and dataset, else its directory name."""
     names = []

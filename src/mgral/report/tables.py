@@ -19,6 +19,7 @@ from mgral.report.load import (
     load_reference,
     load_series,
     metric_name,
+    planned_cycles,
     reference_map,
     run_title,
 )
@@ -41,6 +42,8 @@ class Row:
     ``reach[f]``: (mean over the seeds that reach it of :func:`labels_to_reach` at
     ``f`` × full-data mAP, how many seeds reach it); ``(None, 0)`` without a reference.
     ``seconds[phase]``: mean wall seconds per cycle (NaN if never recorded).
+    ``max_cycles``: the most cycles any of its seeds finished, or the cycles its run plans
+    (``cycles + 1`` of the recorded config) if more: above ``cycles``, the row is in progress.
     ``vs_random``: the nAUC minus the ``random`` label's nAUC on the same seed (same initial
     set, so the pairs share their cycle-0 model), over the seeds both have on the cycles both
     finished: (mean, sample std, seeds where it is higher, seeds paired); None without a
@@ -143,6 +146,9 @@ def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, 
     full = reference_map(reference)
     groups = by_label(series_list)
     rows = [_row(group, full) for group in groups.values()]
+    planned = planned_cycles(list(dict.fromkeys(s.run_dir for s in series_list)))
+    if planned is not None:
+        rows = [replace(r, max_cycles=max(r.max_cycles, planned)) for r in rows]
     if RANDOM_LABEL in groups:
         baseline = groups[RANDOM_LABEL]
         rows = [
@@ -222,7 +228,7 @@ def _markdown(table: Table) -> str:
     ]
     if partial:
         lines.append(
-            "- `*` still in progress: seeds have different numbers of cycles; every number in the row uses "
+            "- `*` still in progress (a seed has not finished every cycle): every number in the row uses "
             "only the cycles all its seeds finished ("
             + ", ".join(f"{r.label}: {r.cycles} of {r.max_cycles}" for r in partial)
             + ")."
