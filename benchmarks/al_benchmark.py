@@ -207,7 +207,7 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
-            partial = "*" if r["max_cycles"] != r["cycles"] else ""
+            partial = "*" if r["in_progress"] == "1" else ""
             vs = (
                 "—"
                 if r["nauc_vs_random_mean"] == ""

@@ -72,11 +72,13 @@ def test_summary_reads_the_published_tables(tmp_path):
     out = tmp_path / "out" / "d"
     out.mkdir(parents=True)
     header = (
-        "label,strategy_name,seeds,cycles,max_cycles,nauc_mean,nauc_std,nauc_vs_random_mean,nauc_vs_random_std,"
+        "label,strategy_name,seeds,cycles,max_cycles,in_progress,nauc_mean,nauc_std,nauc_vs_random_mean,nauc_vs_random_std,"
         "wins_vs_random,paired_seeds,labels_to_90pct,labels_to_90pct_seeds,seconds_select\n"
     )
     (out / "results.csv").write_text(
-        header + "random,random,3,6,6,0.25,0.01,,,,,120.0,3,0.0\nmgral,mgral,3,4,6,0.3,0.02,0.05,0.01,3,3,90.5,2,30.0\n"
+        header
+        + "random,random,3,6,6,0,0.25,0.01,,,,,120.0,3,0.0\n"
+        + "mgral,mgral,3,4,6,1,0.3,0.02,0.05,0.01,3,3,90.5,2,30.0\n"
     )
     (out / "results.md").write_text("- Full-data reference: test mAP@[.5:.95] 0.5000 (mean over 3 seed(s))\n")
     (out / "run.md").write_text("- Wall time: 1.50 h over 2 invocation(s) (a resumed run adds one):\n")

@@ -315,10 +315,15 @@ def test_selections_csv_lists_every_chosen_image_in_order(tmp_path):
 def test_a_series_short_of_the_planned_cycles_is_in_progress(tmp_path):
     run = tmp_path / "run"
     write_series(run, "mgral", 0, [0.1, 0.2])  # every seed at cycle 1 of the 6 the config plans
-    (run / "config.yaml").write_text("name: x\ncycles: 5\n")
-    write_series(run, "random", 0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    (run / "config.yaml").write_text("name: x\ncycles: 5\nseeds: [0, 1]\n")
+    for seed in (0, 1):
+        write_series(run, "random", seed, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    write_series(run, "cald", 0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # seed 1 not started
     rows = {r.label: r for r in results_table(load_series([run])).rows}
-    assert (rows["mgral"].cycles, rows["mgral"].max_cycles) == (2, 6)
-    assert (rows["random"].cycles, rows["random"].max_cycles) == (6, 6)
+    assert (rows["mgral"].cycles, rows["mgral"].max_cycles, rows["mgral"].in_progress) == (2, 6, True)
+    assert (rows["random"].cycles, rows["random"].max_cycles, rows["random"].in_progress) == (6, 6, False)
+    assert (rows["cald"].seeds, rows["cald"].planned_seeds, rows["cald"].in_progress) == (1, 2, True)
     text = write_report([run], tmp_path / "out").read_text()
-    assert "| mgral* | 1 |" in text and "mgral: 2 of 6" in text and "| random | 1 |" in text
+    assert "| mgral* | 1 |" in text and "| cald* | 1 |" in text and "| random | 2 |" in text
+    assert "cald: 1 of 2 seeds; mgral: 2 of 6 cycles, 1 of 2 seeds" in text
+    assert read_csv(tmp_path / "out" / "results.csv")["random"]["in_progress"] == "0"

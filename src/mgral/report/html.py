@@ -120,7 +120,8 @@ def _results(table: Table) -> dict[str, Any]:
             {
                 "label": r.label,
                 "strategy_name": r.strategy_name,
-                "partial": r.max_cycles > r.cycles,
+                "partial": r.in_progress,
+                "progress": r.progress(),
                 "cycles": r.cycles,
                 "max_cycles": r.max_cycles,
                 "seeds": r.seeds,

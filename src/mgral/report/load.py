@@ -179,18 +179,22 @@ def metric_name(run_dirs: Sequence[str | Path]) -> str:
     return METRIC_NAMES.get(style, style)
 
 
-def planned_cycles(run_dirs: Sequence[str | Path]) -> int | None:
-    """The most cycles a series of these runs will have (``cycles + 1`` of each recorded
-    config), or None when no run's config says (e.g. a run directory written by hand)."""
-    found = []
+def planned(run_dirs: Sequence[str | Path]) -> tuple[int | None, int | None]:
+    """What these runs plan, from their recorded configs: (the most cycles a series will
+    have, ``cycles + 1``; the seeds of each strategy, counted over the runs). None where no
+    run's config says (e.g. a run directory written by hand)."""
+    cycles, seeds = [], []
     for run_dir in map(Path, run_dirs):
         try:
-            cycles = RunDir(run_dir).config().get("cycles")
+            config = RunDir(run_dir).config()
         except RunError:
             continue
-        if isinstance(cycles, int) and not isinstance(cycles, bool):
-            found.append(cycles + 1)
-    return max(found) if found else None
+        c, s = config.get("cycles"), config.get("seeds")
+        if isinstance(c, int) and not isinstance(c, bool):
+            cycles.append(c + 1)
+        if isinstance(s, list):
+            seeds.append(len(s))
+    return (max(cycles) if cycles else None), (sum(seeds) if seeds else None)
 
 
 def run_title(run_dirs: Sequence[str | Path]) -> str:

@@ -19,7 +19,7 @@ from mgral.report.load import (
     load_reference,
     load_series,
     metric_name,
-    planned_cycles,
+    planned,
     reference_map,
     run_title,
 )
@@ -43,7 +43,8 @@ class Row:
     ``f`` × full-data mAP, how many seeds reach it); ``(None, 0)`` without a reference.
     ``seconds[phase]``: mean wall seconds per cycle (NaN if never recorded).
     ``max_cycles``: the most cycles any of its seeds finished, or the cycles its run plans
-    (``cycles + 1`` of the recorded config) if more: above ``cycles``, the row is in progress.
+    (``cycles + 1`` of the recorded config) if more. ``planned_seeds``: the seeds its runs
+    plan (None if unknown). :attr:`in_progress`: more cycles or seeds are still to come.
     ``vs_random``: the nAUC minus the ``random`` label's nAUC on the same seed (same initial
     set, so the pairs share their cycle-0 model), over the seeds both have on the cycles both
     finished: (mean, sample std, seeds where it is higher, seeds paired); None without a
@@ -63,6 +64,18 @@ class Row:
     reach: dict[float, tuple[float | None, int]]
     seconds: dict[str, float]
     vs_random: tuple[float, float, int, int] | None = None
+    planned_seeds: int | None = None
+
+    @property
+    def in_progress(self) -> bool:
+        return self.max_cycles > self.cycles or (self.planned_seeds is not None and self.seeds < self.planned_seeds)
+
+    def progress(self) -> str:
+        """What an in-progress row holds, e.g. ``2 of 6 cycles, 2 of 3 seeds``."""
+        parts = [f"{self.cycles} of {self.max_cycles} cycles"] if self.max_cycles > self.cycles else []
+        if self.planned_seeds is not None and self.seeds < self.planned_seeds:
+            parts.append(f"{self.seeds} of {self.planned_seeds} seeds")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,9 +159,8 @@ def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, 
     full = reference_map(reference)
     groups = by_label(series_list)
     rows = [_row(group, full) for group in groups.values()]
-    planned = planned_cycles(list(dict.fromkeys(s.run_dir for s in series_list)))
-    if planned is not None:
-        rows = [replace(r, max_cycles=max(r.max_cycles, planned)) for r in rows]
+    cycles, seeds = planned(list(dict.fromkeys(s.run_dir for s in series_list)))
+    rows = [replace(r, max_cycles=max(r.max_cycles, cycles or 0), planned_seeds=seeds) for r in rows]
     if RANDOM_LABEL in groups:
         baseline = groups[RANDOM_LABEL]
         rows = [
@@ -178,7 +190,7 @@ def write_csv(table: Table, path: str | Path) -> None:
     ``c<k>_mAP_mean``, ``c<k>_mAP_std``; ``nauc_vs_random_*`` (paired by seed, see :class:`Row`);
     ``labels_to_<p>pct`` with ``..._seeds`` (how many reached)."""
     width = len(table.num_labeled)
-    header = ["label", "strategy_name", "seeds", "cycles", "max_cycles"]
+    header = ["label", "strategy_name", "seeds", "cycles", "max_cycles", "in_progress"]
     header += [f"c{c}_{k}" for c in range(width) for k in ("num_labeled", "mAP_mean", "mAP_std")]
     header += ["nauc_mean", "nauc_std", "nauc_vs_random_mean", "nauc_vs_random_std", "wins_vs_random", "paired_seeds"]
     header += [f"labels_to_{_pct(f)}{k}" for f in FRACTIONS for k in ("", "_seeds")]
@@ -191,7 +203,7 @@ def write_csv(table: Table, path: str | Path) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for r in table.rows:
-        line: list[Any] = [r.label, r.strategy_name, r.seeds, r.cycles, r.max_cycles]
+        line: list[Any] = [r.label, r.strategy_name, r.seeds, r.cycles, r.max_cycles, int(r.in_progress)]
         for c in range(width):
             line += [cell(a[c]) if c < r.cycles else "" for a in (r.num_labeled, r.map_mean, r.map_std)]
         line += [cell(r.auc_mean), cell(r.auc_std)]
@@ -204,7 +216,7 @@ def write_csv(table: Table, path: str | Path) -> None:
 
 
 def _markdown(table: Table) -> str:
-    partial = [r for r in table.rows if r.max_cycles > r.cycles]
+    partial = [r for r in table.rows if r.in_progress]
     runs = ", ".join(f"`{d}`" for d in table.run_dirs)
     names = ", ".join(r.label if r.label == r.strategy_name else f"{r.label} ({r.strategy_name})" for r in table.rows)
     full = "none"
@@ -229,15 +241,13 @@ def _markdown(table: Table) -> str:
     if partial:
         lines.append(
             "- `*` still in progress (a seed has not finished every cycle): every number in the row uses "
-            "only the cycles all its seeds finished ("
-            + ", ".join(f"{r.label}: {r.cycles} of {r.max_cycles}" for r in partial)
-            + ")."
+            "only the cycles all its seeds finished (" + "; ".join(f"{r.label}: {r.progress()}" for r in partial) + ")."
         )
     heads = ["strategy", "seeds"] + [f"c{c} ({n:.0f} imgs)" for c, n in enumerate(table.num_labeled)]
     heads += ["nAUC", "vs random"] + [f"imgs to {round(f * 100)}%" for f in FRACTIONS] + [f"{p} s" for p in PHASES]
     lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
     for r in table.rows:
-        cells = [r.label + ("*" if r.max_cycles > r.cycles else ""), str(r.seeds)]
+        cells = [r.label + ("*" if r.in_progress else ""), str(r.seeds)]
         cells += [
             f"{r.map_mean[c]:.4f} ± {r.map_std[c]:.4f}" if c < r.cycles else "" for c in range(len(table.num_labeled))
         ]
