@@ -205,3 +205,26 @@ def test_labeled_set_too_small_falls_back_and_says_so(make_context, for_strategy
 def test_bad_parameters_are_refused_clearly(params, message):
     with pytest.raises(ConfigError, match=message):
         build_strategy("mgral", **params)
+
+
+def test_split_labeled_holds_out_one_image_per_class_first_then_at_random(tmp_path):
+    from mgral.data.records import Category, ImageRecord, Target
+    from mgral.strategies.mgral.strategy import split_labeled
+
+    def record(i, labels):
+        boxes = np.tile(np.array([[0, 0, 4, 4]], np.float32), (len(labels), 1))
+        return ImageRecord(i, f"{i}.png", 8, 8, "train", Target(boxes, np.array(labels, np.int64)))
+
+    # 40 images of class 1, one of class 2, one of class 3: a 10% hold-out of 4 images
+    classes = [[1]] * 40 + [[2], [3]]
+    ds = Dataset(
+        tmp_path, [Category(1, "a"), Category(2, "b"), Category(3, "c")], [record(i, c) for i, c in enumerate(classes)]
+    )
+    labeled = list(range(42))
+    for seed in range(5):
+        fit, held = split_labeled(ds, labeled, 0.1, np.random.default_rng(seed))
+        assert len(held) == 4 and sorted(fit + held) == labeled and not set(fit) & set(held)
+        assert {40, 41} <= set(held)  # each rare class is covered by the reward set
+        assert fit == [i for i in labeled if i in set(fit)]  # order kept
+        assert (fit, held) == split_labeled(ds, labeled, 0.1, np.random.default_rng(seed))
+    assert split_labeled(ds, [7], 0.5, np.random.default_rng(0)) == ([7], [])

@@ -592,7 +592,8 @@ def split_labeled(
         if classes - covered:
             held.append(i)
             covered |= classes
-    rest = [i for i in order if i not in set(held)]
+    first = set(held)
+    rest = [i for i in order if i not in first]
     held += rest[: target - len(held)]
     kept = set(held)
     return [i for i in labeled if i not in kept], [i for i in labeled if i in kept]
