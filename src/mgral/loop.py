@@ -385,7 +385,7 @@ def run_cycle(
     selected: list[ImageId] = []
     scores: list[float] = []
     if not is_last and strategy is not None and ledger.unlabeled():
-        selected, scores = _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds)
+        selected, scores = _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, shared=shared)
         # Each step is skipped when a resumed run finds it done: request, then collect.
         asked = ledger.labeled_in.keys() | ledger.skipped.keys() | ledger.pending.keys()  # or answered
         new = [i for i in selected if i not in asked]
@@ -480,8 +480,11 @@ def _train_and_evaluate(
     return detector, result
 
 
-def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -> tuple[list, list]:
-    """The selection of ``cycle`` (reused from ``selection.json`` when already made)."""
+def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, shared=False) -> tuple[list, list]:
+    """The selection of ``cycle`` (reused from ``selection.json`` when already made).
+
+    ``shared``: ``detector`` is the seed's shared cycle-0 model, so its pool predictions are
+    cached beside it, once for every strategy of the seed."""
     from mgral.strategies import SelectionContext
 
     path = cdir / "selection.json"
@@ -499,7 +502,7 @@ def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds) -
     )
     t0 = time.perf_counter()
     if strategy.requires & {"predictions", "embeddings"}:
-        if cycle == 0:  # one model for every strategy of the seed: predict once, for all of them
+        if shared:  # one model for every strategy of the seed: predict once, for all of them
             cache, wanted = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0" / "predictions.npz", exp.pool
         else:
             cache, wanted = cdir / "predictions.npz", pool + (labeled if "embeddings" in strategy.requires else [])
