@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import shutil
 import sys
@@ -61,14 +60,12 @@ def machine() -> str:
     import torch
     import torchvision
 
-    mem = next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.machine(),
-    )
+    from mgral._machine import cores, cpu_model, ram_gib
+
+    ram = ram_gib()
     return (
-        f"{cpu}, {os.cpu_count()} CPU cores, {int(mem) // 1024**2} GiB RAM, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+        f"{cpu_model()}, {cores()} CPU cores, {'?' if ram is None else int(ram)} GiB RAM, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
     )
 
 

@@ -603,22 +603,11 @@ def _fmt_slope(v: float | None) -> str:
 def machine() -> list[str]:
     import torch
 
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        cpu = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if "model name" in ln
-            ),
-            platform.processor() or platform.machine(),
-        )
-    mem = "?"
-    with contextlib.suppress(OSError, StopIteration):
-        kib = next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-        mem = f"{int(kib) / 1024**2:.1f} GiB"
+    from mgral._machine import cores, cpu_model, ram_gib
+
+    ram = ram_gib()
     return [
-        f"- CPU: {cpu}, {os.cpu_count()} cores; RAM {mem}",
+        f"- CPU: {cpu_model()}, {cores()} cores; RAM {'?' if ram is None else f'{ram:.1f} GiB'}",
         f"- Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}",
     ]
 

@@ -48,7 +48,7 @@ from mgral.data.records import Dataset, ImageId, Target, read_id_list
 from mgral.errors import ConfigError, RunError
 from mgral.oracles import SimulatedOracle
 from mgral.pool import Ledger
-from mgral.runs import RunDir, append_cycle_record, read_cycle_records
+from mgral.runs import CYCLES_FILE, RunDir, append_cycle_record, read_cycle_records
 
 REFERENCE_LABEL = "reference"
 SHARED_DIR = "_shared"  # labels start with a letter or digit, so no series can be named so
@@ -130,6 +130,18 @@ class Experiment:
             train=train,
             **det.params,
         )
+
+
+def shared_cycle0_dir(exp: Experiment, seed: int) -> Path:
+    """``RUN/_shared/seed-<seed>/cycle-0``: the seed's cycle-0 model (every strategy's) and its
+    pool predictions."""
+    return exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0"
+
+
+def seed_oracle(exp: Experiment, seed: int) -> SimulatedOracle:
+    """The simulated annotator of ``seed``: its answers depend only on (seed, image id)."""
+    o = exp.config.oracle
+    return SimulatedOracle(exp.dataset, seed=seed, label_noise=o.label_noise, drop_boxes=o.drop_boxes)
 
 
 def open_experiment(config: ExperimentConfig, run: RunDir, log=print, progress: bool = True) -> Experiment:
@@ -220,8 +232,7 @@ _SERIES = "series"
 
 def _series_done(exp: Experiment, label: str, seed: int) -> bool:
     last = 0 if label == REFERENCE_LABEL else exp.config.cycles
-    records = exp.run.path / label / f"seed-{seed}" / "cycles.jsonl"
-    return len(read_cycle_records(records)) > last
+    return len(read_cycle_records(exp.run.path / label / f"seed-{seed}" / CYCLES_FILE)) > last
 
 
 def _run_parallel(exp: Experiment) -> None:
@@ -308,15 +319,13 @@ def _flush_print(text: str) -> None:
 def _shared_cycle0(exp: Experiment, seed: int, initial: list[ImageId]) -> None:
     """Train one seed's shared cycle-0 model and, if a strategy needs them, cache its pool
     predictions, so that the seed's series (run in parallel) reuse both."""
-    from mgral.strategies import build_strategy
+    from mgral.strategies import STRATEGIES
 
-    wdir = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0"
-    oracle = SimulatedOracle(
-        exp.dataset, seed=seed, label_noise=exp.config.oracle.label_noise, drop_boxes=exp.config.oracle.drop_boxes
-    )
+    wdir = shared_cycle0_dir(exp, seed)
+    oracle = seed_oracle(exp, seed)
     view = visible_dataset(exp.dataset, {i: oracle.labels_for(i) for i in initial})
     detector, _ = _train_and_evaluate(exp, seed, 0, wdir, view, initial, {})
-    needs = set().union(*(build_strategy(s.name, **s.params).requires for s in exp.config.strategies))
+    needs = set().union(*(STRATEGIES.get(s.name).requires for s in exp.config.strategies))
     if exp.config.cycles and needs & {"predictions", "embeddings"}:
         _cached_predictions(exp, detector, view, wdir / "predictions.npz", exp.pool)
 
@@ -331,9 +340,7 @@ def run_series(exp: Experiment, label: str, strategy, seed: int, initial: list[I
     else:
         ledger = Ledger.create(exp.pool, initial)
         ledger.save(ledger_path)
-    oracle = SimulatedOracle(
-        exp.dataset, seed=seed, label_noise=config.oracle.label_noise, drop_boxes=config.oracle.drop_boxes
-    )
+    oracle = seed_oracle(exp, seed)
     last = 0 if strategy is None else config.cycles
     for cycle in range(len(read_cycle_records(records_path)), last + 1):
         record = run_cycle(exp, label, strategy, seed, cycle, cycle == last, ledger, ledger_path, oracle)
@@ -368,15 +375,11 @@ def run_cycle(
     # Cycle 0 trains on the seed's initial set, the same for every strategy: one model per
     # seed, trained once (identical to what each series would train) and shared.
     shared = strategy is not None and cycle == 0
-    wdir = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0" if shared else cdir
+    wdir = shared_cycle0_dir(exp, seed) if shared else cdir
     init = None
     if config.detector.warm_start and cycle > 0:
         prev_shared = strategy is not None and cycle == 1
-        prev = (
-            exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0"
-            if prev_shared
-            else exp.run.cycle_dir(label, seed, cycle - 1)
-        )
+        prev = shared_cycle0_dir(exp, seed) if prev_shared else exp.run.cycle_dir(label, seed, cycle - 1)
         init = prev / "model.pt"
     detector, result = _train_and_evaluate(
         exp, seed, cycle, wdir, view, labeled, seconds, init, reference=strategy is None
@@ -503,7 +506,7 @@ def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, s
     t0 = time.perf_counter()
     if strategy.requires & {"predictions", "embeddings"}:
         if shared:  # one model for every strategy of the seed: predict once, for all of them
-            cache, wanted = exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0" / "predictions.npz", exp.pool
+            cache, wanted = shared_cycle0_dir(exp, seed) / "predictions.npz", exp.pool
         else:
             cache, wanted = cdir / "predictions.npz", pool + (labeled if "embeddings" in strategy.requires else [])
         preds = _cached_predictions(exp, detector, view, cache, wanted)
