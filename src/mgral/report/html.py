@@ -218,7 +218,11 @@ class _Budget:
     left: int
 
 
-def _dataset(run_dir: Path, cache: dict[Path, tuple[Dataset | None, str]]) -> tuple[Dataset | None, str]:
+DatasetCache = dict[Path, tuple[Dataset | None, str]]
+"""Run directory -> (its dataset or None, why it cannot be read)."""
+
+
+def _dataset(run_dir: Path, cache: DatasetCache) -> tuple[Dataset | None, str]:
     """The run's dataset (``config.yaml``'s ``dataset``) or None and why it cannot be read."""
     from mgral.data.formats import read_dataset
 
@@ -244,9 +248,10 @@ def _dataset(run_dir: Path, cache: dict[Path, tuple[Dataset | None, str]]) -> tu
     return found
 
 
-def dataset_of(run_dir: Path) -> Dataset | None:
-    """The run's dataset as its ``config.yaml`` names it, or None (logged) when it cannot be read."""
-    return _dataset(Path(run_dir), {})[0]
+def dataset_of(run_dir: Path, cache: DatasetCache | None = None) -> Dataset | None:
+    """The run's dataset as its ``config.yaml`` names it, or None (logged) when it cannot be
+    read; ``cache`` keeps what was read for the next call."""
+    return _dataset(Path(run_dir), {} if cache is None else cache)[0]
 
 
 def _thumbnail(path: Path, dets: Detections | None, colours: dict[int, tuple[int, int, int]]) -> tuple[str, int]:
@@ -346,9 +351,8 @@ def _gallery_cycle(
     return {"cycle": cycle, "selected": len(ids), "images": images, "note": note}
 
 
-def _gallery(series: Sequence[Series], per_cycle: int) -> tuple[list[dict[str, Any]], bool]:
+def _gallery(series: Sequence[Series], per_cycle: int, datasets: DatasetCache) -> tuple[list[dict[str, Any]], bool]:
     """Per label, its first series' (lowest seed) selections; and whether the total cap cut it."""
-    datasets: dict[Path, tuple[Dataset | None, str]] = {}
     budget = _Budget(GALLERY_MAX_IMAGES)
     out = []
     cut = False
@@ -395,19 +399,21 @@ def render_html(
     figures: Sequence[tuple[str, Path]] = (),
     diagnostics_figure: Path | None = None,
     gallery_per_cycle: int = GALLERY_PER_CYCLE,
+    datasets: DatasetCache | None = None,
 ) -> str:
     """The page as a string (see the module docstring).
 
     ``figures``: (caption, PNG or SVG file) of the curves, embedded in order;
     ``diagnostics_figure``: the drawing of ``diagnostics`` (:func:`plot_mgral_diagnostics`).
-    ``table`` is computed from ``series`` and ``reference`` when not given.
+    ``table`` is computed from ``series`` and ``reference`` when not given. ``datasets``: the
+    runs' datasets already read (:func:`dataset_of`), so a report reads each once.
 
     Raises:
         ValueError: no series.
     """
     if table is None:
         table = results_table(series, reference)
-    gallery, cut = _gallery(series, gallery_per_cycle)
+    gallery, cut = _gallery(series, gallery_per_cycle, {} if datasets is None else datasets)
     context = {
         "title": run_title(run_dirs),
         "runs": [str(d) for d in table.run_dirs],

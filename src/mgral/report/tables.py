@@ -270,11 +270,12 @@ def write_markdown(table: Table, path: str | Path) -> None:
 SELECTION_COLUMNS = ("strategy", "strategy_name", "seed", "cycle", "rank", "image_id", "file_name", "score")
 
 
-def write_selections(run_dirs: Sequence[str | Path], path: str | Path) -> int:
+def write_selections(run_dirs: Sequence[str | Path], path: str | Path, datasets: dict | None = None) -> int:
     """Write every image each series chose, as CSV (:data:`SELECTION_COLUMNS`): ``cycle`` is
     the cycle whose model chose it (it is labeled from cycle + 1 on), ``rank`` its place in
     that batch (0 = first), ``score`` the strategy's score, ``file_name`` from the run's
-    dataset when it can be read. Returns the number of rows.
+    dataset when it can be read (``datasets``: a cache shared with the HTML report's gallery,
+    :data:`mgral.report.html.DatasetCache`). Returns the number of rows.
 
     Raises:
         RunError: as :func:`load_series`.
@@ -286,7 +287,7 @@ def write_selections(run_dirs: Sequence[str | Path], path: str | Path) -> int:
     writer.writerow(SELECTION_COLUMNS)
     n = 0
     for run_dir in map(Path, run_dirs):
-        dataset = dataset_of(run_dir)
+        dataset = dataset_of(run_dir, datasets)
         for label, seed in list_series(run_dir):
             for record in read_cycle_records(run_dir / label / f"seed-{seed}" / CYCLES_FILE):
                 scores = record.get("scores") or []
@@ -321,7 +322,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     boxes = plot_curves(series, out, x_key="num_boxes_labeled", reference=reference, title=title, y_label=label)
     map50 = plot_curves(series, out, metric="mAP50", reference=reference, title=title, formats=("png",))
     write_csv(table, out / "results.csv")
-    write_selections(run_dirs, out / "selections.csv")
+    datasets: dict = {}  # each run's dataset, read once for the selections and the gallery
+    write_selections(run_dirs, out / "selections.csv", datasets)
     from mgral.report.diversity import diversity_markdown
 
     atomic_write_text(out / "results.md", _markdown(table) + diversity_markdown(series))
@@ -341,5 +343,6 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         diagnostics=diagnostics,
         figures=figures,
         diagnostics_figure=drawing,
+        datasets=datasets,
     )
     return out / "results.md"
