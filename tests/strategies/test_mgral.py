@@ -14,7 +14,14 @@ import torch
 from mgral.data.records import Dataset
 from mgral.errors import ConfigError
 from mgral.strategies import build_strategy
-from mgral.strategies.mgral.surrogate import SurrogateJob, SurrogateShared, consistency_loss, ramp_weight, run_surrogate
+from mgral.strategies.mgral.surrogate import (
+    SurrogateJob,
+    SurrogateShared,
+    consistency_loss,
+    job_device,
+    ramp_weight,
+    run_surrogate,
+)
 
 MICRO = {
     "combinations": 3,
@@ -117,6 +124,7 @@ def test_surrogate_uses_the_unlabeled_images_and_never_reads_their_labels(make_c
         assert set(row["combination"]) <= pool
         assert row["loss_cons"] > 0  # the unsupervised term is really there
         assert row["consistency"] == "FCOS"
+        assert row["device"] == "cpu"  # device: auto follows the task detector
         assert row["dmAP"] == pytest.approx(row["mAP"] - control["mAP"])
 
 
@@ -130,6 +138,15 @@ def test_same_labeled_batches_in_every_job_so_the_control_is_a_control(make_cont
     )
     a, b = run_surrogate(SurrogateJob("control"), shared), run_surrogate(SurrogateJob("m0"), shared)
     assert a["mAP"] == b["mAP"] and a["loss_sup"] == b["loss_sup"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a process that sees no GPU")
+def test_surrogate_device_falls_back_to_the_cpu_only_when_auto():
+    shared = SurrogateShared(b"", None, [], [], {}, 1, 1, device="cuda:1", device_fallback=True)
+    assert job_device(shared) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="surrogate device 'cuda:1' requested but this job's process sees no GPU"):
+        job_device(replace(shared, device_fallback=False))
+    assert job_device(replace(shared, device="cpu", device_fallback=False)) == torch.device("cpu")
 
 
 def test_cycle_writes_its_diagnostics(make_context, for_strategy, tmp_path):
@@ -200,6 +217,9 @@ def test_labeled_set_too_small_falls_back_and_says_so(make_context, for_strategy
         ({"reward_fraction": 1.5}, r"reward_fraction: expected a fraction in \(0, 1\)"),
         ({"reward_source": "magic"}, "reward_source: expected one of surrogate, labeled_simulation, oracle"),
         ({"executor": "slurm"}, "executor: expected one of inline, process, ray"),
+        ({"device": "tpu"}, "device: expected auto, cpu, cuda or cuda:N"),
+        ({"device": "cuda:x"}, "device: expected auto, cpu, cuda or cuda:N"),
+        ({"job_gpus": -1}, "job_gpus: expected a number >= 0"),
     ],
 )
 def test_bad_parameters_are_refused_clearly(params, message):

@@ -72,7 +72,9 @@ class MGRAL(Strategy):
     Agent: ``optimizer`` (agent | greedy | credits), ``sampling`` (plackett_luce | bernoulli),
     ``updates`` (300), ``samples`` (8), ``hidden`` (256), ``chunk`` (64), ``agent_lr`` (1e-3),
     ``entropy`` (0.01), ``orders`` (4), ``warm_start`` (True).
-    Jobs: ``executor`` (inline | process | ray), ``workers``, ``ray_address``, ``job_threads``.
+    Jobs: ``executor`` (inline | process | ray), ``workers``, ``ray_address``, ``job_threads``,
+    ``device`` (auto | cpu | cuda | cuda:N; ``auto``: the task detector's device, or the CPU
+    in a job process that sees no GPU), ``job_gpus`` (GPUs each Ray job reserves, 0).
     """
 
     name = "mgral"
@@ -112,6 +114,8 @@ class MGRAL(Strategy):
         workers: int | None = None,
         ray_address: str | None = None,
         job_threads: int | None = None,
+        device: str = "auto",
+        job_gpus: float = 0,
     ) -> None:
         def positive_int(name: str, v: Any, allow_none: bool = False) -> None:
             ok = (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
@@ -137,6 +141,13 @@ class MGRAL(Strategy):
         _check("optimizer", optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}", optimizer)
         _check("sampling", sampling in SAMPLINGS, f"one of {', '.join(SAMPLINGS)}", sampling)
         _check("executor", executor in EXECUTORS, f"one of {', '.join(EXECUTORS)}", executor)
+        _check("device", _valid_device(device), "auto, cpu, cuda or cuda:N", device)
+        _check(
+            "job_gpus",
+            isinstance(job_gpus, int | float) and not isinstance(job_gpus, bool) and job_gpus >= 0,
+            "a number >= 0",
+            job_gpus,
+        )
         self.combinations, self.steps, self.combination_size = combinations, steps, combination_size
         self.candidate_pool, self.reward_fraction, self.surrogate_batch = (
             candidate_pool,
@@ -151,6 +162,7 @@ class MGRAL(Strategy):
         self.chunk, self.agent_lr, self.entropy, self.orders = chunk, agent_lr, entropy, orders
         self.warm_start, self.executor, self.workers = warm_start, executor, workers
         self.ray_address, self.job_threads = ray_address, job_threads
+        self.device, self.job_gpus = device, job_gpus
         if reward_source == "oracle":  # research only: the true gains need the true labels
             self.requires = frozenset({*MGRAL.requires, "oracle"})
 
@@ -404,8 +416,10 @@ class MGRAL(Strategy):
             ramp=self.ramp,
             threads=threads,
             seed=seed,
+            device=str(detector.device) if self.device == "auto" else self.device,
+            device_fallback=self.device == "auto",
         )
-        results = run_jobs(jobs, shared, self.executor, self.workers, self.ray_address, out)
+        results = run_jobs(jobs, shared, self.executor, self.workers, self.ray_address, out, self.job_gpus)
         control = results["control"]
         names = [c.name for c in context.dataset.categories]
         table, combos, dmap = [], [], []
@@ -423,6 +437,7 @@ class MGRAL(Strategy):
                     "loss_pseudo": r["loss_pseudo"],
                     "loss_cons": r["loss_cons"],
                     "consistency": r["consistency"],
+                    "device": r.get("device", "cpu"),  # jobs saved before the key existed ran on the CPU
                     "seconds": r["seconds"],
                 }
             )
@@ -599,9 +614,12 @@ def split_labeled(
     return [i for i in labeled if i not in kept], [i for i in labeled if i in kept]
 
 
-def run_jobs(jobs, shared, executor: str, workers, ray_address, out: Path | None) -> dict[str, dict]:
+def run_jobs(
+    jobs, shared, executor: str, workers, ray_address, out: Path | None, gpus_per_job: float = 0
+) -> dict[str, dict]:
     """Run the fine-tunes through the executor; each result is saved as it finishes
-    (``jobs/<name>.json``) and reused on a re-run, so a killed cycle resumes its table."""
+    (``jobs/<name>.json``) and reused on a re-run, so a killed cycle resumes its table.
+    A Ray job reserves ``shared.threads`` CPUs and ``gpus_per_job`` GPUs."""
     results: dict[str, dict] = {}
     todo = []
     jobs_dir = out / "jobs" if out is not None else None
@@ -616,13 +634,22 @@ def run_jobs(jobs, shared, executor: str, workers, ray_address, out: Path | None
                 continue
         todo.append(job)
     if todo:
-        with make_executor(executor, workers=workers, ray_address=ray_address) as ex:
+        with make_executor(
+            executor, workers=workers, ray_address=ray_address, cpus_per_job=shared.threads, gpus_per_job=gpus_per_job
+        ) as ex:
             for k, result in ex.map(run_surrogate, todo, shared):
                 result["extra_ids"] = list(todo[k].extra_ids)
                 results[todo[k].name] = result
                 if jobs_dir is not None:
                     atomic_write_json(jobs_dir / f"{todo[k].name}.json", _jsonable(result))
     return results
+
+
+def _valid_device(device: Any) -> bool:
+    if device in ("auto", "cpu", "cuda"):
+        return True
+    prefix, _, index = str(device).partition(":")
+    return isinstance(device, str) and prefix == "cuda" and index.isdigit()
 
 
 def _fmt(v: float) -> str:

@@ -56,6 +56,9 @@ class SurrogateShared:
         unsup_weight: ``w_max``; ramp: fraction of the steps over which ``w`` ramps up.
         threads: torch threads per job (fixed, so every backend computes the same).
         seed: the cycle's seed (labeled batches, flips).
+        device: where the job fine-tunes (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+        device_fallback: True: a job whose process sees no GPU runs on the CPU (``device:
+            auto``: a Ray task that reserved no GPU, say); False: it fails, saying so.
     """
 
     model: bytes
@@ -69,6 +72,8 @@ class SurrogateShared:
     ramp: float = 0.25
     threads: int = 1
     seed: int = 0
+    device: str = "cpu"
+    device_fallback: bool = True
 
 
 @dataclass(frozen=True)
@@ -153,8 +158,35 @@ def consistency_loss(model: nn.Module, images: list[torch.Tensor]) -> tuple[torc
     return zero, "none"
 
 
-def _batch(dataset: Dataset, ids, targets, class_index, gen: torch.Generator):
-    """Images and torchvision targets (class indices), each flipped with probability 1/2."""
+def job_device(shared: SurrogateShared) -> torch.device:
+    """The device this job runs on: ``shared.device`` where this process can use it.
+
+    A CUDA index this process cannot see (a Ray task sees only the GPU it reserved, as
+    ``cuda:0``) maps to the current GPU. Without any GPU the job falls back to the CPU when
+    ``shared.device_fallback`` is set.
+
+    Raises:
+        ConfigError: a GPU was asked for explicitly and this process has none.
+    """
+    from mgral.errors import ConfigError
+
+    dev = torch.device(shared.device)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        if shared.device_fallback:
+            return torch.device("cpu")
+        raise ConfigError(
+            f"mgral: surrogate device {shared.device!r} requested but this job's process sees no GPU; with "
+            "executor: ray give each job a GPU (job_gpus: 1), or set device: auto (the CPU where no GPU is visible)"
+        )
+    index = dev.index if dev.index is not None and dev.index < torch.cuda.device_count() else None
+    return torch.device("cuda", index if index is not None else torch.cuda.current_device())
+
+
+def _batch(dataset: Dataset, ids, targets, class_index, gen: torch.Generator, device: torch.device):
+    """Images and torchvision targets (class indices), each flipped with probability 1/2
+    (decided on the CPU generator, so every device draws the same flips), on ``device``."""
     images, out = [], []
     for i in ids:
         image = load_image(dataset, i)
@@ -165,8 +197,8 @@ def _batch(dataset: Dataset, ids, targets, class_index, gen: torch.Generator):
             image = image.flip(-1)
             w = image.shape[-1]
             boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-        images.append(image)
-        out.append({"boxes": boxes, "labels": labels})
+        images.append(image.to(device))
+        out.append({"boxes": boxes.to(device), "labels": labels.to(device)})
     return images, out
 
 
@@ -183,18 +215,20 @@ def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
 
     Returns a JSON-able dict: ``mAP`` (COCO mAP@[.5:.95] on ``eval_ids``; NaN if undefined),
     ``per_class`` (list aligned with the dataset's categories), mean ``loss_sup``,
-    ``loss_pseudo``, ``loss_cons``, ``consistency`` (the head it used), ``seconds``.
+    ``loss_pseudo``, ``loss_cons``, ``consistency`` (the head it used), ``device`` (where it
+    ran), ``seconds``.
     """
     from mgral.detectors.torchvision_detector import TorchvisionDetector
     from mgral.evaluation import SubsetEvaluator
 
     t0 = time.perf_counter()
+    device = job_device(shared)
     threads = torch.get_num_threads()
     torch.set_num_threads(shared.threads)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(derive_seed(shared.seed, 3))
-            det = TorchvisionDetector.from_bytes(shared.model, device="cpu")
+            det = TorchvisionDetector.from_bytes(shared.model, device=str(device))
             model, class_index = det.model, det.class_index
             config = make_config(shared.train)
             optimizer = make_optimizer(model, config)
@@ -207,14 +241,14 @@ def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
             model.train()
             for step in range(shared.steps):
                 images, targets = _batch(
-                    shared.dataset, next(labeled), _true_targets(shared.dataset), class_index, labeled_gen
+                    shared.dataset, next(labeled), _true_targets(shared.dataset), class_index, labeled_gen, device
                 )
                 loss = sup = sum(model(images, targets).values())
                 sums["loss_sup"] += float(sup.detach())
                 if extra is not None:
                     ids = next(extra)
                     uimages, utargets = _batch(
-                        shared.dataset, ids, lambda i: job.extra_targets[i], class_index, extra_gen
+                        shared.dataset, ids, lambda i: job.extra_targets[i], class_index, extra_gen, device
                     )
                     pseudo = sum(model(uimages, utargets).values())
                     sums["loss_pseudo"] += float(pseudo.detach())
@@ -241,6 +275,7 @@ def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
         "per_class": [float(v) for v in ap.per_class],
         **{k: v / steps for k, v in sums.items()},
         "consistency": used,
+        "device": str(device),
         "seconds": time.perf_counter() - t0,
     }
 
