@@ -170,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "on_bad_image": args.on_bad_image,
     }
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # not given on the command line
     summary = detector.fit(dataset, train_ids, checkpoint_dir=args.out, resume=args.resume, **overrides)
     detector.save(args.out / "model.pt")
     report = {"train_images": len(train_ids), **summary}

@@ -69,16 +69,18 @@ class TrainConfig(BaseModel):
 
 
 def make_config(*layers: dict[str, Any]) -> TrainConfig:
-    """Merge settings layers (preset defaults, then detector settings, then call overrides;
-    ``None`` values ignored) and validate. A layer that sets ``epochs`` or ``iterations``
-    replaces the other one set by an earlier layer.
+    """Merge settings layers (preset defaults, then detector settings, then call overrides)
+    and validate. A layer that sets ``epochs`` or ``iterations`` replaces the other one set by
+    an earlier layer; a ``None`` length counts as not set. Any other ``None`` is a value:
+    ``scale_jitter: null`` turns scale jitter off, ``grad_clip: null`` clipping, ``amp: null``
+    means automatic (where ``None`` is not valid for a key, validation says so).
 
     Raises:
         ConfigError: unknown keys (the valid ones listed) or invalid values.
     """
     merged: dict[str, Any] = {}
     for layer in layers:
-        given = {k: v for k, v in layer.items() if v is not None}
+        given = {k: v for k, v in layer.items() if v is not None or k not in ("epochs", "iterations")}
         for a, b in (("epochs", "iterations"), ("iterations", "epochs")):
             if a in given and b not in given:
                 merged.pop(b, None)

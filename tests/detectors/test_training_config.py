@@ -1,0 +1,29 @@
+"""Training settings: how the layers (preset, detector, call) merge, and what null means."""
+
+from __future__ import annotations
+
+import pytest
+
+from mgral.detectors.training import make_config
+from mgral.errors import ConfigError
+
+
+def test_later_layers_win_and_a_length_replaces_the_other_length():
+    config = make_config({"epochs": 10, "lr": 0.02}, {"iterations": 50}, {"lr": 0.005})
+    assert (config.epochs, config.iterations, config.lr) == (None, 50, 0.005)
+    config = make_config({"iterations": 50}, {"epochs": 3})
+    assert (config.epochs, config.iterations) == (3, None)
+
+
+def test_null_turns_a_setting_off_but_a_null_length_is_not_set():
+    config = make_config({"iterations": 40}, {"scale_jitter": None, "grad_clip": None, "amp": None, "epochs": None})
+    assert config.scale_jitter is None and config.grad_clip is None and config.amp is None
+    assert (config.epochs, config.iterations) == (None, 40)
+    assert make_config({}).scale_jitter == (0.8, 1.25)  # the default jitters
+
+
+def test_bad_settings_name_the_key_and_the_valid_ones():
+    with pytest.raises(ConfigError, match="lr: Input should be a valid number"):
+        make_config({"lr": None})
+    with pytest.raises(ConfigError, match="valid keys: epochs, iterations, batch_size"):
+        make_config({"learning_rate": 0.1})
