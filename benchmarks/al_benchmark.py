@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from mgral._machine import machine_line
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -53,20 +54,6 @@ PUBLISHED = (
 )
 WALL_SUFFIX = ".wall.json"  # RUNS/<name>.wall.json, beside the run directory: one entry per invocation
 MARKERS = ("<!-- al-benchmark:start -->", "<!-- al-benchmark:end -->")
-
-
-def machine() -> str:
-    """One line naming the machine and the software versions."""
-    import torch
-    import torchvision
-
-    from mgral._machine import cores, cpu_model, ram_gib
-
-    ram = ram_gib()
-    return (
-        f"{cpu_model()}, {cores()} CPU cores, {'?' if ram is None else int(ram)} GiB RAM, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
-    )
 
 
 # -- wall time, across invocations ---------------------------------------------------------
@@ -133,9 +120,11 @@ def config_path(name: str) -> Path:
 
 
 def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
-    """Write the report of ``run_dir`` and copy the files a reader needs into ``out_dir``."""
-    from mgral._io import atomic_write_text
-    from mgral.report import write_report
+    """Write the report of ``run_dir`` and copy the files a reader needs into ``out_dir``,
+    with ``run.md`` (how it was made, for readers) and ``run.json`` (the same facts and the
+    full-data reference, for :func:`summary_markdown`)."""
+    from mgral._io import atomic_write_json, atomic_write_text
+    from mgral.report import load_reference, load_series, results_table, write_report
     from mgral.runs import RunDir
 
     with tempfile.TemporaryDirectory(prefix=f"al-{name}-") as tmp:
@@ -171,6 +160,16 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
         "the cores); cycle 0's model and pool predictions are made once per seed and shared by every strategy.",
     ]
     atomic_write_text(out_dir / "run.md", "\n".join(lines) + "\n")
+    table = results_table(load_series([run_dir]), load_reference([run_dir]))
+    facts = {
+        "name": name,
+        "metric": table.metric,
+        "reference_map": table.reference_map,
+        "reference_seeds": table.reference_seeds,
+        "wall_seconds": total,
+        "invocations": wall,
+    }
+    atomic_write_json(out_dir / "run.json", facts, indent=1)
     return out_dir
 
 
@@ -183,22 +182,28 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
     def f(text: str, fmt: str) -> str:
         return "—" if text == "" else format(float(text), fmt)
 
-    parts = []
+    parts: list[str] = []
+    machines: dict[str, None] = {}  # where the published runs ran, in order
     for name in names:
         path = out_root / name / "results.csv"
         if not path.exists():
             continue
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        md = (out_root / name / "results.md").read_text(encoding="utf-8")
-        reference = next((ln[2:] for ln in md.splitlines() if ln.startswith("- Full-data reference:")), "")
-        run_md = out_root / name / "run.md"
-        wall = next((ln[2:] for ln in run_md.read_text().splitlines() if ln.startswith("- Wall time:")), "")
+        facts = json.loads((out_root / name / "run.json").read_text(encoding="utf-8"))
+        reference = "Full-data reference: none"
+        if facts["reference_map"] is not None:
+            reference = (
+                f"Full-data reference: test {facts['metric']} {facts['reference_map']:.4f} "
+                f"(mean over {facts['reference_seeds']} seed(s))"
+            )
+        machines.update(dict.fromkeys(e.get("machine", "?") for e in facts["invocations"]))
         rows.sort(key=lambda r: -float(r["nauc_mean"]))
         parts += [
             f"### {name}",
             "",
-            f"{reference}. {wall.split(' over ')[0]}. Details: [`{name}/results.md`]({name}/results.md).",
+            f"{reference}. Wall time: {facts['wall_seconds'] / 3600:.2f} h. "
+            f"Details: [`{name}/results.md`]({name}/results.md).",
             "",
             "| strategy | seeds | cycles | nAUC | vs random (wins) | imgs to 90% | select s / cycle |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -222,7 +227,9 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
     if not parts:
         return "No dataset published yet.\n"
     head = [
-        "nAUC: mean test mAP@[.5:.95] over the labeling range (mean ± std over seeds); vs random: the nAUC "
+        f"Machine: {'; '.join(machines)}.",
+        "",
+        "nAUC: mean test mAP over the labeling range (mean ± std over seeds); vs random: the nAUC "
         "difference to random on the same seed (same initial set), with the seeds where it is higher; "
         "`*`: still running (only the cycles all seeds finished). Sorted by nAUC.",
         "",
@@ -235,7 +242,7 @@ def write_summary(out_root: Path, names: Sequence[str], readme: Path | None) -> 
     from mgral._io import atomic_write_text
 
     body = summary_markdown(out_root, names)
-    atomic_write_text(out_root / "summary.md", f"# AL benchmark summary\n\nMachine: {machine()}.\n\n{body}")
+    atomic_write_text(out_root / "summary.md", f"# AL benchmark summary\n\n{body}")
     if readme is not None and readme.exists():
         text = readme.read_text(encoding="utf-8")
         start, end = MARKERS
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(path, overrides)
             note = {
                 "command": command.strip(),
-                "machine": machine(),
+                "machine": machine_line(),
                 "executor": config.executor,
                 "workers": config.workers,
                 "threads": config.threads,

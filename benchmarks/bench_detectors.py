@@ -17,13 +17,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mgral._machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -69,19 +70,6 @@ def run_one(spec: dict) -> dict:
         "per_class": {k: round(v, 4) for k, v in result.per_class.items()},
         "threads": torch.get_num_threads(),
     }
-
-
-def machine() -> str:
-    mem = next(
-        (ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")), "?"
-    )
-    import torch
-    import torchvision
-
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {int(mem) // 1024**2} GiB RAM, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
-    )
 
 
 def main() -> None:
@@ -133,7 +121,7 @@ def main() -> None:
     lines = [
         "# Detector benchmark (CPU)",
         "",
-        f"Machine: {machine()}. Date: {dt.date.today()}. Command: `.venv/bin/python benchmarks/bench_detectors.py"
+        f"Machine: {machine_line()}. Date: {dt.date.today()}. Command: `.venv/bin/python benchmarks/bench_detectors.py"
         f" --bccd-epochs {args.bccd_epochs}`.",
         "Each row runs in its own process; peak memory is that process's maximum resident set size. Rows may come "
         "from separate invocations (`--only`), each on this machine.",

@@ -29,13 +29,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from mgral._machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -230,15 +231,6 @@ def summarize(name, setup, table, gain, randoms, combos, reward, out, train_s, s
     }
 
 
-def machine() -> str:
-    import torch
-
-    return (
-        f"{platform.node()}: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, no GPU used"
-    )
-
-
 def write(rows: list[dict], loads: tuple) -> None:
     def f(v, nd=3):
         return "n/a" if v is None else f"{v:.{nd}f}"
@@ -246,7 +238,8 @@ def write(rows: list[dict], loads: tuple) -> None:
     lines = [
         "# MGRAL validation (`benchmarks/bench_mgral.py`)",
         "",
-        f"Machine: {machine()}. Run {dt.datetime.now().isoformat(timespec='minutes')}; load average at start "
+        f"Machine: {machine_line(gpu_used=False)}. Run {dt.datetime.now().isoformat(timespec='minutes')}; "
+        "load average at start "
         f"{loads[0]:.2f} (other jobs may have shared the 2 cores: timings are indicative, ratios are same-run).",
         "",
         "One AL cycle per dataset: `tiny` detector trained on a seeded labeled set, MGRAL selects B images; "

@@ -65,6 +65,8 @@ def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path):
     assert driver.main([*args, "--executor", "inline"]) == 0
     assert len(json.loads((tmp_path / "runs" / "micro.wall.json").read_text())) == 2
     assert "2 invocation(s)" in (out / "run.md").read_text()
+    facts = json.loads((out / "run.json").read_text())
+    assert len(facts["invocations"]) == 2 and facts["reference_seeds"] == 1 and 0 <= facts["reference_map"] <= 1
 
 
 def test_summary_reads_the_published_tables(tmp_path):
@@ -80,10 +82,17 @@ def test_summary_reads_the_published_tables(tmp_path):
         + "random,random,3,6,6,0,0.25,0.01,,,,,120.0,3,0.0\n"
         + "mgral,mgral,3,4,6,1,0.3,0.02,0.05,0.01,3,3,90.5,2,30.0\n"
     )
-    (out / "results.md").write_text("- Full-data reference: test mAP@[.5:.95] 0.5000 (mean over 3 seed(s))\n")
-    (out / "run.md").write_text("- Wall time: 1.50 h over 2 invocation(s) (a resumed run adds one):\n")
+    facts = {
+        "metric": "mAP@[.5:.95]",
+        "reference_map": 0.5,
+        "reference_seeds": 3,
+        "wall_seconds": 5400.0,
+        "invocations": [{"machine": "box A"}, {"machine": "box B"}, {"machine": "box A"}],
+    }
+    (out / "run.json").write_text(json.dumps(facts))
     text = driver.summary_markdown(tmp_path / "out", ["d", "missing"])
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
     assert lines[1] == "| mgral* | 3 | 4 | 0.3000 ± 0.0200 | +0.0500 ± 0.0100 (3/3) | 90 (2/3) | 30.0 |"
     assert lines[2] == "| random | 3 | 6 | 0.2500 ± 0.0100 | — | 120 | 0.0 |"
     assert "test mAP@[.5:.95] 0.5000 (mean over 3 seed(s)). Wall time: 1.50 h." in text
+    assert text.startswith("Machine: box A; box B.\n")

@@ -28,3 +28,17 @@ def ram_gib() -> float | None:
 
 def cores() -> int:
     return os.cpu_count() or 1
+
+
+def machine_line(*, gpu_used: bool | None = None) -> str:
+    """One line naming the machine and the software versions: CPU model, cores, RAM,
+    Python, torch and torchvision; ``gpu_used=False`` adds "no GPU used"."""
+    import torch
+    import torchvision
+
+    ram = ram_gib()
+    line = (
+        f"{cpu_model()}, {cores()} CPU cores, {'?' if ram is None else int(ram)} GiB RAM, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
+    )
+    return line + (", no GPU used" if gpu_used is False else "")
