@@ -241,3 +241,54 @@ def test_tiny_box_regression_cannot_die(squares):
     conv = relu_head.model.head.regression_head.bbox_reg[0]
     relu_head.model.head.regression_head.bbox_reg = conv  # torchvision's own output: relu(conv)
     assert regression_grad(relu_head, conv) == 0.0
+
+
+def _flag(ds, flag_box):
+    """``ds`` with ``flag_box(record, k) -> (difficult, iscrowd)`` set on every box."""
+    from dataclasses import replace
+
+    from mgral.data.records import Dataset, Target
+
+    recs = []
+    for r in ds:
+        flags = [flag_box(r, k) for k in range(len(r.target.boxes))]
+        difficult = [f[0] for f in flags]
+        crowd = [f[1] for f in flags]
+        recs.append(replace(r, target=Target(r.target.boxes, r.target.labels, difficult=difficult, iscrowd=crowd)))
+    return Dataset(ds.root, ds.categories, recs)
+
+
+def test_difficult_and_crowd_boxes_are_left_out_of_training_unless_asked(squares):
+    from dataclasses import replace
+
+    from mgral.data.records import Dataset, Target
+
+    # the second box of every two-box image is ignored: difficult on even ids, crowd on odd ones
+    flagged = _flag(squares, lambda r, k: (k == 1 and r.id % 2 == 0, k == 1 and r.id % 2 == 1))
+    assert sum(int(r.target.difficult.sum() + r.target.iscrowd.sum()) for r in flagged) >= 3
+    removed = Dataset(
+        squares.root,
+        squares.categories,
+        [replace(r, target=Target(r.target.boxes[:1], r.target.labels[:1])) for r in squares],
+    )
+    ids = squares.image_ids("train")
+    states = []
+    for ds, train in ((flagged, {}), (removed, {}), (flagged, {"ignored_boxes": "train"})):
+        det = _det("tiny", ds, pretrained=False)
+        det.fit(ds, ids, iterations=2, **train)
+        states.append(det.model.state_dict())
+    skip, same, kept = states
+    assert all(torch.equal(skip[k], same[k]) for k in skip)  # skipping == the boxes were never there
+    assert not all(torch.equal(skip[k], kept[k]) for k in skip)  # training on them is a different run
+
+
+def test_images_with_only_ignored_boxes_are_not_trained_as_background(squares):
+    ids = squares.image_ids("train")
+    crowd_first = _flag(squares, lambda r, k: (False, r.id in ids[:2]))  # two images: all their boxes are crowd
+    summary = _det("tiny", crowd_first, pretrained=False).fit(crowd_first, ids, iterations=1)
+    assert summary["images_with_only_ignored_boxes"] == 2
+    all_crowd = _flag(squares, lambda r, k: (False, True))
+    with pytest.raises(ConfigError, match=r"all 12 training images carry only difficult or crowd boxes.*ignored_boxes"):
+        _det("tiny", all_crowd, pretrained=False).fit(all_crowd, ids, iterations=1)
+    summary = _det("tiny", all_crowd, pretrained=False).fit(all_crowd, ids, iterations=1, ignored_boxes="train")
+    assert "images_with_only_ignored_boxes" not in summary

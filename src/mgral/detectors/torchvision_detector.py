@@ -28,6 +28,7 @@ from mgral.detectors.training import (
     load_state,
     make_config,
     maybe_init_distributed,
+    only_ignored_boxes,
     progress_bar,
     save_state,
     train,
@@ -120,15 +121,24 @@ class TorchvisionDetector:
         config = make_config(
             {**PRESETS.get(self.preset).train_defaults, "seed": self.seed}, self.train_overrides, overrides
         )
+        ids = list(image_ids)
+        if config.ignored_boxes == "skip":
+            ids = [i for i in ids if not only_ignored_boxes(dataset[i].target)]
+            if image_ids and not ids:
+                raise ConfigError(
+                    f"all {len(image_ids)} training images carry only difficult or crowd boxes, which training "
+                    "leaves out by default; label more images, or set detector.train.ignored_boxes: train"
+                )
         distributed = maybe_init_distributed(self.device)
         data = DetectionData(
             dataset,
-            list(image_ids),
+            ids,
             self.class_index,
             hflip=config.hflip,
             scale_jitter=config.scale_jitter,
             seed=config.seed,
             on_bad_image=config.on_bad_image,
+            ignored_boxes=config.ignored_boxes,
         )
         ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
         resume_state = None
@@ -151,6 +161,8 @@ class TorchvisionDetector:
             )
         if distributed:
             torch.distributed.barrier()
+        if len(ids) < len(image_ids):
+            summary["images_with_only_ignored_boxes"] = len(image_ids) - len(ids)
         return summary
 
     # -- inference --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from mgral._io import atomic_write_bytes
-from mgral.data.records import Dataset, ImageId, describe_image
+from mgral.data.records import Dataset, ImageId, Target, describe_image
 from mgral.errors import CheckpointError, ConfigError, DatasetError
 
 
@@ -35,6 +35,9 @@ class TrainConfig(BaseModel):
     Exactly one of ``epochs`` / ``iterations`` sets the length. The learning rate warms up
     linearly over ``warmup_iters`` then follows ``schedule`` (``cosine`` to zero, ``step``
     by ``gamma`` at the fractions ``milestones`` of the run, or ``constant``).
+    ``ignored_boxes``: ``skip`` (default) leaves VOC ``difficult`` and COCO ``iscrowd`` boxes
+    out of training, and images that carry only such boxes; ``train`` trains on them as
+    ordinary boxes. Evaluation ignores them either way.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -58,6 +61,7 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(default=0, ge=0)
     on_bad_image: Literal["raise", "skip"] = "raise"
     progress: bool = True
+    ignored_boxes: Literal["skip", "train"] = "skip"
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:
@@ -96,6 +100,26 @@ def make_config(*layers: dict[str, Any]) -> TrainConfig:
 
 
 # -- data ----------------------------------------------------------------------------------
+
+
+def trainable_boxes(target: Target, ignored_boxes: str = "skip") -> tuple[np.ndarray, np.ndarray]:
+    """The boxes and category ids a detector trains on.
+
+    ``skip`` leaves out VOC ``difficult`` and COCO ``iscrowd`` boxes, as torchvision's
+    detection references (crowd), Detectron2 (crowd), MMDetection (both, as ignored boxes)
+    and ssd.pytorch (``keep_difficult=False``) do; the AP protocols ignore them too.
+    ``train`` keeps them as ordinary boxes.
+    """
+    if ignored_boxes == "train":
+        return target.boxes, target.labels
+    keep = ~(target.difficult | target.iscrowd)
+    return target.boxes[keep], target.labels[keep]
+
+
+def only_ignored_boxes(target: Target) -> bool:
+    """True when the image has boxes and every one is difficult or crowd: with ``skip``,
+    training on it as an empty (background) image would teach that its objects are not there."""
+    return len(target.boxes) > 0 and bool((target.difficult | target.iscrowd).all())
 
 
 def load_image(dataset: Dataset, image_id: ImageId) -> torch.Tensor:
@@ -145,9 +169,10 @@ class DetectionData(torch.utils.data.Dataset):
         scale_jitter: tuple[float, float] | None = None,
         seed: int = 0,
         on_bad_image: str = "raise",
+        ignored_boxes: str = "skip",
     ) -> None:
         self.dataset, self.image_ids, self.class_index = dataset, list(image_ids), class_index
-        self.hflip, self.scale_jitter = hflip, scale_jitter
+        self.hflip, self.scale_jitter, self.ignored_boxes = hflip, scale_jitter, ignored_boxes
         self.seed, self.on_bad_image, self.epoch = seed, on_bad_image, 0
         self.bad: list[str] = []
 
@@ -164,9 +189,9 @@ class DetectionData(torch.utils.data.Dataset):
             warnings.warn(f"skipping: {err}", stacklevel=2)
             self.bad.append(str(err))
             return None
-        tgt = self.dataset[image_id].target
-        boxes = torch.from_numpy(tgt.boxes.copy())
-        labels = torch.tensor([self.class_index[int(c)] for c in tgt.labels], dtype=torch.int64)
+        raw_boxes, raw_labels = trainable_boxes(self.dataset[image_id].target, self.ignored_boxes)
+        boxes = torch.from_numpy(raw_boxes.copy())
+        labels = torch.tensor([self.class_index[int(c)] for c in raw_labels], dtype=torch.int64)
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i, 0))
         if self.hflip > 0 and torch.rand((), generator=g).item() < self.hflip:
             image = image.flip(-1)

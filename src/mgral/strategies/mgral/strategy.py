@@ -361,7 +361,7 @@ class MGRAL(Strategy):
     def _table(self, context, budget, cand, sim_ids, fit_ids, eval_ids, phi, index, clusters, num_clusters, seed, out):
         """Run the control and the M combinations' fine-tunes; return (rows for the CSV, TableRows)."""
         from mgral.detectors.models import PRESETS
-        from mgral.detectors.training import make_config
+        from mgral.detectors.training import make_config, trainable_boxes
 
         detector = context.detector
         if not hasattr(detector, "to_bytes"):
@@ -375,16 +375,17 @@ class MGRAL(Strategy):
             "momentum": config.momentum,
             "weight_decay": config.weight_decay,
             "grad_clip": config.grad_clip,
+            "ignored_boxes": config.ignored_boxes,
             "progress": False,
         }
         rng = np.random.default_rng([seed, 17])
         if self.reward_source == "labeled_simulation" and sim_ids:
             source, base_fit, semi = sim_ids, [i for i in fit_ids if i not in set(sim_ids)], False
-            targets = {i: (context.dataset[i].target.boxes, context.dataset[i].target.labels) for i in sim_ids}
+            targets = {i: trainable_boxes(context.dataset[i].target, config.ignored_boxes) for i in sim_ids}
         elif self.reward_source == "oracle":
             truth = context.oracle_dataset
             source, base_fit, semi = cand, fit_ids, False
-            targets = {i: (truth[i].target.boxes, truth[i].target.labels) for i in cand}
+            targets = {i: trainable_boxes(truth[i].target, config.ignored_boxes) for i in cand}
         else:
             source, base_fit, semi = cand, fit_ids, True
             targets = {}

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from mgral.data.records import Dataset, ImageId
-from mgral.detectors.training import derive_seed, load_image, make_config, make_optimizer
+from mgral.detectors.training import derive_seed, load_image, make_config, make_optimizer, trainable_boxes
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,12 @@ def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
             model.train()
             for step in range(shared.steps):
                 images, targets = _batch(
-                    shared.dataset, next(labeled), _true_targets(shared.dataset), class_index, labeled_gen, device
+                    shared.dataset,
+                    next(labeled),
+                    _true_targets(shared.dataset, config.ignored_boxes),
+                    class_index,
+                    labeled_gen,
+                    device,
                 )
                 loss = sup = sum(model(images, targets).values())
                 sums["loss_sup"] += float(sup.detach())
@@ -280,9 +285,8 @@ def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
     }
 
 
-def _true_targets(dataset: Dataset):
+def _true_targets(dataset: Dataset, ignored_boxes: str):
     def get(i: ImageId) -> tuple[np.ndarray, np.ndarray]:
-        target = dataset[i].target
-        return target.boxes, target.labels
+        return trainable_boxes(dataset[i].target, ignored_boxes)
 
     return get
