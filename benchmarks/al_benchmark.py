@@ -52,6 +52,7 @@ PUBLISHED = (
     "curves_images_mAP50.png",
     "mgral_diagnostics.png",
 )
+IDLE_SECONDS = 60  # an invocation shorter than this found nothing to run: run.md counts it, not lists it
 WALL_SUFFIX = ".wall.json"  # RUNS/<name>.wall.json, beside the run directory: one entry per invocation
 MARKERS = ("<!-- al-benchmark:start -->", "<!-- al-benchmark:end -->")
 
@@ -145,11 +146,15 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
         f"- Config: `benchmarks/configs/{name}.yaml` (resolved copy in the run directory's config.yaml)",
         f"- Wall time: {total / 3600:.2f} h over {len(wall)} invocation(s) (a resumed run adds one):",
     ]
+    idle = [e for e in wall if e["seconds"] < IDLE_SECONDS]
     lines += [
         f"  - {e['started']}: {e['seconds'] / 3600:.2f} h on {e.get('machine', '?')}, executor {e.get('executor')}, "
         f"{e.get('workers')} worker(s) x {e.get('threads')} thread(s), `{e.get('command', '?')}`"
         for e in wall
+        if e["seconds"] >= IDLE_SECONDS
     ]
+    if idle:
+        lines.append(f"  - and {len(idle)} that found the run finished ({sum(e['seconds'] for e in idle):.0f} s)")
     lines += [
         f"- Detector: `{config['detector']['preset']}`, training {json.dumps(config['detector']['train'])}, "
         f"warm start {config['detector'].get('warm_start', False)}; reference training "

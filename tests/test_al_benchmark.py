@@ -33,7 +33,7 @@ MICRO = {
 }
 
 
-def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path):
+def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path, monkeypatch):
     driver = _driver()
     config = tmp_path / "micro.yaml"
     config.write_text(yaml.safe_dump(MICRO))
@@ -62,9 +62,11 @@ def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path):
     assert (tmp_path / "out" / "summary.md").read_text().count("### micro") == 1
 
     # a second invocation resumes (nothing left to run) and adds its own wall-time entry
+    monkeypatch.setattr(driver, "IDLE_SECONDS", wall[0]["seconds"] * 0.9)  # the first one ran; this one won't
     assert driver.main([*args, "--executor", "inline"]) == 0
     assert len(json.loads((tmp_path / "runs" / "micro.wall.json").read_text())) == 2
-    assert "2 invocation(s)" in (out / "run.md").read_text()
+    run_md = (out / "run.md").read_text()
+    assert "2 invocation(s)" in run_md and "and 1 that found the run finished" in run_md
     facts = json.loads((out / "run.json").read_text())
     assert len(facts["invocations"]) == 2 and facts["reference_seeds"] == 1 and 0 <= facts["reference_map"] <= 1
 
