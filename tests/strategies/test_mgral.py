@@ -220,6 +220,7 @@ def test_labeled_set_too_small_falls_back_and_says_so(make_context, for_strategy
         ({"device": "tpu"}, "device: expected auto, cpu, cuda or cuda:N"),
         ({"device": "cuda:x"}, "device: expected auto, cpu, cuda or cuda:N"),
         ({"job_gpus": -1}, "job_gpus: expected a number >= 0"),
+        ({"job_gpus": 1, "executor": "process"}, "job_gpus: expected 0 unless executor is ray"),
     ],
 )
 def test_bad_parameters_are_refused_clearly(params, message):

@@ -148,6 +148,12 @@ class MGRAL(Strategy):
             "a number >= 0",
             job_gpus,
         )
+        _check(
+            "job_gpus",
+            not job_gpus or executor == "ray",
+            "0 unless executor is ray (only Ray places jobs on GPUs)",
+            job_gpus,
+        )
         self.combinations, self.steps, self.combination_size = combinations, steps, combination_size
         self.candidate_pool, self.reward_fraction, self.surrogate_batch = (
             candidate_pool,
