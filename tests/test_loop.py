@@ -151,6 +151,22 @@ def test_parallel_series_give_exactly_the_inline_results(inline_two_seeds, tmp_p
     assert _series(tmp_path / "run") == expected
 
 
+def test_references_are_planned_before_the_series_and_finished_tasks_are_not(inline_two_seeds, tmp_path):
+    from mgral.loop import open_experiment, plan_tasks
+
+    cfg, _ = inline_two_seeds
+    config = config_from_dict({**cfg, "executor": "process"})
+    fresh = open_experiment(config, RunDir(tmp_path / "run"), lambda _: None, False)
+    first, series = plan_tasks(fresh)
+    assert first == [("cycle-0", "", 0), ("cycle-0", "", 1)]
+    labels = [s.label for s in config.strategies]
+    assert series == [("series", "reference", 0), ("series", "reference", 1)] + [
+        ("series", label, seed) for seed in (0, 1) for label in labels
+    ]
+    finished = Path(cfg["dataset"]["path"]).parent / "run"  # the fixture's run, beside its dataset
+    assert plan_tasks(open_experiment(config, RunDir(finished), lambda _: None, False)) == ([], [])
+
+
 def test_a_failed_series_does_not_stop_the_others_and_resume_retries_it(inline_two_seeds, tmp_path):
     cfg, expected = inline_two_seeds
     run = tmp_path / "run"

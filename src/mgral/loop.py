@@ -18,7 +18,7 @@ trained once, in ``RUN/_shared/seed-<s>/cycle-0``, and reused.
 
 Series are independent: with ``executor: process`` or ``ray`` they run in parallel
 (``workers`` at once, ``threads`` torch threads each), first every seed's shared cycle 0,
-then every (strategy, seed) series and the full-data references. A series that fails does not
+then the full-data references, then every (strategy, seed) series. A series that fails does not
 stop the others; the run then fails naming each failed series, and ``--resume`` retries it.
 The executor settings are not part of what a run computes: a run started inline may be
 resumed on a Ray cluster.
@@ -197,10 +197,10 @@ def run_experiment(
         with _torch_threads(config.threads):
             for seed in config.seeds:
                 initial = initial_ids(config, exp.dataset, exp.pool, seed)
+                if config.full_data_reference:  # first: a run stopped part-way still has its ceiling
+                    run_series(exp, REFERENCE_LABEL, None, seed, exp.pool)
                 for label, strategy in strategies.items():
                     run_series(exp, label, strategy, seed, initial)
-                if config.full_data_reference:
-                    run_series(exp, REFERENCE_LABEL, None, seed, exp.pool)
     return Path(out)
 
 
@@ -235,21 +235,29 @@ def _series_done(exp: Experiment, label: str, seed: int) -> bool:
     return len(read_cycle_records(exp.run.path / label / f"seed-{seed}" / CYCLES_FILE)) > last
 
 
+def plan_tasks(exp: Experiment) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]:
+    """The unfinished tasks of ``exp`` in two phases, each ``(kind, label, seed)``: the shared
+    cycle-0 models of the seeds that still have series to run; then the full-data references
+    (one training each, first so that a run stopped part-way, and its partial report, still
+    has the ceiling that "labels to reach 90%" needs), then the series, seed by seed."""
+    config = exp.config
+    series = [(_SERIES, spec.label, s) for s in config.seeds for spec in config.strategies]
+    series = [t for t in series if not _series_done(exp, t[1], t[2])]
+    first = [(_CYCLE0, "", s) for s in sorted({t[2] for t in series})]
+    references = [(_SERIES, REFERENCE_LABEL, s) for s in config.seeds if config.full_data_reference]
+    return first, [t for t in references if not _series_done(exp, t[1], t[2])] + series
+
+
 def _run_parallel(exp: Experiment) -> None:
     """Run the unfinished series of ``exp`` through its executor: every seed's shared cycle 0
-    first, then every (strategy, seed) series of a seed whose cycle 0 is done, then the
-    full-data references. Each task's failure is collected; the run fails at the end naming
-    them all."""
+    first, then the full-data references, then every (strategy, seed) series of a seed whose
+    cycle 0 is done. Each task's failure is collected; the run fails at the end naming them
+    all."""
     from mgral.executors import make_executor
 
     config = exp.config
     threads = config.threads or 1
-    series = [(_SERIES, spec.label, s) for s in config.seeds for spec in config.strategies]
-    series = [t for t in series if not _series_done(exp, t[1], t[2])]
-    first = [(_CYCLE0, "", s) for s in sorted({t[2] for t in series})]
-    # the references last: the AL curves come first, their ceiling after
-    series += [(_SERIES, REFERENCE_LABEL, s) for s in config.seeds if config.full_data_reference]
-    series = [t for t in series if not _series_done(exp, t[1], t[2])]
+    first, series = plan_tasks(exp)
     shared = (config_to_dict(config), str(exp.run.path), threads)
     failures: dict[tuple, str] = {}
     exp.log(
