@@ -236,7 +236,7 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
         "",
         "nAUC: mean test mAP over the labeling range (mean ± std over seeds); vs random: the nAUC "
         "difference to random on the same seed (same initial set), with the seeds where it is higher; "
-        "`*`: still running (only the cycles all seeds finished). Sorted by nAUC.",
+        "`*`: still running (the seeds that got furthest, on the cycles they finished). Sorted by nAUC.",
         "",
     ]
     return "\n".join(head + parts)

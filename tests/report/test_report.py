@@ -205,18 +205,20 @@ def test_single_seed_single_cycle_without_reference(tmp_path):
     assert "full data" not in (tmp_path / "out" / "curves_images.svg").read_text()
 
 
-def test_a_run_in_progress_uses_the_common_cycles(tmp_path):
+def test_a_run_in_progress_uses_the_seeds_that_got_furthest(tmp_path):
     run = tmp_path / "run"
     write_series(run, "random", 0, [0.1, 0.2, 0.3, 0.4])
     write_series(run, "random", 1, [0.1, 0.4])
-    (run / "random" / "seed-2").mkdir()  # started, no cycle finished yet: not a series
+    write_series(run, "random", 2, [0.1, 0.2, 0.5, 0.6])
+    (run / "random" / "seed-3").mkdir()  # started, no cycle finished yet: not a series
     table = results_table(load_series([run]))
     (row,) = table.rows
-    assert (row.seeds, row.cycles, row.max_cycles) == (2, 2, 4)
-    np.testing.assert_allclose(row.map_mean, [0.1, 0.3])
+    assert (row.seeds, row.cycles, row.max_cycles, row.planned_seeds) == (2, 4, 4, 3)  # seed 1 is behind
+    np.testing.assert_allclose(row.map_mean, [0.1, 0.2, 0.4, 0.5])
+    assert row.in_progress and row.progress() == "2 of 3 seeds"
     text = write_report([run], tmp_path / "out").read_text()
-    assert "| random* | 2 |" in text and "random: 2 of 4" in text
-    assert "n=2, 2 of 4 cycles" in (tmp_path / "out" / "curves_images.svg").read_text()
+    assert "| random* | 2 |" in text and "random: 2 of 3 seeds" in text and "seeds that got furthest" in text
+    assert "n=2" in (tmp_path / "out" / "curves_images.svg").read_text()
 
 
 # -- plots --------------------------------------------------------------------------------

@@ -86,11 +86,15 @@ def std_over_seeds(values: np.ndarray) -> np.ndarray:
 
 
 def by_label(series_list: Iterable[Series]) -> dict[str, list[Series]]:
-    """The series grouped by strategy label, labels sorted."""
+    """The series grouped by strategy label, labels sorted; of each label only the seeds that
+    got furthest (the most cycles). In a finished run that is every seed; in a run still in
+    progress the longest curves are compared, not every seed cut to its shortest (one seed
+    at cycle 0 would otherwise reduce the whole row to one point)."""
     groups: dict[str, list[Series]] = {}
     for s in series_list:
         groups.setdefault(s.label, []).append(s)
-    return dict(sorted(groups.items()))
+    furthest = {label: [s for s in g if len(s) == max(len(t) for t in g)] for label, g in groups.items()}
+    return dict(sorted(furthest.items()))
 
 
 def aggregate(series_list: Iterable[Series], x_key: str = "num_labeled", y_key: str = "mAP") -> dict[str, Curve]:

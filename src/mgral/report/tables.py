@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,8 +44,9 @@ class Row:
     ``f`` × full-data mAP, how many seeds reach it); ``(None, 0)`` without a reference.
     ``seconds[phase]``: mean wall seconds per cycle (NaN if never recorded).
     ``max_cycles``: the most cycles any of its seeds finished, or the cycles its run plans
-    (``cycles + 1`` of the recorded config) if more. ``planned_seeds``: the seeds its runs
-    plan (None if unknown). :attr:`in_progress`: more cycles or seeds are still to come.
+    (``cycles + 1`` of the recorded config) if more. Its seeds are those that got furthest
+    (:func:`~mgral.report.metrics.by_label`). ``planned_seeds``: the seeds its runs plan, or
+    that have started, whichever is more (None if unknown). :attr:`in_progress`: more cycles or seeds are still to come.
     ``vs_random``: the nAUC minus the ``random`` label's nAUC on the same seed (same initial
     set, so the pairs share their cycle-0 model), over the seeds both have on the cycles both
     finished: (mean, sample std, seeds where it is higher, seeds paired); None without a
@@ -160,7 +162,11 @@ def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, 
     groups = by_label(series_list)
     rows = [_row(group, full) for group in groups.values()]
     cycles, seeds = planned(list(dict.fromkeys(s.run_dir for s in series_list)))
-    rows = [replace(r, max_cycles=max(r.max_cycles, cycles or 0), planned_seeds=seeds) for r in rows]
+    started = Counter(s.label for s in series_list)  # with the seeds by_label left out (not as far yet)
+    rows = [
+        replace(r, max_cycles=max(r.max_cycles, cycles or 0), planned_seeds=max(seeds or 0, started[r.label]) or None)
+        for r in rows
+    ]
     if RANDOM_LABEL in groups:
         baseline = groups[RANDOM_LABEL]
         rows = [
@@ -241,7 +247,9 @@ def _markdown(table: Table) -> str:
     if partial:
         lines.append(
             "- `*` still in progress (a seed has not finished every cycle): every number in the row uses "
-            "only the cycles all its seeds finished (" + "; ".join(f"{r.label}: {r.progress()}" for r in partial) + ")."
+            "only the seeds that got furthest, on the cycles they finished ("
+            + "; ".join(f"{r.label}: {r.progress()}" for r in partial)
+            + ")."
         )
     heads = ["strategy", "seeds"] + [f"c{c} ({n:.0f} imgs)" for c, n in enumerate(table.num_labeled)]
     heads += ["nAUC", "vs random"] + [f"imgs to {round(f * 100)}%" for f in FRACTIONS] + [f"{p} s" for p in PHASES]
