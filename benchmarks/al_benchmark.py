@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -128,8 +129,10 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
     from mgral.report import load_reference, load_series, results_table, write_report
     from mgral.runs import RunDir
 
+    rel = os.path.relpath(run_dir)
+    shown = Path(rel) if not rel.startswith("..") else run_dir  # no machine-specific path in what is committed
     with tempfile.TemporaryDirectory(prefix=f"al-{name}-") as tmp:
-        write_report([run_dir], tmp)
+        write_report([shown], tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for file in PUBLISHED:
             if (Path(tmp) / file).exists():

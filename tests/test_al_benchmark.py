@@ -35,6 +35,7 @@ MICRO = {
 
 def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path, monkeypatch):
     driver = _driver()
+    monkeypatch.chdir(tmp_path)
     config = tmp_path / "micro.yaml"
     config.write_text(yaml.safe_dump(MICRO))
     readme = tmp_path / "README.md"
@@ -43,6 +44,7 @@ def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path, monkeypatch
     assert driver.main([*args, "--executor", "ray", "--workers", "2", "--threads", "1"]) == 0
 
     out = tmp_path / "out" / "micro"
+    assert "- Runs: `runs/micro`" in (out / "results.md").read_text()  # relative to where it ran: no local path
     for name in ("results.md", "results.csv", "selections.csv", "curves_images.png", "run.md"):
         assert (out / name).is_file(), name
     with open(out / "results.csv", newline="") as fh:
