@@ -126,7 +126,8 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
     with ``run.md`` (how it was made, for readers) and ``run.json`` (the same facts and the
     full-data reference, for :func:`summary_markdown`)."""
     from mgral._io import atomic_write_json, atomic_write_text
-    from mgral.report import load_reference, load_series, results_table, write_report
+    from mgral.report import write_report
+    from mgral.report.load import load_reference, metric_name, reference_map
     from mgral.runs import RunDir
 
     rel = os.path.relpath(run_dir)
@@ -168,12 +169,12 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
         "the cores); cycle 0's model and pool predictions are made once per seed and shared by every strategy.",
     ]
     atomic_write_text(out_dir / "run.md", "\n".join(lines) + "\n")
-    table = results_table(load_series([run_dir]), load_reference([run_dir]))
+    reference = load_reference([run_dir])  # what results.md's reference line says, without re-reading the series
     facts = {
         "name": name,
-        "metric": table.metric,
-        "reference_map": table.reference_map,
-        "reference_seeds": table.reference_seeds,
+        "metric": metric_name([run_dir]),
+        "reference_map": reference_map(reference),
+        "reference_seeds": len(reference or {}),
         "wall_seconds": total,
         "invocations": wall,
     }

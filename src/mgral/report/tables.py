@@ -46,7 +46,8 @@ class Row:
     ``max_cycles``: the most cycles any of its seeds finished, or the cycles its run plans
     (``cycles + 1`` of the recorded config) if more. Its seeds are those that got furthest
     (:func:`~mgral.report.metrics.by_label`). ``planned_seeds``: the seeds its runs plan, or
-    that have started, whichever is more (None if unknown). :attr:`in_progress`: more cycles or seeds are still to come.
+    that have started, whichever is more (None if unknown). :attr:`in_progress`: more cycles
+    or seeds are still to come.
     ``vs_random``: the nAUC minus the ``random`` label's nAUC on the same seed (same initial
     set, so the pairs share their cycle-0 model), over the seeds both have on the cycles both
     finished: (mean, sample std, seeds where it is higher, seeds paired); None without a
