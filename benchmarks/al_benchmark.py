@@ -15,6 +15,14 @@ this script
 3. writes ``OUT/summary.md`` over every dataset published so far, and replaces the block
    between the ``al-benchmark`` markers of the README with it.
 
+The published files include ``OUT/<name>/records/``: every *finished* series' own files (its
+``cycles.jsonl``, ledger, MGRAL's diagnostics and its batches' diversity figures; no models,
+no cached predictions), with the config that made them. Before running, the driver copies the
+series that the run directory lacks back from there, so a fresh clone, or a machine that lost
+``RUNS/``, continues the benchmark where the published results stopped and runs only the
+series still missing; ``--report-only`` rebuilds every table from what is committed. Records
+made with a different config are refused, naming the keys.
+
 ``--report-only`` skips step 1 (refresh the published files of runs still in progress: a
 row marked ``*`` uses only the cycles all its seeds finished).
 
@@ -53,6 +61,7 @@ PUBLISHED = (
     "curves_images_mAP50.png",
     "mgral_diagnostics.png",
 )
+RECORDS = "records"  # OUT/<name>/records/: the finished series' own files (see the module docstring)
 IDLE_SECONDS = 60  # an invocation shorter than this found nothing to run: run.md counts it, not lists it
 WALL_SUFFIX = ".wall.json"  # RUNS/<name>.wall.json, beside the run directory: one entry per invocation
 MARKERS = ("<!-- al-benchmark:start -->", "<!-- al-benchmark:end -->")
@@ -146,7 +155,8 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
         f"# {name}: how these results were made",
         "",
         f"- Regenerate: `.venv/bin/python benchmarks/al_benchmark.py {name}` (resumes the run in `runs/al-benchmark/"
-        f"{name}` if it is there; the published files were last written by `{command}`)",
+        f"{name}`, first restoring the finished series of `{RECORDS}/` that it lacks; the published files were "
+        f"last written by `{command}`)",
         f"- Config: `benchmarks/configs/{name}.yaml` (resolved copy in the run directory's config.yaml)",
         f"- Wall time: {total / 3600:.2f} h over {len(wall)} invocation(s) (a resumed run adds one):",
     ]
@@ -168,6 +178,13 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
         "- Per-phase seconds in results.md are per series-cycle on one worker (1 torch thread, 2 workers sharing "
         "the cores); cycle 0's model and pool predictions are made once per seed and shared by every strategy.",
     ]
+    for seed, maps in sorted(cycle0_maps(run_dir).items()):
+        if len(maps) > 1:  # one shared model per seed should give every series the same cycle 0
+            lines.append(
+                f"- **Seed {seed}: cycle 0 differs between series** (test mAP {', '.join(f'{m:.4f}' for m in maps)}): "
+                "its shared cycle-0 model was trained more than once (series restored from records made on "
+                "another machine), and training is deterministic only on one machine"
+            )
     atomic_write_text(out_dir / "run.md", "\n".join(lines) + "\n")
     reference = load_reference([run_dir])  # what results.md's reference line says, without re-reading the series
     facts = {
@@ -179,7 +196,126 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
         "invocations": wall,
     }
     atomic_write_json(out_dir / "run.json", facts, indent=1)
+    export_records(run_dir, out_dir / RECORDS)
     return out_dir
+
+
+def cycle0_maps(run_dir: Path) -> dict[int, list[float]]:
+    """Per seed, the distinct cycle-0 test mAPs of its strategy series (one value when every
+    series started from the seed's one shared model, as they should)."""
+    from mgral.loop import REFERENCE_LABEL
+    from mgral.runs import CYCLES_FILE, list_series, read_cycle_records
+
+    found: dict[int, set[float]] = {}
+    for label, seed in list_series(run_dir):
+        records = read_cycle_records(run_dir / label / f"seed-{seed}" / CYCLES_FILE)
+        if label != REFERENCE_LABEL and records:
+            found.setdefault(seed, set()).add(records[0]["mAP"])
+    return {seed: sorted(maps) for seed, maps in found.items()}
+
+
+# -- published records: the finished series, without models -------------------------------
+
+
+def _finished(run_dir: Path, config: dict) -> list[tuple[str, int]]:
+    from mgral.loop import REFERENCE_LABEL
+    from mgral.runs import CYCLES_FILE, list_series, read_cycle_records
+
+    return [
+        (label, seed)
+        for label, seed in list_series(run_dir)
+        if len(read_cycle_records(run_dir / label / f"seed-{seed}" / CYCLES_FILE))
+        > (0 if label == REFERENCE_LABEL else config["cycles"])
+    ]
+
+
+def export_records(run_dir: Path, dest: Path) -> list[tuple[str, int]]:
+    """Write ``dest`` anew: ``config.yaml`` (the run's, its dataset path relative to the
+    repository) and, per finished series, ``cycles.jsonl``, ``ledger.json``, MGRAL's per-cycle
+    diagnostics and ``diversity.json`` (its batches' figures, computed here from the cached
+    predictions that are not exported). Built beside ``dest`` and swapped in, so a kill leaves
+    the old or the new records. Returns the exported series."""
+    import yaml
+
+    from mgral._io import atomic_write_json, atomic_write_text
+    from mgral.report.diversity import SAVED_FILE, series_figures
+    from mgral.report.load import MGRAL_AGENT, MGRAL_DIR, MGRAL_SUMMARY, MGRAL_TABLE
+    from mgral.runs import CONFIG_FILE, CYCLES_FILE, LEDGER_FILE, RunDir
+
+    config = RunDir(run_dir).config()
+    series = _finished(run_dir, config)
+    tmp, old = dest.with_name(dest.name + ".new"), dest.with_name(dest.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shown = json.loads(json.dumps(config))
+    shown["dataset"]["path"] = os.path.relpath(config["dataset"]["path"], ROOT)  # no machine-specific path
+    atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(shown, sort_keys=False))
+    for label, seed in series:
+        src, dst = run_dir / label / f"seed-{seed}", tmp / label / f"seed-{seed}"
+        dst.mkdir(parents=True)
+        for name in (CYCLES_FILE, LEDGER_FILE):
+            shutil.copyfile(src / name, dst / name)
+        for file in sorted(src.glob(f"cycle-*/{MGRAL_DIR}/*")):
+            if file.name in (MGRAL_SUMMARY, MGRAL_AGENT, MGRAL_TABLE):
+                (dst / file.parent.parent.name / MGRAL_DIR).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, dst / file.parent.parent.name / MGRAL_DIR / file.name)
+        figures = series_figures(run_dir, label, seed)
+        if figures:
+            atomic_write_json(dst / SAVED_FILE, {str(c): f for c, f in sorted(figures.items())}, indent=1)
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return series
+
+
+def restore_records(config, source: Path, run_dir: Path, out_dir: Path) -> list[tuple[str, int]]:
+    """Copy into ``run_dir`` each published finished series (``out_dir/records``) that it does
+    not hold finished, starting the run directory if there is none; and, when ``run_dir`` has
+    no wall-time file, the published invocations (their time made the restored series).
+    Returns the restored series.
+
+    Raises:
+        SystemExit: the records were made with a config that differs from ``config`` (read from
+            ``source``; where a run executes aside), naming the keys.
+    """
+    import yaml
+
+    from mgral._io import atomic_write_json
+    from mgral.config import EXECUTION_KEYS, config_to_dict
+    from mgral.runs import CONFIG_FILE, RunDir
+
+    records = out_dir / RECORDS
+    if not (records / CONFIG_FILE).is_file():
+        return []
+    resolved = json.loads(json.dumps(config_to_dict(config)))
+    recorded = yaml.safe_load((records / CONFIG_FILE).read_text(encoding="utf-8"))
+    recorded["dataset"]["path"] = resolved["dataset"]["path"]  # recorded relative to the repository
+    differ = sorted(
+        k for k in set(recorded) | set(resolved) if k not in EXECUTION_KEYS and recorded.get(k) != resolved.get(k)
+    )
+    if differ:
+        raise SystemExit(
+            f"{records}: the published records were made with a different config ({', '.join(differ)} differ "
+            f"from {source}); restore that config, or move the records away to start afresh"
+        )
+    run = RunDir(run_dir)
+    done = set(_finished(run_dir, resolved)) if run_dir.is_dir() else set()
+    todo = [s for s in _finished(records, recorded) if s not in done]
+    if not todo:  # nothing to bring back: no lock taken (a run in progress may hold it)
+        return []
+    with run.lock():
+        if not (run_dir / CONFIG_FILE).exists():
+            run.create(resolved)
+        for label, seed in todo:
+            dst = run_dir / label / f"seed-{seed}"
+            shutil.rmtree(dst, ignore_errors=True)  # an unfinished copy: the published one is further
+            shutil.copytree(records / label / f"seed-{seed}", dst)
+    facts = out_dir / "run.json"
+    if not wall_path(run_dir).exists() and facts.is_file():
+        atomic_write_json(wall_path(run_dir), json.loads(facts.read_text(encoding="utf-8"))["invocations"], indent=1)
+    return todo
 
 
 def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
@@ -295,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         name = path.stem
         names.append(name)
         run_dir = args.runs / name
+        config = load_config(path, overrides)
+        restored = restore_records(config, path, run_dir, args.out / name)
+        if restored:
+            print(f"{name}: {len(restored)} finished series restored from {args.out / name / RECORDS}")
         if not args.report_only:
-            config = load_config(path, overrides)
             note = {
                 "command": command.strip(),
                 "machine": machine_line(),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +103,68 @@ def test_summary_reads_the_published_tables(tmp_path):
     assert lines[2] == "| random | 3 | 6 | 0.2500 ± 0.0100 | — | 120 | 0.0 |"
     assert "test mAP@[.5:.95] 0.5000 (mean over 3 seed(s)). Wall time: 1.50 h." in text
     assert text.startswith("Machine: box A; box B.\n")
+
+
+def test_published_records_restore_a_lost_run_and_only_what_is_missing_runs(tmp_path, monkeypatch, capsys):
+    driver = _driver()
+    monkeypatch.chdir(tmp_path)
+    micro = {**MICRO, "cycles": 2, "executor": "inline"}  # 2 cycles: entropy caches predictions of its own
+    config = tmp_path / "micro.yaml"
+    config.write_text(yaml.safe_dump(micro))
+    runs, out_root = tmp_path / "runs", tmp_path / "out"
+    args = [str(config), "--runs", str(runs), "--out", str(out_root), "--readme", str(tmp_path / "none.md")]
+    assert driver.main(args) == 0
+    out, records = out_root / "micro", out_root / "micro" / driver.RECORDS
+
+    recorded = yaml.safe_load((records / "config.yaml").read_text())
+    assert not Path(recorded["dataset"]["path"]).is_absolute()  # nothing machine-specific is published
+    assert sorted(p.relative_to(records).as_posix() for p in records.glob("*/seed-*")) == [
+        "entropy/seed-0",
+        "random/seed-0",
+        "reference/seed-0",
+    ]
+    assert not list(records.rglob("*.pt")) and not list(records.rglob("*.npz"))  # no models, no caches
+    figures = json.loads((records / "entropy" / "seed-0" / "diversity.json").read_text())
+    assert sorted(figures) == ["0", "1"]  # cycle 0's batch too (read from the seed's shared cache)
+    assert not (records / "random" / "seed-0" / "diversity.json").exists()  # random cached nothing
+    published = {name: (out / name).read_text() for name in ("results.md", "results.csv", "selections.csv")}
+    assert "| entropy | 2 |" in published["results.md"]  # 2 batches in the diversity table
+
+    # the machine loses RUNS/: the published records bring back every table, unchanged
+    shutil.rmtree(runs)
+    capsys.readouterr()
+    assert driver.main([*args, "--report-only"]) == 0
+    assert "3 finished series restored" in capsys.readouterr().out
+    assert {name: (out / name).read_text() for name in published} == published
+    assert len(json.loads((runs / "micro.wall.json").read_text())) == 1  # the invocation that made them
+
+    # published before entropy had finished: only entropy runs, and lands where it did before
+    # (its cycle 0 from a retrained shared model: training is deterministic on one machine)
+    shutil.rmtree(runs)
+    shutil.rmtree(records / "entropy")
+    assert driver.main(args) == 0
+    assert "2 finished series restored" in capsys.readouterr().out
+    assert not (runs / "micro" / "random" / "seed-0" / "cycle-0").exists()  # restored, not run again
+    assert (runs / "micro" / "entropy" / "seed-0" / "cycle-1" / "predictions.npz").is_file()  # run again
+    assert (out / "selections.csv").read_text() == published["selections.csv"]
+    with open(out / "results.csv", newline="") as fh:
+        now = {r["label"]: r for r in csv.DictReader(fh)}
+    before = {r["label"]: r for r in csv.DictReader(io.StringIO(published["results.csv"]))}
+    assert {k: {c: v for c, v in r.items() if not c.startswith("seconds")} for k, r in now.items()} == {
+        k: {c: v for c, v in r.items() if not c.startswith("seconds")} for k, r in before.items()
+    }
+    assert "differs" not in (out / "run.md").read_text()  # every series of seed 0 started from one cycle-0 model
+
+    # records of another experiment are refused, naming what differs
+    config.write_text(yaml.safe_dump({**micro, "budget": 6}))
+    with pytest.raises(SystemExit, match="budget"):
+        driver.main(args)
+
+
+def test_run_md_flags_a_seed_whose_series_started_from_different_cycle0_models(tmp_path):
+    driver = _driver()
+    for label, cycle0 in (("random", 0.25), ("entropy", 0.25), ("margin", 0.2), ("reference", 0.6)):
+        sdir = tmp_path / label / "seed-3"
+        sdir.mkdir(parents=True)
+        (sdir / "cycles.jsonl").write_text(json.dumps({"cycle": 0, "mAP": cycle0}) + "\n")
+    assert driver.cycle0_maps(tmp_path) == {3: [0.2, 0.25]}

@@ -10,7 +10,7 @@ import pytest
 from mgral.data.records import Detections
 from mgral.detectors.cache import save_predictions
 from mgral.report import load_series
-from mgral.report.diversity import batch_figures, diversity_by_label, diversity_markdown
+from mgral.report.diversity import batch_figures, diversity_by_label, diversity_markdown, series_figures
 
 
 def _det(embedding, labels, scores):
@@ -61,3 +61,29 @@ def test_batch_figures_and_the_markdown_section(tmp_path):
     }
     md = diversity_markdown(series)
     assert "| entropy | 1 | 6.000 | 0.667 |" in md and "| random | 0 | — | — |" in md
+
+
+def test_cycle0_batches_read_the_shared_cache_and_saved_figures_fill_in(tmp_path):
+    preds = {"a": _det([0, 0], [1], [0.9]), "b": _det([6, 8], [2], [0.9])}
+    save_predictions(tmp_path / "_shared" / "seed-0" / "cycle-0" / "predictions.npz", preds)
+    for label in ("entropy", "random"):
+        _series(tmp_path, label, ["a", "b"], None)  # cycle 0 chose a, b with the shared model
+    sdir = tmp_path / "entropy" / "seed-0"
+    rec = json.loads((sdir / "cycles.jsonl").read_text())
+    with open(sdir / "cycles.jsonl", "a") as fh:
+        fh.write(json.dumps({**rec, "cycle": 1, "selected": ["b", "a"]}) + "\n")
+    save_predictions(
+        sdir / "cycle-1" / "predictions.npz", {"a": _det([0, 0], [1], [0.9]), "b": _det([0, 3], [1], [0.9])}
+    )
+
+    assert series_figures(tmp_path, "entropy", 0) == {
+        0: {"mean_pairwise_distance": pytest.approx(10.0), "top_class_share": pytest.approx(0.5)},
+        1: {"mean_pairwise_distance": pytest.approx(3.0), "top_class_share": pytest.approx(1.0)},
+    }
+    assert series_figures(tmp_path, "random", 0) == {}  # random reads no predictions: its batches are not described
+
+    # a series whose caches were not kept (published records) carries its figures
+    (sdir / "diversity.json").write_text(json.dumps({"0": {"mean_pairwise_distance": 1.5, "top_class_share": 0.25}}))
+    (sdir / "cycle-1" / "predictions.npz").unlink()
+    (tmp_path / "_shared" / "seed-0" / "cycle-0" / "predictions.npz").unlink()
+    assert series_figures(tmp_path, "entropy", 0) == {0: {"mean_pairwise_distance": 1.5, "top_class_share": 0.25}}

@@ -9,11 +9,17 @@ cycle chose (``selected`` in its record) is described by:
 * ``top_class_share``: the share of the batch's confident boxes (score > 0.3) that belong
   to its most frequent predicted class (1 = a single-class batch).
 
-A strategy whose cycles cached nothing (``random``) has no figures: shown as "—".
+Cycle 0's model is the seed's shared one, whose pool predictions are cached once in
+``RUN/_shared/seed-<s>/cycle-0/``: a series that caches predictions of its own reads its
+cycle-0 batch there. A strategy whose cycles cached nothing (``random``) has no figures:
+shown as "—". A series whose predictions were not kept (published records) may carry its
+figures, by cycle, in ``RUN/<label>/seed-<s>/diversity.json`` (:func:`series_figures`
+written down); cached predictions, where present, take precedence.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +29,11 @@ from scipy.spatial.distance import pdist
 
 from mgral.detectors.cache import load_predictions
 from mgral.errors import MgralError
+from mgral.loop import SHARED_DIR
 from mgral.report.load import Series
 from mgral.runs import CYCLES_FILE, read_cycle_records
+
+SAVED_FILE = "diversity.json"
 
 
 def batch_figures(cycle_dir: Path, selected: Sequence) -> dict[str, float] | None:
@@ -47,15 +56,38 @@ def batch_figures(cycle_dir: Path, selected: Sequence) -> dict[str, float] | Non
     return {"mean_pairwise_distance": float(pdist(emb).mean()) if len(emb) > 1 else 0.0, "top_class_share": share}
 
 
+def _cycle_dir(run_dir: Path, label: str, seed: int, cycle: int, own: bool) -> Path:
+    """Where the predictions behind a batch are cached; ``own``: the series caches predictions."""
+    path = run_dir / label / f"seed-{seed}" / f"cycle-{cycle}"
+    if cycle == 0 and own and not (path / "predictions.npz").is_file():  # the seed's shared model chose it
+        path = run_dir / SHARED_DIR / f"seed-{seed}" / "cycle-0"
+    return path
+
+
+def series_figures(run_dir: str | Path, label: str, seed: int) -> dict[int, dict[str, float]]:
+    """The figures of every batch of one series that has them, by cycle: from cached
+    predictions, else from the series' ``diversity.json``."""
+    run_dir = Path(run_dir)
+    sdir = run_dir / label / f"seed-{seed}"
+    try:
+        saved = {int(k): v for k, v in json.loads((sdir / SAVED_FILE).read_text(encoding="utf-8")).items()}
+    except (OSError, ValueError, AttributeError):  # absent (the usual case) or unreadable: not used
+        saved = {}
+    own = any(sdir.glob("cycle-*/predictions.npz"))  # the strategy read predictions (random does not)
+    out: dict[int, dict[str, float]] = {}
+    for r in read_cycle_records(sdir / CYCLES_FILE):
+        fig = batch_figures(_cycle_dir(run_dir, label, seed, r["cycle"], own), r.get("selected"))
+        fig = fig if fig is not None else saved.get(r["cycle"])
+        if fig is not None:
+            out[r["cycle"]] = fig
+    return out
+
+
 def diversity_by_label(series: Sequence[Series]) -> dict[str, dict[str, float]]:
     """Per strategy label: the figures averaged over every batch that has them, and how many."""
     out: dict[str, dict[str, float]] = {}
     for s in series:
-        records = read_cycle_records(s.run_dir / s.label / f"seed-{s.seed}" / CYCLES_FILE)
-        for r in records:
-            fig = batch_figures(s.run_dir / s.label / f"seed-{s.seed}" / f"cycle-{r['cycle']}", r.get("selected"))
-            if fig is None:
-                continue
+        for fig in series_figures(s.run_dir, s.label, s.seed).values():
             acc = out.setdefault(s.label, {"mean_pairwise_distance": 0.0, "top_class_share": 0.0, "batches": 0})
             acc["batches"] += 1
             for k in ("mean_pairwise_distance", "top_class_share"):
