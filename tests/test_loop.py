@@ -167,6 +167,22 @@ def test_references_are_planned_before_the_series_and_finished_tasks_are_not(inl
     assert plan_tasks(open_experiment(config, RunDir(finished), lambda _: None, False)) == ([], [])
 
 
+def test_the_costliest_strategies_are_planned_first_then_seed_by_seed(inline_two_seeds, tmp_path):
+    """MGRAL's series (surrogate fine-tunes) start first, so a parallel run does not end with
+    one of them running alone; equally cheap series keep the seed-by-seed, config order."""
+    from mgral.loop import open_experiment, plan_tasks
+
+    cfg, _ = inline_two_seeds
+    names = ["random", "cald", "entropy", "mgral", "cdal"]
+    config = config_from_dict({**cfg, "executor": "process", "strategies": [{"name": n} for n in names]})
+    _, series = plan_tasks(open_experiment(config, RunDir(tmp_path / "run"), lambda _: None, False))
+    assert [(label, seed) for _, label, seed in series] == [
+        ("reference", 0), ("reference", 1),
+        ("mgral", 0), ("mgral", 1), ("cald", 0), ("cald", 1), ("cdal", 0), ("cdal", 1),
+        ("random", 0), ("entropy", 0), ("random", 1), ("entropy", 1),
+    ]  # fmt: skip
+
+
 def test_a_failed_series_does_not_stop_the_others_and_resume_retries_it(inline_two_seeds, tmp_path):
     cfg, expected = inline_two_seeds
     run = tmp_path / "run"

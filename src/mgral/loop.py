@@ -239,9 +239,18 @@ def plan_tasks(exp: Experiment) -> tuple[list[tuple[str, str, int]], list[tuple[
     """The unfinished tasks of ``exp`` in two phases, each ``(kind, label, seed)``: the shared
     cycle-0 models of the seeds that still have series to run; then the full-data references
     (one training each, first so that a run stopped part-way, and its partial report, still
-    has the ceiling that "labels to reach 90%" needs), then the series, seed by seed."""
+    has the ceiling that "labels to reach 90%" needs), then the series: the costliest
+    strategies first (their ``selection_cost``), so that the run does not end with one long
+    series alone; otherwise seed by seed, in the config's order."""
+    from mgral.strategies import STRATEGIES
+
     config = exp.config
-    series = [(_SERIES, spec.label, s) for s in config.seeds for spec in config.strategies]
+    order = [
+        (-STRATEGIES.get(spec.name).selection_cost, s, i, (_SERIES, spec.label, s))
+        for s in config.seeds
+        for i, spec in enumerate(config.strategies)
+    ]
+    series = [task for *_, task in sorted(order)]
     series = [t for t in series if not _series_done(exp, t[1], t[2])]
     first = [(_CYCLE0, "", s) for s in sorted({t[2] for t in series})]
     references = [(_SERIES, REFERENCE_LABEL, s) for s in config.seeds if config.full_data_reference]

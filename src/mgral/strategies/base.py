@@ -93,11 +93,15 @@ class Strategy(ABC):
 
     Subclasses set ``name`` (the registry name) and ``requires`` (a subset of
     :data:`REQUIREMENTS`), take their parameters keyword-only in ``__init__`` and
-    implement :meth:`select`.
+    implement :meth:`select`. A strategy whose selection is slow sets ``selection_cost``.
     """
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Rough cost of one selection, in detector trainings of a cycle (0: negligible). Used only
+    # to schedule: parallel runs start the costliest series first, so that a run does not end
+    # with one long series running alone on an otherwise idle machine.
+    selection_cost: ClassVar[float] = 0.0
 
     @abstractmethod
     def select(self, context: SelectionContext, budget: int) -> Selection:

@@ -156,6 +156,7 @@ class Cdal(Strategy):
 
     name = "cdal"
     requires = frozenset({"predictions", "detector"})
+    selection_cost = 0.1  # one pass over the labeled set
 
     def __init__(self, *, min_score: float = 0.0, subset: int | None = None) -> None:
         self.min_score = check_number("cdal", "min_score", min_score, 0.0, 1.0)
