@@ -79,7 +79,7 @@ class MGRAL(Strategy):
 
     name = "mgral"
     requires: ClassVar[frozenset[str]] = frozenset({"predictions", "embeddings", "detector"})
-    selection_cost = 5.0  # M + 1 surrogate fine-tunes: 1.2 (digits) to 5 (BCCD) trainings per cycle measured
+    selection_cost = 5.0  # M + 1 surrogate fine-tunes: 1.2 (digits) to 5.8 (BCCD) trainings per cycle measured
 
     def __init__(
         self,
