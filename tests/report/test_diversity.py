@@ -87,3 +87,24 @@ def test_cycle0_batches_read_the_shared_cache_and_saved_figures_fill_in(tmp_path
     (sdir / "cycle-1" / "predictions.npz").unlink()
     (tmp_path / "_shared" / "seed-0" / "cycle-0" / "predictions.npz").unlink()
     assert series_figures(tmp_path, "entropy", 0) == {0: {"mean_pairwise_distance": 1.5, "top_class_share": 0.25}}
+
+
+def test_a_batch_without_confident_boxes_has_no_class_share_and_does_not_poison_the_mean(tmp_path):
+    preds = {"a": _det([0, 0], [1], [0.1]), "b": _det([3, 4], [2], [0.2])}  # a weak model: nothing above 0.3
+    _series(tmp_path, "entropy", ["a", "b"], preds)
+    sdir = tmp_path / "entropy" / "seed-0"
+    rec = json.loads((sdir / "cycles.jsonl").read_text())
+    with open(sdir / "cycles.jsonl", "a") as fh:
+        fh.write(json.dumps({**rec, "cycle": 1}) + "\n")
+    save_predictions(
+        sdir / "cycle-1" / "predictions.npz", {"a": _det([0, 0], [1], [0.9]), "b": _det([0, 3], [2], [0.9])}
+    )
+
+    assert batch_figures(sdir / "cycle-0", ["a", "b"])["top_class_share"] is None
+    series = load_series([tmp_path])
+    assert diversity_by_label(series) == {
+        "entropy": {"mean_pairwise_distance": pytest.approx(4.0), "top_class_share": pytest.approx(0.5), "batches": 2}
+    }
+    assert "| entropy | 2 | 4.000 | 0.500 |" in diversity_markdown(series)
+    (sdir / "cycle-1" / "predictions.npz").unlink()
+    assert "| entropy | 1 | 5.000 | — |" in diversity_markdown(load_series([tmp_path]))

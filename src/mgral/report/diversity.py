@@ -7,7 +7,8 @@ cycle chose (``selected`` in its record) is described by:
 * ``mean_pairwise_distance``: mean L2 distance between the batch's pooled embeddings (the
   same figure MGRAL writes in its ``summary.json``);
 * ``top_class_share``: the share of the batch's confident boxes (score > 0.3) that belong
-  to its most frequent predicted class (1 = a single-class batch).
+  to its most frequent predicted class (1 = a single-class batch); None when the batch has
+  no confident box (a weak early model), and left out of that column's mean.
 
 Cycle 0's model is the seed's shared one, whose pool predictions are cached once in
 ``RUN/_shared/seed-<s>/cycle-0/``: a series that caches predictions of its own reads its
@@ -36,7 +37,7 @@ from mgral.runs import CYCLES_FILE, read_cycle_records
 SAVED_FILE = "diversity.json"
 
 
-def batch_figures(cycle_dir: Path, selected: Sequence) -> dict[str, float] | None:
+def batch_figures(cycle_dir: Path, selected: Sequence) -> dict[str, float | None] | None:
     """The two figures of one batch, or None without cached predictions covering it."""
     path = cycle_dir / "predictions.npz"
     if not selected or not path.is_file():
@@ -50,9 +51,7 @@ def batch_figures(cycle_dir: Path, selected: Sequence) -> dict[str, float] | Non
         return None
     emb = np.stack([np.asarray(d.embedding, dtype=np.float64) for d in dets])
     labels = np.concatenate([d.labels[d.scores > 0.3] for d in dets])
-    share = (
-        float(np.bincount(np.unique(labels, return_inverse=True)[1]).max() / len(labels)) if len(labels) else math.nan
-    )
+    share = float(np.bincount(np.unique(labels, return_inverse=True)[1]).max() / len(labels)) if len(labels) else None
     return {"mean_pairwise_distance": float(pdist(emb).mean()) if len(emb) > 1 else 0.0, "top_class_share": share}
 
 
@@ -83,19 +82,29 @@ def series_figures(run_dir: str | Path, label: str, seed: int) -> dict[int, dict
     return out
 
 
-def diversity_by_label(series: Sequence[Series]) -> dict[str, dict[str, float]]:
-    """Per strategy label: the figures averaged over every batch that has them, and how many."""
-    out: dict[str, dict[str, float]] = {}
+def diversity_by_label(series: Sequence[Series]) -> dict[str, dict[str, float | None]]:
+    """Per strategy label: each figure averaged over the batches that have it (a batch without
+    confident boxes has no class share; NaN, as older records wrote it, counts as none), and
+    how many batches were described; a figure no batch has is None."""
+    values: dict[str, dict[str, list[float]]] = {}
     for s in series:
         for fig in series_figures(s.run_dir, s.label, s.seed).values():
-            acc = out.setdefault(s.label, {"mean_pairwise_distance": 0.0, "top_class_share": 0.0, "batches": 0})
-            acc["batches"] += 1
+            acc = values.setdefault(s.label, {"mean_pairwise_distance": [], "top_class_share": [], "batches": []})
+            acc["batches"].append(1.0)
             for k in ("mean_pairwise_distance", "top_class_share"):
-                acc[k] += fig[k]
-    for acc in out.values():
-        for k in ("mean_pairwise_distance", "top_class_share"):
-            acc[k] /= acc["batches"]
-    return out
+                v = fig.get(k)
+                if v is not None and math.isfinite(v):
+                    acc[k].append(float(v))
+    return {
+        label: {
+            "mean_pairwise_distance": float(np.mean(acc["mean_pairwise_distance"]))
+            if acc["mean_pairwise_distance"]
+            else None,
+            "top_class_share": float(np.mean(acc["top_class_share"])) if acc["top_class_share"] else None,
+            "batches": len(acc["batches"]),
+        }
+        for label, acc in values.items()
+    }
 
 
 def diversity_markdown(series: Sequence[Series]) -> str:
@@ -118,7 +127,6 @@ def diversity_markdown(series: Sequence[Series]) -> str:
         if f is None:
             lines.append(f"| {label} | 0 | — | — |")
         else:
-            lines.append(
-                f"| {label} | {f['batches']} | {f['mean_pairwise_distance']:.3f} | {f['top_class_share']:.3f} |"
-            )
+            cells = ("—" if f[k] is None else f"{f[k]:.3f}" for k in ("mean_pairwise_distance", "top_class_share"))
+            lines.append(f"| {label} | {f['batches']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
