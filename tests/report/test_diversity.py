@@ -57,7 +57,12 @@ def test_batch_figures_and_the_markdown_section(tmp_path):
     assert fig["top_class_share"] == pytest.approx(2 / 3)
     series = load_series([tmp_path])
     assert diversity_by_label(series) == {
-        "entropy": {"mean_pairwise_distance": pytest.approx(6.0), "top_class_share": pytest.approx(2 / 3), "batches": 1}
+        "entropy": {
+            "mean_pairwise_distance": pytest.approx(6.0),
+            "top_class_share": pytest.approx(2 / 3),
+            "batches": 1,
+            "class_share_batches": 1,
+        }
     }
     md = diversity_markdown(series)
     assert "| entropy | 1 | 6.000 | 0.667 |" in md and "| random | 0 | — | — |" in md
@@ -103,8 +108,13 @@ def test_a_batch_without_confident_boxes_has_no_class_share_and_does_not_poison_
     assert batch_figures(sdir / "cycle-0", ["a", "b"])["top_class_share"] is None
     series = load_series([tmp_path])
     assert diversity_by_label(series) == {
-        "entropy": {"mean_pairwise_distance": pytest.approx(4.0), "top_class_share": pytest.approx(0.5), "batches": 2}
+        "entropy": {
+            "mean_pairwise_distance": pytest.approx(4.0),
+            "top_class_share": pytest.approx(0.5),
+            "batches": 2,
+            "class_share_batches": 1,
+        }
     }
-    assert "| entropy | 2 | 4.000 | 0.500 |" in diversity_markdown(series)
+    assert "| entropy | 2 | 4.000 | 0.500 (1 of 2) |" in diversity_markdown(series)
     (sdir / "cycle-1" / "predictions.npz").unlink()
     assert "| entropy | 1 | 5.000 | — |" in diversity_markdown(load_series([tmp_path]))

@@ -84,8 +84,9 @@ def series_figures(run_dir: str | Path, label: str, seed: int) -> dict[int, dict
 
 def diversity_by_label(series: Sequence[Series]) -> dict[str, dict[str, float | None]]:
     """Per strategy label: each figure averaged over the batches that have it (a batch without
-    confident boxes has no class share; NaN, as older records wrote it, counts as none), and
-    how many batches were described; a figure no batch has is None."""
+    confident boxes has no class share; NaN, as older records wrote it, counts as none), how
+    many batches were described, and how many of them have a class share; a figure no batch
+    has is None."""
     values: dict[str, dict[str, list[float]]] = {}
     for s in series:
         for fig in series_figures(s.run_dir, s.label, s.seed).values():
@@ -102,6 +103,7 @@ def diversity_by_label(series: Sequence[Series]) -> dict[str, dict[str, float | 
             else None,
             "top_class_share": float(np.mean(acc["top_class_share"])) if acc["top_class_share"] else None,
             "batches": len(acc["batches"]),
+            "class_share_batches": len(acc["top_class_share"]),
         }
         for label, acc in values.items()
     }
@@ -116,8 +118,10 @@ def diversity_markdown(series: Sequence[Series]) -> str:
         "",
         "Mean over every chosen batch (seeds × cycles) whose cycle cached predictions: mean pairwise L2 "
         "distance of the batch's image embeddings (higher = more diverse), and the share of its confident "
-        "boxes (score > 0.3) in its most frequent predicted class (lower = more balanced). Embeddings come "
-        "from each cycle's own model, so compare strategies within a run.",
+        "boxes (score > 0.3) in its most frequent predicted class (lower = more balanced), over the batches "
+        "that have confident boxes (how many, in brackets, where some have none: a batch with few boxes "
+        "swings this figure). Embeddings come from each cycle's own model, so compare strategies within "
+        "a run.",
         "",
         "| strategy | batches | mean pairwise distance | top-class share |",
         "|---|---:|---:|---:|",
@@ -127,6 +131,9 @@ def diversity_markdown(series: Sequence[Series]) -> str:
         if f is None:
             lines.append(f"| {label} | 0 | — | — |")
         else:
-            cells = ("—" if f[k] is None else f"{f[k]:.3f}" for k in ("mean_pairwise_distance", "top_class_share"))
-            lines.append(f"| {label} | {f['batches']} | " + " | ".join(cells) + " |")
+            dist = "—" if f["mean_pairwise_distance"] is None else f"{f['mean_pairwise_distance']:.3f}"
+            share = "—" if f["top_class_share"] is None else f"{f['top_class_share']:.3f}"
+            if f["top_class_share"] is not None and f["class_share_batches"] < f["batches"]:
+                share += f" ({f['class_share_batches']} of {f['batches']})"
+            lines.append(f"| {label} | {f['batches']} | {dist} | {share} |")
     return "\n".join(lines) + "\n"
