@@ -87,26 +87,20 @@ def diversity_by_label(series: Sequence[Series]) -> dict[str, dict[str, float | 
     confident boxes has no class share; NaN, as older records wrote it, counts as none), how
     many batches were described, and how many of them have a class share; a figure no batch
     has is None."""
-    values: dict[str, dict[str, list[float]]] = {}
+    batches: dict[str, list[dict]] = {}
     for s in series:
-        for fig in series_figures(s.run_dir, s.label, s.seed).values():
-            acc = values.setdefault(s.label, {"mean_pairwise_distance": [], "top_class_share": [], "batches": []})
-            acc["batches"].append(1.0)
-            for k in ("mean_pairwise_distance", "top_class_share"):
-                v = fig.get(k)
-                if v is not None and math.isfinite(v):
-                    acc[k].append(float(v))
-    return {
-        label: {
-            "mean_pairwise_distance": float(np.mean(acc["mean_pairwise_distance"]))
-            if acc["mean_pairwise_distance"]
-            else None,
-            "top_class_share": float(np.mean(acc["top_class_share"])) if acc["top_class_share"] else None,
-            "batches": len(acc["batches"]),
-            "class_share_batches": len(acc["top_class_share"]),
+        batches.setdefault(s.label, []).extend(series_figures(s.run_dir, s.label, s.seed).values())
+    out: dict[str, dict] = {}
+    for label, figs in batches.items():
+        if not figs:
+            continue
+        kept = {
+            k: [float(f[k]) for f in figs if f.get(k) is not None and math.isfinite(f[k])]
+            for k in ("mean_pairwise_distance", "top_class_share")
         }
-        for label, acc in values.items()
-    }
+        out[label] = {k: float(np.mean(v)) if v else None for k, v in kept.items()}
+        out[label].update(batches=len(figs), class_share_batches=len(kept["top_class_share"]))
+    return out
 
 
 def diversity_markdown(series: Sequence[Series]) -> str:
