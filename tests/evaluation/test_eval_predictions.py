@@ -138,3 +138,19 @@ def test_score_not_a_number(tmp_path: Path) -> None:
     assert "got inf" in _refused(
         tmp_path, '[{"image_id": 5, "category_id": 3, "bbox": [1, 2, 3, 4], "score": Infinity}]'
     )
+
+
+def test_huge_integers_are_refused_not_overflowed(tmp_path: Path) -> None:
+    # A 400-digit integer is valid JSON but no float: it must be refused by name, not
+    # escape as OverflowError (a traceback) from float() or math.isfinite().
+    huge = "1" + "0" * 400
+    message = _refused(tmp_path, f'[{{"image_id": 5, "category_id": 3, "bbox": [1, 2, 3, 4], "score": {huge}}}]')
+    assert "entry 0 (image 5)" in message and "'score'" in message and "finite number" in message
+    assert len(message) < 400  # the number is shown cut, not in full
+    message = _refused(
+        tmp_path, f'[{{"image_id": 5, "category_id": 3, "bbox": [1, {huge}, 3, 4], "score": 0.5}}]'
+    )
+    assert "entry 0 (image 5)" in message and "bbox" in message and "non-finite" in message
+    assert len(message) < 400
+    message = _refused(tmp_path, [_entry(bbox=[1e300, 2, 3, 4])])
+    assert "entry 0 (image 5)" in message and "float32" in message

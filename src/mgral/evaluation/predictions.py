@@ -21,10 +21,20 @@ from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import DatasetError
 
 _FIELDS = ("image_id", "category_id", "bbox", "score")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v: int | float) -> bool:
+    """Whether a JSON number is a finite float: a 400-digit integer is valid JSON, but
+    ``float()`` and ``math.isfinite()`` raise OverflowError on it."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _image_id(value: object, gt: Dataset, *, where: str, int_ids: bool) -> ImageId:
@@ -93,16 +103,22 @@ def read_predictions(path: str | os.PathLike[str], gt: Dataset) -> dict[ImageId,
         bbox = entry["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DatasetError(f"{where}: expected 'bbox' to be [x, y, width, height] (4 numbers), got {bbox!r:.80}")
+        if not all(_finite(v) for v in bbox):
+            raise DatasetError(
+                f"{where}: bbox {bbox!r:.80} has a non-finite value; expected finite pixel coordinates"
+            )
         x, y, w, h = (float(v) for v in bbox)
-        if not all(math.isfinite(v) for v in (x, y, w, h)):
-            raise DatasetError(f"{where}: bbox {bbox!r} has a non-finite value; expected finite pixel coordinates")
+        if max(abs(x), abs(y), abs(x + w), abs(y + h)) > _FLOAT32_MAX:  # would become inf as float32
+            raise DatasetError(
+                f"{where}: bbox {bbox!r:.80} lies beyond float32's range; expected pixel coordinates"
+            )
         if w < 0 or h < 0:
             raise DatasetError(
-                f"{where}: bbox {bbox!r} has a negative width or height; expected [x, y, width, height] with "
+                f"{where}: bbox {bbox!r:.80} has a negative width or height; expected [x, y, width, height] with "
                 "width, height >= 0 (is it x1, y1, x2, y2?)"
             )
         score = entry["score"]
-        if not _is_number(score) or not math.isfinite(score):
+        if not _is_number(score) or not _finite(score):
             raise DatasetError(f"{where}: expected 'score' to be a finite number, got {score!r:.40}")
         rows.setdefault(image_id, []).append((x, y, x + w, y + h, float(score), category_id))
     out: dict[ImageId, Detections] = {}
