@@ -21,6 +21,7 @@ from mgral.data.formats import FORMATS, convert, detect_format, read_dataset
 from mgral.data.records import Category, Dataset, ImageRecord, Target
 from mgral.errors import ConfigError, DatasetError, RunError
 from mgral.protocols import dry_run, estimate_workload
+from mgral.strategies import STRATEGIES
 
 PAPER = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "paper"
 VOC_COUNTS = {"2007-trainval": 6, "2012-trainval": 6, "2007-test": 3}
@@ -366,7 +367,7 @@ def test_retinanet_voc0712_config_dry_run(tmp_path, monkeypatch):
     _check_micro_cycle(result, labels, VOC_COUNTS, 12, 3)
     assert set(styles) == {"voc07"} and len(styles) == 1 + len(labels)  # one shared cycle-0 model
     summary = json.loads((result.run_dir / "mgral" / "seed-0" / "cycle-0" / "mgral" / "summary.json").read_text())
-    assert summary["table_rows"] == protocols.MICRO_MGRAL["combinations"]  # MGRAL's surrogate table ran
+    assert summary["table_rows"] == STRATEGIES.get("mgral").micro_params["combinations"]  # MGRAL's surrogate table ran
     # the report says which mAP it plots
     from mgral.report import write_report
 

@@ -7,11 +7,8 @@ seed, one shared cycle-0 model; per (strategy, seed) series, cycles ``1..cycles`
 model on the images labeled so far (``epochs`` x labeled images, or ``iterations`` x
 ``batch_size``); every model is evaluated on the test split; a strategy that needs
 predictions or embeddings gets the unlabeled pool predicted each cycle (the cycle-0 pool once
-per seed). Strategy extras, from their parameters: CALD predicts the pool again under each of
-its ``views``; CDAL predicts the labeled images; MGRAL predicts its candidates once mirrored,
-and runs ``combinations + 1`` surrogate fine-tunes of ``steps`` steps (counted as 3 x
-``surrogate_batch`` training images a step: labeled batch, pseudo-labeled batch, flipped
-pair), each evaluated on its reward set (``reward_fraction`` of the labeled images).
+per seed). What a strategy adds (CALD's extra views of the pool, CDAL's pass over the
+labeled images, MGRAL's surrogate fine-tunes) is its own :meth:`~mgral.strategies.Strategy.workload`.
 Selection arithmetic (k-center, k-medoids, the agent) and data loading are not counted.
 
 :meth:`Workload.hours` turns the counts into hours at given throughputs (images per second);
@@ -39,22 +36,6 @@ import numpy as np
 from mgral.config import ExperimentConfig, config_from_dict, config_to_dict
 from mgral.data.records import Dataset, ImageId
 from mgral.errors import ConfigError
-
-MICRO_MGRAL = {
-    "combinations": 2,
-    "steps": 1,
-    "surrogate_batch": 1,
-    "updates": 4,
-    "samples": 2,
-    "hidden": 16,
-    "chunk": 8,
-    "orders": 1,
-    "pca_components": 2,
-    "executor": "inline",
-    "job_threads": 1,
-}
-"""MGRAL's settings in a dry run (on top of the configured ones): its stages all run, small."""
-
 
 # -- the cost of a run ----------------------------------------------------------------------
 
@@ -96,17 +77,7 @@ def _trained(length: tuple[int | None, int | None, int], labeled: int) -> float:
 def _selection(strategy: Any, labeled: int, unlabeled: int, budget: int, cycle: int) -> tuple[float, float]:
     """(training, inferred) images of one selection by the built ``strategy``, beyond the
     pool predictions the loop makes for it (in cycle 0 those cover the labeled images too)."""
-    train = infer = 0.0
-    name = getattr(strategy, "name", "")
-    if name == "cald":
-        infer += len(strategy.views) * unlabeled
-    elif name == "cdal":
-        infer += labeled
-    elif name == "mgral":
-        candidates = min(unlabeled, max(budget, strategy.candidate_pool or 20 * budget))
-        jobs = strategy.combinations + 1
-        infer += candidates + jobs * max(1, round(strategy.reward_fraction * labeled))
-        train += jobs * strategy.steps * 3 * strategy.surrogate_batch
+    train, infer = strategy.workload(labeled=labeled, unlabeled=unlabeled, budget=budget)
     if "embeddings" in strategy.requires and cycle > 0:
         infer += labeled  # the labeled images' embeddings, beside the pool's
     return train, infer
@@ -240,9 +211,10 @@ def _micro_config(
         "batch_size": min(batch, initial),
         "progress": False,
     }
+    from mgral.strategies import STRATEGIES
+
     for spec in data["strategies"]:
-        if spec["name"] == "mgral":
-            spec["params"] = {**spec["params"], **MICRO_MGRAL}
+        spec["params"] = {**spec["params"], **STRATEGIES.get(spec["name"]).micro_params}
     data.update(initial={"size": initial}, budget=budget, budget_boxes=None, cycles=1, seeds=config.seeds[:1])
     data.update(executor="inline", ray_address=None, workers=None, full_data_reference=False)
     data.pop("reference_train", None)
@@ -302,7 +274,7 @@ def dry_run(
     them as a small COCO file beside ``out/run`` (images stay where they are) and runs every
     strategy for one cycle on them: ``pool_images // 2`` initial images, a budget of
     ``pool_images // 4``, ``iterations`` training iterations per model, MGRAL with
-    :data:`MICRO_MGRAL`; same detector, weights, device and evaluation as ``config``. Then,
+    each strategy's ``micro_params``; same detector, weights, device and evaluation as ``config``. Then,
     unless ``probe_steps`` is 0, times ``probe_steps`` training iterations and a prediction
     pass of the configured detector; with 0, the throughputs come from the micro cycle's
     timings (which include building each model: hours are then over-estimated).

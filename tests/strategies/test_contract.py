@@ -13,26 +13,10 @@ from mgral.strategies import REQUIREMENTS, STRATEGIES, build_strategy, strategy_
 
 NAMES = STRATEGIES.names()
 
-# Micro settings for strategies that train something inside select(): the contract is about
-# the answer's shape, not its quality, and the whole suite must stay fast on a CPU.
-CONTRACT_PARAMS = {
-    "mgral": {
-        "combinations": 2,
-        "steps": 1,
-        "surrogate_batch": 1,
-        "updates": 3,
-        "samples": 2,
-        "hidden": 8,
-        "chunk": 8,
-        "orders": 2,
-        "pca_components": 2,
-        "job_threads": 1,
-    },
-}
-
-
 def build(name: str):
-    return build_strategy(name, **CONTRACT_PARAMS.get(name, {}))
+    """The strategy with its own micro settings (``micro_params``): the contract is about the
+    answer's shape, not its quality, and the whole suite must stay fast on a CPU."""
+    return build_strategy(name, **STRATEGIES.get(name).micro_params)
 
 
 @pytest.fixture(params=NAMES)
@@ -187,3 +171,10 @@ def test_registry_entry_has_a_one_line_summary(name):
 def test_unknown_strategy_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="unknown strategy 'nope'; valid .*: .*random"):
         build_strategy("nope")
+
+
+def test_micro_params_build_and_workload_is_a_nonnegative_count(name):
+    strategy = build(name)
+    for labeled, unlabeled, budget in ((0, 1, 1), (40, 400, 20), (5000, 100_000, 1000)):
+        train, infer = strategy.workload(labeled=labeled, unlabeled=unlabeled, budget=budget)
+        assert isinstance(train, float) and isinstance(infer, float) and train >= 0 and infer >= 0

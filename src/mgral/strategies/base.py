@@ -102,6 +102,15 @@ class Strategy(ABC):
     # to schedule: parallel runs start the costliest series first, so that a run does not end
     # with one long series running alone on an otherwise idle machine.
     selection_cost: ClassVar[float] = 0.0
+    # Parameters a dry run or a smoke test lays over the configured ones so that every stage
+    # of the strategy runs, small (e.g. MGRAL's table of two one-step rows).
+    micro_params: ClassVar[Mapping[str, Any]] = {}
+
+    def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:
+        """What one selection pushes through the detector beyond the pool predictions the
+        loop makes for it, as (training images, inferred images); used to plan a run
+        (:mod:`mgral.protocols`), never to run one. Default: nothing."""
+        return 0.0, 0.0
 
     @abstractmethod
     def select(self, context: SelectionContext, budget: int) -> Selection:

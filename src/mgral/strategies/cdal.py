@@ -158,6 +158,9 @@ class Cdal(Strategy):
     requires = frozenset({"predictions", "detector"})
     selection_cost = 0.1  # one pass over the labeled set
 
+    def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:
+        return 0.0, float(labeled)  # the labeled images predicted, for their class contexts
+
     def __init__(self, *, min_score: float = 0.0, subset: int | None = None) -> None:
         self.min_score = check_number("cdal", "min_score", min_score, 0.0, 1.0)
         if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):

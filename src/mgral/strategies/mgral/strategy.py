@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,6 +81,28 @@ class MGRAL(Strategy):
     name = "mgral"
     requires: ClassVar[frozenset[str]] = frozenset({"predictions", "embeddings", "detector"})
     selection_cost = 5.0  # M + 1 surrogate fine-tunes: 1.2 (digits) to 5.8 (BCCD) trainings per cycle measured
+    micro_params: ClassVar[Mapping[str, Any]] = {
+        "combinations": 2,
+        "steps": 1,
+        "surrogate_batch": 1,
+        "updates": 4,
+        "samples": 2,
+        "hidden": 16,
+        "chunk": 8,
+        "orders": 1,
+        "pca_components": 2,
+        "executor": "inline",
+        "job_threads": 1,
+    }
+
+    def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:
+        """The candidates predicted once mirrored, and ``combinations + 1`` surrogate
+        fine-tunes of ``steps`` steps (3 x ``surrogate_batch`` training images a step:
+        labeled batch, pseudo-labeled batch, flipped pair), each evaluated on its reward set."""
+        candidates = min(unlabeled, max(budget, self.candidate_pool or 20 * budget))
+        jobs = self.combinations + 1
+        infer = candidates + jobs * max(1, round(self.reward_fraction * labeled))
+        return float(jobs * self.steps * 3 * self.surrogate_batch), float(infer)
 
     def __init__(
         self,
