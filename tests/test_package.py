@@ -34,3 +34,43 @@ def test_registry_lists_valid_names_for_unknown():
         strategies.get("y")
     with pytest.raises(ValueError, match="already registered"):
         reg.add("a", 3, "dup")
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """mgral module -> the mgral modules it imports, lazy (in-function) imports included."""
+    import ast
+    from pathlib import Path
+
+    import mgral
+
+    root = Path(mgral.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ("mgral", *path.relative_to(root).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str:
+        while name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mgral"):
+                targets = [owner(f"{node.module}.{a.name}") for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [owner(a.name) for a in node.names if a.name.startswith("mgral")]
+            else:
+                continue
+            graph[module].update(t for t in targets if t != module)
+    return graph
+
+
+def test_no_import_cycle_in_the_package():
+    import graphlib
+
+    try:
+        tuple(graphlib.TopologicalSorter(_import_graph()).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"import cycle: {' -> '.join(err.args[1])}")

@@ -15,7 +15,8 @@ from mgral.report.html import render_html, write_html
 from mgral.report.load import MgralCycle, Series, TableRow, load_mgral_diagnostics, load_reference, load_series
 from mgral.report.metrics import Curve, aggregate, labels_to_reach, normalized_auc
 from mgral.report.plots import plot_curves, plot_mgral_diagnostics
-from mgral.report.tables import Row, Table, results_table, write_csv, write_markdown, write_report
+from mgral.report.tables import Row, Table, results_table, write_csv, write_markdown
+from mgral.report.write import write_report
 
 __all__ = [
     "Curve",

@@ -31,14 +31,16 @@ from mgral.errors import MgralError
 from mgral.report.load import (
     MGRAL_STAGES,
     REFERENCE_LABEL,
+    DatasetCache,
     MgralCycle,
     Series,
+    run_dataset,
     run_title,
 )
 from mgral.report.metrics import by_label
 from mgral.report.plots import diagnostic_series
 from mgral.report.tables import FRACTIONS, Table, results_table
-from mgral.runs import CYCLES_FILE, RunDir, read_cycle_records
+from mgral.runs import CYCLES_FILE, read_cycle_records
 
 log = logging.getLogger(__name__)
 
@@ -218,42 +220,6 @@ class _Budget:
     left: int
 
 
-DatasetCache = dict[Path, tuple[Dataset | None, str]]
-"""Run directory -> (its dataset or None, why it cannot be read)."""
-
-
-def _dataset(run_dir: Path, cache: DatasetCache) -> tuple[Dataset | None, str]:
-    """The run's dataset (``config.yaml``'s ``dataset``) or None and why it cannot be read."""
-    from mgral.data.formats import read_dataset
-
-    if run_dir in cache:
-        return cache[run_dir]
-    try:
-        config = RunDir(run_dir).config()
-        ds = config.get("dataset")
-        if not isinstance(ds, dict) or not ds.get("path"):
-            raise MgralError(f"{run_dir / 'config.yaml'} names no dataset.path")
-        found: tuple[Dataset | None, str] = (
-            # no file checks (a missing image only loses its thumbnail); boxes are not shown, so
-            # one sticking out of its image is clipped rather than refused
-            read_dataset(
-                ds["path"], ds.get("format"), image_root=ds.get("image_root"), check_files=False, clip_boxes=True
-            ),
-            "",
-        )
-    except (MgralError, OSError, ValueError, TypeError) as err:
-        log.warning("%s: cannot read the run's dataset for the gallery (%s)", run_dir, err)
-        found = (None, f"the run's dataset cannot be read, so there are no thumbnails: {err}")
-    cache[run_dir] = found
-    return found
-
-
-def dataset_of(run_dir: Path, cache: DatasetCache | None = None) -> Dataset | None:
-    """The run's dataset as its ``config.yaml`` names it, or None (logged) when it cannot be
-    read; ``cache`` keeps what was read for the next call."""
-    return _dataset(Path(run_dir), {} if cache is None else cache)[0]
-
-
 def _thumbnail(path: Path, dets: Detections | None, colours: dict[int, tuple[int, int, int]]) -> tuple[str, int]:
     """The image at ``path`` at most :data:`THUMBNAIL_SIZE` px with ``dets`` drawn: (data URI, the
     number of boxes scoring at least :data:`BOX_SCORE`; the first :data:`MAX_BOXES` of them are drawn)."""
@@ -367,7 +333,7 @@ def _gallery(series: Sequence[Series], per_cycle: int, datasets: DatasetCache) -
         if not selections:
             entry["message"] = "no cycle has selected images yet"
             continue
-        dataset, message = _dataset(s.run_dir, datasets)
+        dataset, message = run_dataset(s.run_dir, datasets)
         if dataset is None:
             entry["message"] = message
             continue
@@ -406,7 +372,7 @@ def render_html(
     ``figures``: (caption, PNG or SVG file) of the curves, embedded in order;
     ``diagnostics_figure``: the drawing of ``diagnostics`` (:func:`plot_mgral_diagnostics`).
     ``table`` is computed from ``series`` and ``reference`` when not given. ``datasets``: the
-    runs' datasets already read (:func:`dataset_of`), so a report reads each once.
+    runs' datasets already read (:func:`mgral.report.load.run_dataset`), so a report reads each once.
 
     Raises:
         ValueError: no series.

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from mgral.errors import RunError
+from mgral.data.records import Dataset
+from mgral.errors import MgralError, RunError
 from mgral.runs import CYCLES_FILE, RunDir, list_series, read_cycle_records
 
 METRIC_NAMES = {"coco": "mAP@[.5:.95]", "voc07": "VOC07 AP@0.5", "voc12": "VOC12 AP@0.5"}
@@ -384,3 +385,40 @@ def load_mgral_diagnostics(run_dirs: str | Path | Sequence[str | Path]) -> list[
                     if item is not None:
                         found.append(item)
     return sorted(found, key=lambda d: (d.label, d.seed, d.cycle, str(d.run_dir)))
+
+
+DatasetCache = dict[Path, tuple[Dataset | None, str]]
+"""Run directory -> (its dataset or None, why it cannot be read)."""
+
+
+def run_dataset(run_dir: Path, cache: DatasetCache) -> tuple[Dataset | None, str]:
+    """The run's dataset (``config.yaml``'s ``dataset``) or None and why it cannot be read;
+    ``cache`` keeps what was read, so a report reads each run's dataset once."""
+    from mgral.data.formats import read_dataset
+
+    if run_dir in cache:
+        return cache[run_dir]
+    try:
+        config = RunDir(run_dir).config()
+        ds = config.get("dataset")
+        if not isinstance(ds, dict) or not ds.get("path"):
+            raise MgralError(f"{run_dir / 'config.yaml'} names no dataset.path")
+        found: tuple[Dataset | None, str] = (
+            # no file checks (a missing image only loses its thumbnail); boxes are not shown, so
+            # one sticking out of its image is clipped rather than refused
+            read_dataset(
+                ds["path"], ds.get("format"), image_root=ds.get("image_root"), check_files=False, clip_boxes=True
+            ),
+            "",
+        )
+    except (MgralError, OSError, ValueError, TypeError) as err:
+        log.warning("%s: cannot read the run's dataset (%s)", run_dir, err)
+        found = (None, f"the run's dataset cannot be read, so there are no thumbnails: {err}")
+    cache[run_dir] = found
+    return found
+
+
+def dataset_of(run_dir: Path, cache: DatasetCache | None = None) -> Dataset | None:
+    """The run's dataset as its ``config.yaml`` names it, or None (logged) when it cannot be
+    read; ``cache`` keeps what was read for the next call."""
+    return run_dataset(Path(run_dir), {} if cache is None else cache)[0]
