@@ -57,7 +57,7 @@ def test_relative_paths_follow_the_file_and_set_values_follow_the_cwd(tmp_path, 
     ("where", "section", "valid"),
     [
         ((), "the top level", "name, dataset, detector, strategies, initial, budget, budget_boxes, cycles, seeds"),
-        (("dataset",), "dataset", "path, format, image_root, pool_splits, test_split, clip_boxes, synth"),
+        (("dataset",), "dataset", "path, format, image_root, pool_splits, test_split, clip_boxes, follow_links, synth"),
         (("detector",), "detector", "preset, weights, params, train, device"),
         (("strategies", 0), "strategies[0]", "name, params, label"),
         (("initial",), "initial", "size, fraction, ids_file"),
@@ -119,10 +119,11 @@ def test_set_overrides(tmp_path):
         ("cycle=3", "unknown key 'cycle' in the top level; valid keys: name, dataset"),
         ("cycles.x=3", "cycles is a value, not a section"),
         ("strategies.name=x", "strategies is a list; index it"),
+        ("strategies.²=x", "strategies is a list; index it"),  # a unicode digit int() refuses
         ("strategies.4.name=x", r"strategies has 1 entries; index 4 is out of range"),
         ("strategies.0.weight=1", r"unknown key 'weight' in strategies\[0\]; valid keys: name, params, label"),
         ("cycles", "expected KEY=VALUE"),
-        ("seeds=[0", "cannot parse the value as YAML"),
+        ("seeds=[0", r"--set .seeds=\[0.: malformed YAML"),
     ],
 )
 def test_bad_overrides_are_refused(tmp_path, override, message):
@@ -213,3 +214,103 @@ def test_gpus_are_for_ray_series_and_not_part_of_what_a_run_computes(tmp_path):
     with pytest.raises(ConfigError, match="gpus is set but executor is 'process'; only Ray places series on GPUs"):
         config_from_dict({**base, "executor": "process", "gpus": 1})
     assert "gpus" in EXECUTION_KEYS
+
+
+# -- hostile config files (issue 17) -------------------------------------------------------------
+
+
+def _alias_bomb(key: str) -> str:
+    """The "billion laughs": 9 levels of 9 aliases, 9**9 strings once expanded, ~350 bytes."""
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
+    return "\n".join([*lines, f"{key}: *i"]) + "\n"
+
+
+def _in_child(code: str, timeout: float = 30):
+    """Run ``code`` in a child process under a time and address-space limit (a runaway fails
+    the test instead of taking the machine); returns its last line starting with RESULT."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, preexec_fn=limit
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"did not finish within {timeout} s")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, f"the child died: rc {proc.returncode}: {proc.stderr[-2000:]}"
+    return lines[-1].split(maxsplit=3)[1:], proc.stderr
+
+
+_TIMED = """
+import time, tracemalloc
+from mgral.cli import main
+import mgral.config, mgral.loop  # imported before the clock starts
+tracemalloc.start()
+start = time.perf_counter()
+{body}
+print("RESULT", round(time.perf_counter() - start, 3), tracemalloc.get_traced_memory()[1], repr(result))
+"""
+
+
+def test_alias_bomb_config_is_refused_quickly(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb("name"))
+    assert len(path.read_bytes()) < 400
+    body = f"result = main(['run', {str(path)!r}, '--out', {str(tmp_path / 'run')!r}])"
+    (elapsed, peak, result), err = _in_child(_TIMED.format(body=body))
+    assert result == "2" and float(elapsed) < 1.0 and int(peak) < 100 << 20, (result, elapsed, peak)
+    assert err.startswith(f"mgral: error: {path}: uses YAML aliases that expand to more than 100,000 values")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_quoted_input_is_bounded_however_big_it_is(tmp_path):
+    # 9**9 strings in 10 shared lists: what a bomb parses to, handed to the validation directly
+    body = """
+from mgral.config import config_from_dict
+from mgral.errors import ConfigError
+x = ["x"] * 9
+for _ in range(8):
+    x = [x] * 9
+try:
+    config_from_dict({"name": x})
+except ConfigError as err:
+    result = str(err)
+"""
+    (elapsed, peak, result), _ = _in_child(_TIMED.format(body=body))
+    assert float(elapsed) < 1.0 and int(peak) < 100 << 20, (elapsed, peak)
+    line = next(line for line in eval(result).splitlines() if ": name: " in line)
+    assert line.startswith("config: name: Input should be a valid string, got [[[[") and len(line) < 200
+
+
+def test_config_file_that_is_a_fifo_is_refused(tmp_path):
+    import signal
+
+    fifo = tmp_path / "exp.yaml"
+    os.mkfifo(fifo)
+
+    def expired(signum, frame):
+        raise TimeoutError("load_config still blocked on the FIFO after 10 s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ConfigError, match=r"exp\.yaml: not a regular file \(a FIFO\)"):
+            load_config(fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_recursive_alias_in_a_config_is_refused(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "strategies: &s [{name: random, params: {x: *s}}]\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: a YAML alias refers to itself"):
+        load_config(path)

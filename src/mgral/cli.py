@@ -23,10 +23,20 @@ LAYOUTS = ["voc0712", "coco2017"]  # read-only: the published data sets' folders
 def _add_read_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", type=Path, help="directory image file names are relative to (COCO)")
     p.add_argument("--clip-boxes", action="store_true", help="clip boxes that stick out of their image")
+    p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="read dataset files that symbolic links lead to outside the dataset (refused by default)",
+    )
 
 
 def _read_opts(args: argparse.Namespace, *, check_files: bool) -> dict:
-    return {"image_root": args.image_root, "clip_boxes": args.clip_boxes, "check_files": check_files}
+    return {
+        "image_root": args.image_root,
+        "clip_boxes": args.clip_boxes,
+        "check_files": check_files,
+        "follow_links": args.follow_links,
+    }
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -67,7 +77,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from mgral.data.formats import detect_format, read_dataset
 
     fmt = args.from_ or detect_format(args.path)
-    dataset = read_dataset(args.path, fmt, **_read_opts(args, check_files=not args.no_check_files))
+    opts = _read_opts(args, check_files=not args.no_check_files)
+    dataset = read_dataset(args.path, fmt, **opts)
     print(f"{args.path} ({fmt}): {dataset.summary()}")
     counts: dict[int, int] = {}
     for rec in dataset:
@@ -84,8 +95,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     gt = read_dataset(args.gt, args.gt_format, **_read_opts(args, check_files=False))
     preds = read_predictions(args.pred, gt)
+    if args.split:
+        gt, preds = _restrict_to_splits(gt, preds, args.split, source=args.pred)
+    _warn_if_partly_covered(gt, preds, source=args.pred, split_given=bool(args.split))
     result = evaluate(gt, preds, style=args.style)
     payload = result.to_dict()
+    payload["images_with_predictions"] = sum(1 for d in preds.values() if len(d))
     if args.bootstrap:
         evaluator = SubsetEvaluator(gt, preds, style=args.style)
         payload["bootstrap"] = evaluator.bootstrap(args.bootstrap, seed=args.seed)
@@ -94,6 +109,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         _print_metrics(payload)
     return 0
+
+
+def _warning(text: str) -> None:
+    print(f"mgral: warning: {text}", file=sys.stderr)
+
+
+def _restrict_to_splits(gt, preds: dict, splits: Sequence[str], *, source: Path):
+    """The ground truth and predictions of the images in ``splits`` (``--split``)."""
+    wanted = [s.strip() for part in splits for s in part.split(",") if s.strip()]
+    ids = gt.image_ids(wanted)
+    if not ids:
+        present = sorted({str(r.split) for r in gt})
+        raise ConfigError(
+            f"--split {','.join(wanted)}: the ground truth has no image in that split; its splits: {', '.join(present)}"
+        )
+    keep = set(ids)
+    outside = [i for i, d in preds.items() if len(d) and i not in keep]
+    if outside:
+        _warning(
+            f"{source}: {len(outside)} predicted images are outside split {','.join(wanted)} "
+            f"(e.g. image {outside[0]!r}, split {gt[outside[0]].split!r}); they are left out"
+        )
+    return gt.subset(ids), {i: d for i, d in preds.items() if i in keep}
+
+
+def _warn_if_partly_covered(gt, preds: dict, *, source: Path, split_given: bool) -> None:
+    """Say so when the predictions look made for part of the ground truth: every image
+    without a prediction counts all its boxes as missed, which silently sinks the mAP."""
+    covered = {i for i, d in preds.items() if len(d)}
+    if not len(gt):
+        return
+    evaluated_splits = {r.split for r in gt}
+    covered_splits = {gt[i].split for i in covered}
+    one_split_only = not split_given and covered and covered_splits < evaluated_splits
+    if len(covered) >= 0.5 * len(gt) and not one_split_only:
+        return
+    text = (
+        f"{source}: predictions cover only {len(covered)} of the {len(gt)} ground-truth images "
+        f"({len(covered) / len(gt):.0%}); each image without predictions counts all its boxes as missed"
+    )
+    if one_split_only:
+        names = ",".join(sorted(str(s) for s in covered_splits))
+        text += f". Every predicted image is in split {names}: pass --split {names} to score that split alone"
+    _warning(text)
 
 
 def _print_metrics(payload: dict) -> None:
@@ -126,14 +185,14 @@ def _print_metrics(payload: dict) -> None:
 
 def _params(pairs: Sequence[str]) -> dict:
     """``key=value`` pairs; values are parsed as YAML scalars (``false``, ``3``, ``0.5``)."""
-    import yaml
+    from mgral._untrusted import load_yaml
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--param expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"--param expects key=value, got {pair!r:.80}")
+        out[key.strip()] = load_yaml(value, source=f"--param {key.strip()}", expected="a YAML value", error=ConfigError)
     return out
 
 
@@ -148,6 +207,25 @@ def _select_ids(dataset, *, split: str | None, ids_file: Path | None, default_sp
     return ids
 
 
+def _untrained_test_ids(dataset, train_ids: list, *, allow: bool, source: Path | None) -> list:
+    """The test split's images to score after training: a test image trained on would make
+    the printed test mAP a training figure, so ``--train-ids`` naming one is refused unless
+    ``--allow-test-ids``, which leaves those images out of the test score."""
+    trained = set(train_ids)
+    test_ids = dataset.image_ids("test")
+    overlap = [i for i in test_ids if i in trained]
+    if not overlap:
+        return test_ids
+    if not allow:
+        raise ConfigError(
+            f"{source}: lists {len(overlap)} image(s) of the test split (e.g. {overlap[0]!r}); the test mAP "
+            "printed after training would be measured on training images. Remove them from the file, or pass "
+            "--allow-test-ids to train on them and score the test images that were not trained on"
+        )
+    print(f"note: {len(overlap)} test images are trained on (--allow-test-ids); the test mAP leaves them out")
+    return [i for i in test_ids if i not in trained]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mgral._io import atomic_write_json
     from mgral.data.formats import read_dataset
@@ -155,6 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
     train_ids = _select_ids(dataset, split="train", ids_file=args.train_ids, default_split="train")
+    test_ids = _untrained_test_ids(dataset, train_ids, allow=args.allow_test_ids, source=args.train_ids)
     detector = TorchvisionDetector(
         args.detector,
         dataset.categories,
@@ -174,7 +253,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = detector.fit(dataset, train_ids, checkpoint_dir=args.out, resume=args.resume, **overrides)
     detector.save(args.out / "model.pt")
     report = {"train_images": len(train_ids), **summary}
-    test_ids = dataset.image_ids("test")
     if test_ids:
         result = detector.evaluate(dataset, test_ids)
         report["test"] = result.to_dict()
@@ -199,14 +277,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from mgral.config import load_config
-    from mgral.loop import run_experiment
+    from mgral.loop import run_experiment, stop_on_signals
 
     config = load_config(args.config, args.set)
     if args.dry_run:
         return _dry_run(config, args)
     out = args.out or Path("runs") / config.name
-    run_experiment(config, out, resume=args.resume)
+    stop = stop_on_signals()  # a kill stops the run's workers, then releases its lock
+    try:
+        with stop:
+            run_experiment(config, out, resume=args.resume)
+    except BaseException:
+        if stop.signum is None:
+            raise
+        # whatever came out (Ray re-raises the interruption as its own KeyboardInterrupt)
+        print(f"mgral: stopped by {signal.Signals(stop.signum).name}; resume with --resume", file=sys.stderr)
+        return 128 + stop.signum  # what a shell reports for a process killed by that signal
     print(f"run finished: {out} (next: mgral report {out})")
     return 0
 
@@ -214,7 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _dry_run(config, args: argparse.Namespace) -> int:
     import tempfile
 
-    from mgral.protocols import dry_run
+    from mgral.planning import dry_run
 
     if args.resume:
         raise ConfigError("--dry-run starts a fresh micro run; drop --resume")
@@ -260,6 +349,43 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from mgral.data.formats import read_dataset
+    from mgral.data.records import read_id_list
+    from mgral.evaluation import read_predictions
+    from mgral.selection import default_pool, read_embeddings, select_batch, write_id_list
+
+    dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=False))
+    labeled = read_id_list(args.labeled, dataset) if args.labeled else []
+    preds = None
+    if args.predictions:
+        preds = read_predictions(args.predictions, dataset, match=args.match, categories=args.categories)
+    embeddings = read_embeddings(args.embeddings, dataset) if args.embeddings else None
+    pool = default_pool(dataset, labeled, args.pool_split)
+    if not pool:
+        raise ConfigError(
+            f"{args.data}: no image left to select: {len(labeled)} of {len(dataset)} images are labeled"
+            + ("" if args.pool_split else " and the val/test splits are left out (pass --pool-split to choose)")
+        )
+    batch = select_batch(
+        dataset,
+        labeled,
+        args.strategy,
+        args.budget,
+        predictions=preds,
+        embeddings=embeddings,
+        params=_params(args.param),
+        pool=pool,
+        seed=args.seed,
+    )
+    write_id_list(args.out, batch.image_ids)
+    detail = ""
+    if preds is not None:
+        detail = f"; {sum(1 for i in pool if i in preds)} pool images have predictions, the others count as empty"
+    print(f"wrote {len(batch.image_ids)} image ids to {args.out} ({args.strategy}; pool {len(pool)}{detail})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mgral.report import write_report
 
@@ -296,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--imbalance", type=float, default=1.0, help="most / least frequent class ratio (1 = balanced)")
     p.add_argument("--clutter", type=float, default=1.0, help="background clutter strength (0 = none)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory that mgral wrote")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert", help="convert a dataset between COCO, VOC and YOLO")
@@ -304,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["coco", "voc", "yolo"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--from", dest="from_", choices=FORMATS + LAYOUTS, help="source format (default: detected)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty output directory that mgral wrote (.mgral-output)"
+    )
     p.add_argument("--no-copy-images", action="store_true", help="write annotations only")
     _add_read_options(p)
     p.set_defaults(func=cmd_convert)
@@ -321,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt-format", choices=FORMATS + LAYOUTS, help="ground truth format (default: detected)")
     p.add_argument("--pred", type=Path, required=True, help="COCO results list (or a COCO dataset with scores)")
     p.add_argument("--style", choices=["coco", "voc07", "voc12"], default="coco")
+    p.add_argument(
+        "--split",
+        action="append",
+        metavar="NAME",
+        help="score only the ground truth's images of this split (repeat, or val,test); default: every image",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="95%% CI of mAP from N image resamples")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
@@ -333,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", required=True, help="preset name (mgral list detectors)")
     p.add_argument("--out", type=Path, required=True, help="directory for model.pt, last.pt, train.json")
     p.add_argument("--train-ids", type=Path, help="file of image ids to train on (default: the train split)")
+    p.add_argument(
+        "--allow-test-ids",
+        action="store_true",
+        help="let --train-ids name test-split images (they are then left out of the printed test mAP)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--iterations", type=int)
     p.add_argument("--batch-size", type=int)
@@ -425,6 +564,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-boxes", action="store_true", help="clip boxes that stick out of their image")
     p.set_defaults(func=cmd_import_labels)
 
+    from mgral.evaluation.predictions import CATEGORIES, MATCH
+
+    p = sub.add_parser("select", help="the next images to label, from your own model's predictions (one shot)")
+    p.add_argument("--data", type=Path, required=True, help="the dataset, labeled images and pool (COCO/VOC/YOLO)")
+    p.add_argument("--from", dest="from_", choices=FORMATS + LAYOUTS, help="its format (default: detected)")
+    p.add_argument("--labeled", type=Path, help="file of the image ids labeled so far, one a line (default: none)")
+    p.add_argument("--strategy", required=True, help="strategy name (mgral list strategies)")
+    p.add_argument("--budget", type=int, required=True, help="how many images to select")
+    p.add_argument("--out", type=Path, required=True, help="file to write the selected image ids to, one a line")
+    p.add_argument("--predictions", type=Path, help="your model's COCO results on the pool")
+    p.add_argument(
+        "--match",
+        choices=MATCH,
+        default="auto",
+        help="results image_id = the dataset's id, the file stem (Ultralytics), or auto (id if all match, else stem)",
+    )
+    p.add_argument(
+        "--categories",
+        choices=CATEGORIES,
+        default="id",
+        help="results category_id = the dataset's id (Detectron2, MMDetection), or the class index from 0 or from 1",
+    )
+    p.add_argument("--embeddings", type=Path, help=".npz of one vector per image (ids + embeddings, or one per id)")
+    p.add_argument("--param", "--params", action="append", default=[], metavar="KEY=VALUE", help="strategy parameter")
+    p.add_argument(
+        "--pool-split", action="append", metavar="NAME", help="select only from this split (default: all but val/test)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the strategy's random choices")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_select)
+
     p = sub.add_parser("report", help="AL curves and results tables of one or more runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, help="output directory (default: RUN/report)")
@@ -445,6 +615,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except MgralError as err:
         print(f"mgral: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        from mgral._io import disk_full, is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        # Writes outside mgral._io's atomic writers (e.g. a dataset written into the
+        # temporary directory of an atomic_directory) end here; nothing was moved into place.
+        print(f"mgral: error: {disk_full(err.filename or 'an output file', err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("mgral: interrupted", file=sys.stderr)

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mgral._io import atomic_write_text
+from mgral._untrusted import load_yaml, read_regular_file, short_repr
 from mgral.errors import ConfigError
 from mgral.runs import LABEL_PATTERN
 
@@ -56,6 +57,9 @@ class DatasetConfig(_Section):
     folders (:mod:`mgral.data.voc0712`, :mod:`mgral.data.coco2017`). Their splits have the
     layout's names, and ``pool_splits`` / ``test_split`` default to the AL papers' choice:
     ``[2007-trainval, 2012-trainval]`` / ``2007-test``, and ``[train2017]`` / ``val2017``.
+
+    ``follow_links``: read image and annotation files that symbolic links lead to outside the
+    dataset's root (refused by default, as ``../`` names are).
     """
 
     path: str = Field(min_length=1)
@@ -64,6 +68,7 @@ class DatasetConfig(_Section):
     pool_splits: list[str] = Field(default=["train"], min_length=1)
     test_split: str = "test"
     clip_boxes: bool = False
+    follow_links: bool = False
     synth: dict[str, Any] | None = None
 
     @field_validator("synth")
@@ -316,12 +321,14 @@ def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> 
             naming the file and the key (unknown keys list the valid ones).
     """
     source = str(path)
+    expected = "an experiment config (a YAML mapping)"
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = read_regular_file(path, expected=expected, error=ConfigError).decode("utf-8")
     except OSError as err:
         raise ConfigError(f"{source}: cannot read the config ({err})") from err
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
+    except UnicodeDecodeError as err:
         raise ConfigError(f"{source}: not valid YAML ({err})") from err
+    data = load_yaml(text, source=source, expected=expected, error=ConfigError)
     if not isinstance(data, dict):
         valid = ", ".join(ExperimentConfig.model_fields)
         raise ConfigError(f"{source}: expected a mapping with the keys {valid}; got {type(data).__name__}")
@@ -424,7 +431,7 @@ def _describe(error: Mapping[str, Any], source: str) -> str:
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error":
         return f"{source}: {_where(loc) or 'config'}: {msg}"
-    return f"{source}: {_where(loc) or 'the top level'}: {msg}, got {error['input']!r:.80}"
+    return f"{source}: {_where(loc) or 'the top level'}: {msg}, got {short_repr(error['input'], 80)}"
 
 
 def _apply_override(data: dict[str, Any], text: str) -> None:
@@ -433,10 +440,7 @@ def _apply_override(data: dict[str, Any], text: str) -> None:
     parts = key.strip().split(".")
     if not sep or not all(parts):
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. detector.train.epochs=3")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text}: cannot parse the value as YAML ({err})") from err
+    value = load_yaml(raw, source=f"--set {short_repr(text, 80)}", expected="a YAML value", error=ConfigError)
     keys = _check_key(parts, text)
     container: Any = data
     for n, part in enumerate(keys):
@@ -444,7 +448,7 @@ def _apply_override(data: dict[str, Any], text: str) -> None:
         if isinstance(container, list) and not (isinstance(part, int) and part < len(container)):
             raise ConfigError(f"--set {text}: {here} has {len(container)} entries; index {part} is out of range")
         if not isinstance(container, (list, dict)):
-            raise ConfigError(f"--set {text}: {here} is {container!r:.40} in the config, not a section")
+            raise ConfigError(f"--set {text}: {here} is {short_repr(container, 40)} in the config, not a section")
         if n == len(keys) - 1:
             container[part] = value
         elif isinstance(container, list):
@@ -469,7 +473,7 @@ def _check_key(parts: list[str], text: str) -> list[str | int]:
             keys.append(part)
             node = _node(node.model_fields[part].annotation)
         elif isinstance(node, tuple):
-            if not part.isdigit():
+            if not (part.isascii() and part.isdecimal()):
                 raise ConfigError(f"--set {text}: {here} is a list; index it ({here}.0...) or set it whole")
             keys.append(int(part))
             node = _node(node[1])

@@ -27,3 +27,8 @@ class PoolError(MgralError):
 
 class RunError(MgralError):
     """A run directory that is in use, corrupt, or was started with another config."""
+
+
+class DiskFullError(MgralError):
+    """No space (or quota) left on the file system an output goes to. Raised by the atomic
+    writers, so the file being written is left as it was before."""

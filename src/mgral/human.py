@@ -68,9 +68,25 @@ from mgral.config import ExperimentConfig, config_from_dict, config_to_dict
 from mgral.data import labelstudio
 from mgral.data.records import Dataset, Detections, ImageId, ImageRecord, Target, describe_image
 from mgral.errors import ConfigError, DatasetError, RunError
-from mgral.loop import Experiment, _select, _train_and_evaluate, cycle_record, initial_ids, prepare_dataset
+from mgral.loop import (
+    Experiment,
+    _select,
+    _train_and_evaluate,
+    check_detector,
+    cycle_record,
+    initial_ids,
+    prepare_dataset,
+)
 from mgral.pool import Ledger
-from mgral.runs import CONFIG_FILE, CYCLES_FILE, LEDGER_FILE, RunDir, append_cycle_record, read_cycle_records
+from mgral.runs import (
+    CONFIG_FILE,
+    CYCLES_FILE,
+    LEDGER_FILE,
+    RunDir,
+    append_cycle_record,
+    read_cycle_records,
+    remove_stale_temp_files,
+)
 
 LABELING_DIR = "labeling"
 LABELS_FILE = "labels.json"
@@ -211,7 +227,17 @@ def human_initial_ids(config: ExperimentConfig, dataset: Dataset, pool: list[Ima
     return [i for i in pool if len(dataset[i].target)]
 
 
-def _load(
+@dataclass
+class _Prepared:
+    """A series of a run, checked and read, before anything is written."""
+
+    label: str
+    seed: int
+    strategy: Any
+    exp: Experiment
+
+
+def _prepare(
     run: RunDir,
     config: ExperimentConfig,
     strategy: str | None,
@@ -219,7 +245,8 @@ def _load(
     *,
     log: Callable[[str], None],
     progress: bool,
-) -> _Series:
+) -> _Prepared:
+    """Pick the series, build its strategy and read the dataset (writes nothing)."""
     from mgral.detectors.models import PRESETS
     from mgral.strategies import build_strategy
 
@@ -238,8 +265,23 @@ def _load(
     test = dataset.image_ids(config.dataset.test_split)
     if not dataset.num_boxes(test):
         test = []  # no labeled test split: the models are not evaluated (mAP null in the records)
-    exp = Experiment(config, run, dataset, pool, test, log, progress)
-    sdir = run.series_dir(spec.label, seed)
+    return _Prepared(spec.label, seed, built, Experiment(config, run, dataset, pool, test, log, progress))
+
+
+def _load(
+    run: RunDir,
+    config: ExperimentConfig,
+    strategy: str | None,
+    seed: int | None,
+    *,
+    log: Callable[[str], None],
+    progress: bool,
+    prepared: _Prepared | None = None,
+) -> _Series:
+    p = prepared or _prepare(run, config, strategy, seed, log=log, progress=progress)
+    spec_label, seed, built, exp = p.label, p.seed, p.strategy, p.exp
+    dataset, pool = exp.dataset, exp.pool
+    sdir = run.series_dir(spec_label, seed)
     if (sdir / LEDGER_FILE).exists():
         ledger = Ledger.load(sdir / LEDGER_FILE)
         if list(ledger.pool) != pool:
@@ -252,7 +294,7 @@ def _load(
         ledger = Ledger.create(pool, human_initial_ids(config, dataset, pool))
         ledger.save(sdir / LEDGER_FILE)
     store = read_labels(sdir / LABELS_FILE, dataset)
-    return _Series(exp, spec.label, built, seed, sdir, ledger, store)
+    return _Series(exp, spec_label, built, seed, sdir, ledger, store)
 
 
 # -- the labels imported so far --------------------------------------------------------------
@@ -350,9 +392,18 @@ def query(
         raise ConfigError(f"--budget must be a positive number of images, got {budget!r}")
     run = RunDir(run_dir)
     _require_run(run.path, config)
+    prepared = None
+    if config is not None and not (run.path / CONFIG_FILE).exists():
+        # A new run: everything a typo breaks is checked before the lock creates the
+        # directory, so a refused config leaves no run behind that the corrected one clashes with.
+        _check_human(config, str(run.path))
+        prepared = _prepare(run, config, strategy, seed, log=log, progress=progress)
+        check_detector(config, prepared.exp.dataset)
+        human_initial_ids(config, prepared.exp.dataset, prepared.exp.pool)
     with run.lock():
         config = _open_run(run, config)
-        s = _load(run, config, strategy, seed, log=log, progress=progress)
+        remove_stale_temp_files(run.path, recursive=True)  # writes a kill cut short; we hold the lock
+        s = _load(run, config, strategy, seed, log=log, progress=progress, prepared=prepared)
         if budget is not None:
             s.exp.config = config.model_copy(update={"budget": budget})
         while True:
@@ -577,7 +628,7 @@ def write_package(
         f"    mgral import-labels {where}FILE [--format coco|voc|yolo|label-studio]\n"
         "An image you cannot label: Skip it in Label Studio, or leave it out of the file and add --skip-missing.\n"
     )
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True, owned=True, what="a labeling package") as tmp:
         atomic_write_text(tmp / "images.txt", paths)
         atomic_write_json(tmp / "predictions_coco.json", coco, indent=1)
         atomic_write_json(tmp / "label_studio_tasks.json", tasks, indent=1)
@@ -768,6 +819,7 @@ def import_labels(
         raise DatasetError(f"{path}: no such file or directory; expected the annotated images to import")
     with run.lock():
         config = _open_run(run, None)
+        remove_stale_temp_files(run.path, recursive=True)  # writes a kill cut short; we hold the lock
         s = _load(run, config, strategy, seed, log=log, progress=False)
         cycle = len(read_cycle_records(s.records_path))
         _check_pending(s, cycle)

@@ -26,13 +26,16 @@ resumed on a Ray cluster.
 On ``--resume`` each series restarts at its first unfinished cycle. Training is
 deterministic for a seed on CPU, predictions are cached per cycle, a selection already
 written is reused and never recomputed, and the oracle's answers depend only on (seed,
-image id): a killed run continues to exactly the selections of an uninterrupted one.
+image id): a killed run continues to exactly the selections of an uninterrupted one. For the
+same reason a cycle whose model file (or epoch checkpoint) is unreadable is trained again,
+and the temporary files of writes a kill cut short are removed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -45,10 +48,10 @@ import numpy as np
 from mgral._io import atomic_write_json
 from mgral.config import EXECUTION_KEYS, ExperimentConfig, config_from_dict, config_to_dict
 from mgral.data.records import Dataset, ImageId, Target, read_id_list
-from mgral.errors import ConfigError, RunError
+from mgral.errors import CheckpointError, ConfigError, RunError
 from mgral.oracles import SimulatedOracle
 from mgral.pool import Ledger
-from mgral.runs import CYCLES_FILE, RunDir, append_cycle_record, read_cycle_records
+from mgral.runs import CYCLES_FILE, RunDir, append_cycle_record, read_cycle_records, remove_stale_temp_files
 
 REFERENCE_LABEL = "reference"
 SHARED_DIR = "_shared"  # labels start with a letter or digit, so no series can be named so
@@ -63,7 +66,9 @@ def prepare_dataset(config: ExperimentConfig) -> Dataset:
     path = Path(ds.path)
     if ds.synth is not None and not path.exists():
         generate(path, ds.synth_config())
-    return read_dataset(path, ds.format, image_root=ds.image_root, clip_boxes=ds.clip_boxes)
+    return read_dataset(
+        path, ds.format, image_root=ds.image_root, clip_boxes=ds.clip_boxes, follow_links=ds.follow_links
+    )
 
 
 def initial_ids(config: ExperimentConfig, dataset: Dataset, pool: list[ImageId], seed: int) -> list[ImageId]:
@@ -114,22 +119,51 @@ class Experiment:
         from mgral.detectors.training import derive_seed
 
         det = self.config.detector
-        train = {"progress": self.progress, **det.train}
-        if reference and self.config.reference_train:
-            extra = self.config.reference_train
-            for a, b in (("epochs", "iterations"), ("iterations", "epochs")):
-                if a in extra:
-                    train.pop(b, None)  # the reference's length replaces the series' one
-            train.update(extra)
         return TorchvisionDetector(
             det.preset,
             self.dataset.categories,
             weights=det.weights,
             device=det.device,
             seed=derive_seed(seed, cycle, 11),
-            train=train,
+            train={"progress": self.progress, **train_settings(self.config, reference=reference)},
             **det.params,
         )
+
+
+def train_settings(config: ExperimentConfig, *, reference: bool = False) -> dict[str, Any]:
+    """The training overrides of a series' detector (``reference``: of the full-data run,
+    ``reference_train`` on top of ``detector.train``)."""
+    train = dict(config.detector.train)
+    if reference and config.reference_train:
+        extra = config.reference_train
+        for a, b in (("epochs", "iterations"), ("iterations", "epochs")):
+            if a in extra:
+                train.pop(b, None)  # the reference's length replaces the series' one
+        train.update(extra)
+    return train
+
+
+def check_detector(config: ExperimentConfig, dataset: Dataset) -> None:
+    """Refuse a detector spec that would fail only when the first model is built or trained:
+    an unknown preset, a bad parameter or weights file, an invalid training setting, an
+    unknown device. Builds the model once, on the CPU, and trains nothing.
+
+    Raises:
+        ConfigError / CheckpointError: naming the setting.
+    """
+    import torch
+
+    from mgral.detectors.models import PRESETS, build_model
+    from mgral.detectors.torchvision_detector import resolve_device
+    from mgral.detectors.training import make_config
+
+    det = config.detector
+    preset = PRESETS.get(det.preset)
+    for reference in (False, True) if config.full_data_reference else (False,):
+        make_config(preset.train_defaults, train_settings(config, reference=reference))
+    resolve_device(det.device)
+    with torch.random.fork_rng(devices=[]):  # leaves the global generator as it was
+        build_model(det.preset, len(dataset.categories) + 1, weights=det.weights, **det.params)
 
 
 def shared_cycle0_dir(exp: Experiment, seed: int) -> Path:
@@ -167,12 +201,16 @@ def run_experiment(
     """Run every (strategy, seed) series of ``config`` into ``out``; with ``resume``,
     continue the run already there (or start one if ``out`` holds none).
 
+    Nothing is written before the whole config is checked (strategies, detector, dataset,
+    initial set). An exception on the way (``KeyboardInterrupt``, or :class:`Stopped` under
+    :func:`stop_on_signals`, as ``mgral run`` does) ends the worker processes or Ray tasks
+    before the run's lock is released.
+
     Raises:
         RunError: ``out`` in use by another process, not resumable, or resumed with a
             different config.
         ConfigError / DatasetError: invalid configuration or data.
     """
-    from mgral.detectors.models import PRESETS
     from mgral.strategies import build_strategy
 
     if config.oracle.kind == "human":
@@ -182,26 +220,73 @@ def run_experiment(
             "then mgral import-labels --run RUN FILE, and query again"
         )
     run = RunDir(out)
+    # Everything a typo breaks is checked before the first write (the lock creates the
+    # directory): a refused config leaves no run behind that the corrected one would clash with.
+    strategies = {s.label: build_strategy(s.name, **s.params) for s in config.strategies}
+    exp = open_experiment(config, run, log, progress)
+    check_detector(config, exp.dataset)
+    initials = {seed: initial_ids(config, exp.dataset, exp.pool, seed) for seed in config.seeds}
     resolved = config_to_dict(config)
     with run.lock():
         if resume and (Path(out) / "config.yaml").exists():
             run.open(resolved, ignore=EXECUTION_KEYS)
         else:
             run.create(resolved)
-        PRESETS.get(config.detector.preset)  # unknown names fail before any long work
-        strategies = {s.label: build_strategy(s.name, **s.params) for s in config.strategies}
-        exp = open_experiment(config, run, log, progress)
+        remove_stale_temp_files(run.path, recursive=True)  # nothing else writes here while we hold the lock
         if config.executor != "inline":
             _run_parallel(exp)
             return Path(out)
         with _torch_threads(config.threads):
             for seed in config.seeds:
-                initial = initial_ids(config, exp.dataset, exp.pool, seed)
+                initial = initials[seed]
                 if config.full_data_reference:  # first: a run stopped part-way still has its ceiling
                     run_series(exp, REFERENCE_LABEL, None, seed, exp.pool)
                 for label, strategy in strategies.items():
                     run_series(exp, label, strategy, seed, initial)
     return Path(out)
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal (see :class:`stop_on_signals`). A ``KeyboardInterrupt``: no
+    ``except Exception`` on the way up may swallow it, and extensions that wait in C (Ray)
+    know to abort their wait for one (they may re-raise it as a plain ``KeyboardInterrupt``)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class stop_on_signals:
+    """Turn ``signums`` into :class:`Stopped` in the main thread inside the block; ``signum``
+    then tells which one came (None: none).
+
+    Python's default SIGTERM / SIGHUP end the process at once: no ``finally`` runs, so the
+    run's worker processes (and Ray tasks) would train on, writing into a run directory
+    whose lock is gone. Raised as an exception instead, the way out stops the executor's
+    jobs, then releases the lock. Later signals are ignored until the block exits, so that
+    this cleanup is not itself cut short.
+    """
+
+    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS) -> None:
+        self.signums, self.signum = signums, None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        for s in self.signums:
+            signal.signal(s, signal.SIG_IGN)
+        self.signum = signum
+        raise Stopped(signum)
+
+    def __enter__(self) -> stop_on_signals:
+        self._previous = {s: signal.signal(s, self._handler) for s in self.signums}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
 
 
 class _torch_threads:
@@ -352,6 +437,7 @@ def run_series(exp: Experiment, label: str, strategy, seed: int, initial: list[I
     config = exp.config
     sdir = exp.run.series_dir(label, seed)
     ledger_path, records_path = sdir / "ledger.json", sdir / "cycles.jsonl"
+    remove_stale_temp_files(sdir)  # e.g. a ledger write cut short by a kill; only this series writes here
     if ledger_path.exists():
         ledger = Ledger.load(ledger_path)
     else:
@@ -465,13 +551,28 @@ def _train_and_evaluate(
 
     ``init``: a model file to start from (warm start) instead of the preset's initialisation;
     ``reference``: the full-data run (``reference_train`` applies)."""
-    from mgral.detectors.torchvision_detector import TorchvisionDetector
+    from mgral.detectors.torchvision_detector import MODEL_KEYS, RESUME_KEYS, TorchvisionDetector
+    from mgral.detectors.training import load_state
 
-    done = wdir / "evaluation.json"
-    if done.exists() and (wdir / "model.pt").exists():
+    done, model_file, last = wdir / "evaluation.json", wdir / "model.pt", wdir / "last.pt"
+    if done.exists() and model_file.exists():
         cached = json.loads(done.read_text(encoding="utf-8"))
-        seconds.update(cached["seconds"])  # the cost of that training, for the timing tables
-        return TorchvisionDetector.load(wdir / "model.pt", device=exp.config.detector.device), cached["result"]
+        try:
+            detector = TorchvisionDetector.load(model_file, device=exp.config.detector.device)
+        except CheckpointError as err:
+            # Broken after it was written (a disk fault, a copy cut short): training is
+            # deterministic for a seed, so this cycle is trained again instead of failing the run.
+            exp.log(f"{err}; training cycle {cycle} again")
+            done.unlink()
+        else:
+            seconds.update(cached["seconds"])  # the cost of that training, for the timing tables
+            return detector, cached["result"]
+    if last.exists():
+        try:
+            load_state(last, MODEL_KEYS + RESUME_KEYS)
+        except CheckpointError as err:  # as above: start this cycle's training over
+            exp.log(f"{err}; training cycle {cycle} from the start")
+            last.unlink()
     wdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     detector = exp.detector(seed, cycle, reference=reference)
@@ -481,7 +582,14 @@ def _train_and_evaluate(
                 f"warm start: the previous cycle's model {str(init)!r} is missing; it is kept until the next "
                 "cycle finishes, so it was deleted by hand: re-run without detector.warm_start or restore it"
             )
-        detector.model.load_state_dict(TorchvisionDetector.load(init, device="cpu").model.state_dict())
+        try:
+            previous = TorchvisionDetector.load(init, device="cpu")
+        except CheckpointError as err:
+            raise RunError(
+                f"warm start: the previous cycle's model is unreadable ({err}); this cycle starts from it, so "
+                "restore the file, or start a new run without detector.warm_start"
+            ) from err
+        detector.model.load_state_dict(previous.model.state_dict())
     detector.fit(view, labeled, checkpoint_dir=wdir, resume=True)
     detector.save(wdir / "model.pt")
     (wdir / "last.pt").unlink(missing_ok=True)

@@ -24,6 +24,7 @@ refused. A cycle is done exactly when its record is in ``cycles.jsonl``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -39,6 +40,7 @@ from typing import Any
 import yaml
 
 from mgral._io import atomic_write_text, fsync_dir
+from mgral._untrusted import load_yaml, read_regular_file
 from mgral.errors import RunError
 
 CONFIG_FILE = "config.yaml"
@@ -109,11 +111,12 @@ class RunDir:
         """
         path = self.path / CONFIG_FILE
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = read_regular_file(path, expected="the run's recorded config", error=RunError).decode("utf-8")
         except FileNotFoundError as err:
             raise RunError(f"{self.path} is not a run directory (no {CONFIG_FILE}); start a run there first") from err
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        except (OSError, UnicodeDecodeError) as err:
             raise RunError(f"{path}: cannot read the recorded config ({err})") from err
+        data = load_yaml(text, source=str(path), expected="the run's recorded config", error=RunError)
         if not isinstance(data, dict):
             raise RunError(f"{path}: expected a mapping, got {type(data).__name__}")
         return data
@@ -314,6 +317,36 @@ def _describe_holder(text: str) -> str:
         return f"process {info['pid']} on {info['host']} (started {info['started']})"
     except (json.JSONDecodeError, TypeError, KeyError):
         return "another process"  # it holds the lock but has not written its details yet
+
+
+# -- stale temporary files ---------------------------------------------------------------
+
+STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+"""The name of a temporary file of :func:`mgral._io.atomic_write_bytes` (``tempfile.mkstemp``
+with prefix ``.<name>.`` and suffix ``.tmp``: eight random characters between them)."""
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str], *, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files that writes cut short by a kill left in ``directory`` (and,
+    with ``recursive``, below it); return them. Only regular files named exactly as
+    :data:`STALE_TEMP` says are touched.
+
+    Call it only where no other process may be writing: with the run's lock held (a live
+    writer's temporary file would be deleted under it).
+    """
+    removed = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            path = Path(root) / name
+            if STALE_TEMP.fullmatch(name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+        if not recursive:
+            break
+    if removed:
+        log.info("removed %d stale temporary file(s) in %s", len(removed), directory)
+    return removed
 
 
 def list_series(run_dir: str | os.PathLike[str]) -> list[tuple[str, int]]:

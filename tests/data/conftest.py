@@ -77,3 +77,42 @@ def small_dataset(tmp_path: Path) -> Dataset:
     }
     images = [ImageRecord(i, rel, w, h, split, targets[i]) for i, rel, w, h, split in specs]
     return Dataset(root, [Category(3, "dog"), Category(9, "cat"), Category(5, "bird")], images)
+
+
+@pytest.fixture
+def deadline():
+    """Fail (TimeoutError) instead of hanging: a blocked ``open`` of a FIFO is interrupted after 10 s."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("still blocked after 10 s (a reader waits on a FIFO?)")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(10)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def isolated():
+    """Run Python code in a child process under a time and an address-space limit, so that a
+    runaway (minutes, gigabytes) fails the test instead of the machine; returns the CompletedProcess."""
+    import resource
+    import subprocess
+    import sys
+
+    def run(code: str, *, timeout: float = 60, memory: int = 4 << 30):
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+        try:
+            return subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, preexec_fn=limit
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the child process did not finish within {timeout} s")
+
+    return run

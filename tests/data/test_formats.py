@@ -15,7 +15,7 @@ from mgral.errors import ConfigError, DatasetError
 
 
 def test_registry():
-    assert FORMATS.names() == ["coco", "coco2017", "voc", "voc0712", "yolo"]  # the layouts: tests/test_protocols.py
+    assert FORMATS.names() == ["coco", "coco2017", "voc", "voc0712", "yolo"]  # the layouts: tests/test_planning.py
     fmt = FORMATS.get("voc")
     assert isinstance(fmt, formats.Format) and fmt.read is voc.read and fmt.name == "voc" and fmt.summary
     with pytest.raises(ConfigError, match="unknown format 'xml'; valid formats: coco, coco2017, voc, voc0712, yolo"):
@@ -60,13 +60,18 @@ def test_write_dataset_refuses_non_empty_and_overwrites(small_dataset, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
+    for overwrite in (False, True):  # a directory mgral did not write is never replaced
+        with pytest.raises(DatasetError, match=r"out exists and is not empty, and was not written by mgral"):
+            write_dataset(small_dataset, out, "voc", overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    write_dataset(small_dataset, out, "yolo")
     with pytest.raises(
         DatasetError, match=r"out exists and is not empty; choose an empty directory or pass --overwrite"
     ):
         write_dataset(small_dataset, out, "voc")
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert write_dataset(small_dataset, out, "voc", overwrite=True) == out
-    assert not (out / "keep.txt").exists() and (out / "labels.txt").is_file()
+    assert not (out / "data.yaml").exists() and (out / "labels.txt").is_file()
 
 
 def test_write_dataset_is_all_or_nothing(small_dataset, tmp_path):

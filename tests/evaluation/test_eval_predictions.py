@@ -147,10 +147,20 @@ def test_huge_integers_are_refused_not_overflowed(tmp_path: Path) -> None:
     message = _refused(tmp_path, f'[{{"image_id": 5, "category_id": 3, "bbox": [1, 2, 3, 4], "score": {huge}}}]')
     assert "entry 0 (image 5)" in message and "'score'" in message and "finite number" in message
     assert len(message) < 400  # the number is shown cut, not in full
-    message = _refused(
-        tmp_path, f'[{{"image_id": 5, "category_id": 3, "bbox": [1, {huge}, 3, 4], "score": 0.5}}]'
-    )
+    message = _refused(tmp_path, f'[{{"image_id": 5, "category_id": 3, "bbox": [1, {huge}, 3, 4], "score": 0.5}}]')
     assert "entry 0 (image 5)" in message and "bbox" in message and "non-finite" in message
     assert len(message) < 400
     message = _refused(tmp_path, [_entry(bbox=[1e300, 2, 3, 4])])
     assert "entry 0 (image 5)" in message and "float32" in message
+
+
+def test_class_indices_map_to_the_ground_truth_categories(tmp_path: Path) -> None:
+    # Ultralytics on a dataset that is not COCO writes the class index + 1 (Ultralytics 8.0: + 0)
+    gt = _gt()
+    for categories, index in (("index1", 2), ("index0", 1)):
+        preds = read_predictions(_write(tmp_path, [_entry(category_id=index)]), gt, categories=categories)
+        assert preds[5].labels.tolist() == [4]  # the second category, whose id is 4
+    assert read_predictions(_write(tmp_path, [_entry(category_id=3)]), gt)[5].labels.tolist() == [3]  # ids as is
+    path = _write(tmp_path, [_entry(category_id=0)])
+    with pytest.raises(DatasetError, match=r"category_id 0 is not a class index from 1 \[1, 2\]"):
+        read_predictions(path, gt, categories="index1")

@@ -13,6 +13,7 @@ from mgral.strategies import REQUIREMENTS, STRATEGIES, build_strategy, strategy_
 
 NAMES = STRATEGIES.names()
 
+
 def build(name: str):
     """The strategy with its own micro settings (``micro_params``): the contract is about the
     answer's shape, not its quality, and the whole suite must stay fast on a CPU."""

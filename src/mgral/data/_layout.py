@@ -10,10 +10,16 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from mgral.data._files import RootGuard, read_regular_file
 from mgral.data.records import Dataset, ImageId
 from mgral.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class OutputExistsError(DatasetError, FileExistsError):
+    """An output directory that cannot be written: a file, a non-empty directory without
+    ``overwrite``, or one mgral did not write (a FileExistsError too, for older callers)."""
 
 
 def path_ids(rel_paths: Sequence[str]) -> list[str]:
@@ -44,22 +50,27 @@ def output_names(dataset: Dataset) -> dict[ImageId, str]:
     return names
 
 
-def read_text(path: Path, *, what: str) -> str:
-    """A small UTF-8 text file's content, or DatasetError naming it."""
+def read_text(path: Path, *, what: str, guard: RootGuard | None = None) -> str:
+    """A small UTF-8 text file's content, or DatasetError naming it (also for a FIFO, a device,
+    or, with ``guard``, a symbolic link out of the dataset root)."""
+    if guard is not None:
+        guard.check(path)
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return read_regular_file(path, expected=what).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); expected {what}") from err
     except OSError as err:
         raise DatasetError(f"{path}: cannot read {what}: {err.strerror or err}") from err
 
 
-def read_names_file(root: Path, candidates: Sequence[str]) -> tuple[list[str], Path] | None:
+def read_names_file(
+    root: Path, candidates: Sequence[str], *, guard: RootGuard | None = None
+) -> tuple[list[str], Path] | None:
     """Class names from the first of ``candidates`` present in ``root``, one per line."""
     for name in candidates:
         path = root / name
-        if path.is_file():
-            names = [line.strip() for line in read_text(path, what="class names, one a line").splitlines()]
+        if os.path.lexists(path):
+            names = [line.strip() for line in read_text(path, what="class names, one a line", guard=guard).splitlines()]
             names = [n for n in names if n]
             dupes = sorted(n for n, k in Counter(names).items() if k > 1)
             if dupes:
@@ -70,34 +81,50 @@ def read_names_file(root: Path, candidates: Sequence[str]) -> tuple[list[str], P
 
 def write_names_file(path: Path, names: Sequence[str]) -> None:
     for name in names:
-        if "\n" in name or "\r" in name or name != name.strip():
+        if len(name.splitlines()) != 1 or name != name.strip() or name.startswith("\ufeff"):
             raise DatasetError(
-                f"category name {name!r} has line breaks or surrounding spaces; {path.name} cannot store it"
+                f"category name {name!r} has line breaks, surrounding spaces or a leading byte-order mark; "
+                f"{path.name} cannot store it (rename the category)"
             )
+    try:
+        "".join(names).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DatasetError(
+            f"a category name holds {err.object[err.start : err.end]!r}, which is not valid Unicode text "
+            f"({err.reason}); {path.name} cannot store it (rename the category)"
+        ) from err
     path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
 
 
 def link_or_copy(src: Path, dst: Path, *, what: str) -> None:
     """Place ``src`` at ``dst``: a hard link when possible (fast, no extra space), else a copy.
+    A symbolic link is resolved first: the output holds the file, never a link that would
+    dangle (a relative link) or lead out of it.
 
     Raises:
         DatasetError: ``src`` does not exist (``what`` names the image in the message).
     """
     if not src.is_file():
         raise DatasetError(f"{what}: image file {str(src)!r} does not exist; cannot copy it to the output")
+    src = Path(os.path.realpath(src))
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):  # two records of one file (COCO keeps its names)
+        return
     try:
         os.link(src, dst)
     except OSError:  # another file system, or links not supported
         shutil.copy2(src, dst)
 
 
-def read_json(path: Path, *, expected: str) -> object:
+def read_json(path: Path, *, expected: str, guard: RootGuard | None = None) -> object:
     """Parse a JSON file; any failure is a DatasetError naming the file and ``expected``
-    (e.g. "a COCO JSON object"), with the line and column of a syntax error."""
+    (e.g. "a COCO JSON object"), with the line and column of a syntax error. A FIFO or device
+    is refused before it is read; so is, with ``guard``, a symbolic link out of the dataset root."""
     source = str(path)
+    if guard is not None:
+        guard.check(path)
     try:
-        data = Path(path).read_bytes()
+        data = read_regular_file(path, expected=expected)
     except OSError as err:
         raise DatasetError(f"{source}: cannot read the file: {err.strerror or err}; expected {expected}") from err
     try:

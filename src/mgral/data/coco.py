@@ -21,18 +21,25 @@ from typing import Any
 import numpy as np
 
 from mgral._io import atomic_write_json
+from mgral._untrusted import short_repr
+from mgral.data._files import RootGuard
 from mgral.data._layout import link_or_copy, read_json
 from mgral.data.records import (
+    MAX_BOXES_PER_IMAGE,
     SPLITS,
     Category,
     Dataset,
     ImageRecord,
     Target,
     check_box,
+    check_box_count,
+    check_identical_boxes,
     check_image_size,
     check_images_exist,
+    check_int_id,
     describe_image,
     safe_relative_path,
+    split_conflict,
 )
 from mgral.errors import DatasetError
 
@@ -138,35 +145,39 @@ def _list_field(obj: dict, key: str, *, source: str) -> list:
 
 def _entry(value: object, *, source: str, where: str) -> dict:
     if not isinstance(value, dict):
-        raise DatasetError(f"{source}: {where}: expected an object, got {type(value).__name__} {value!r:.80}")
+        raise DatasetError(f"{source}: {where}: expected an object, got {type(value).__name__} {short_repr(value)}")
     return value
 
 
 def _read_categories(obj: dict, *, source: str) -> list[Category]:
-    categories, seen = [], set()
+    categories, seen, names = [], set(), {}
     for i, raw in enumerate(_list_field(obj, "categories", source=source)):
         where = f"categories[{i}]"
         c = _entry(raw, source=source, where=where)
         cid, name = _require(c, "id", source=source, where=where), _require(c, "name", source=source, where=where)
-        if not _is_int(cid):
-            raise DatasetError(f"{source}: {where}: expected 'id' to be an integer, got {cid!r}")
+        check_int_id(cid, source=source, where=where)
         if not isinstance(name, str) or not name.strip():
-            raise DatasetError(f"{source}: {where}: expected 'name' to be a non-empty string, got {name!r}")
+            raise DatasetError(f"{source}: {where}: expected 'name' to be a non-empty string, got {short_repr(name)}")
         if cid in seen:
             raise DatasetError(f"{source}: {where}: duplicate category id {cid}; category ids must be unique")
+        if name in names:
+            raise DatasetError(
+                f"{source}: {where}: category name {short_repr(name, 60)} is also categories[{names[name]}]; expected "
+                "each name once (merge the two categories, or rename one)"
+            )
         seen.add(cid)
+        names[name] = i
         categories.append(Category(cid, name))
     return categories
 
 
 def _read_images(obj: dict, *, source: str) -> list[ImageRecord]:
     records: dict[int, ImageRecord] = {}
+    by_file: dict[str, ImageRecord] = {}
     for i, raw in enumerate(_list_field(obj, "images", source=source)):
         where = f"images[{i}]"
         img = _entry(raw, source=source, where=where)
-        image_id = _require(img, "id", source=source, where=where)
-        if not _is_int(image_id):
-            raise DatasetError(f"{source}: {where}: expected 'id' to be an integer, got {image_id!r}")
+        image_id = check_int_id(_require(img, "id", source=source, where=where), source=source, where=where)
         raw_name = _require(img, "file_name", source=source, where=where)
         where = f"{where}, {describe_image(image_id, raw_name if isinstance(raw_name, str) else None)}"
         file_name = safe_relative_path(raw_name, source=source, where=where)
@@ -175,13 +186,18 @@ def _read_images(obj: dict, *, source: str) -> list[ImageRecord]:
         width, height = check_image_size(width, height, source=source, where=where)
         split = img.get("split")
         if split is not None and not isinstance(split, str):
-            raise DatasetError(f"{source}: {where}: expected 'split' to be a string or absent, got {split!r:.40}")
+            raise DatasetError(
+                f"{source}: {where}: expected 'split' to be a string or absent, got {short_repr(split, 40)}"
+            )
         if image_id in records:
             raise DatasetError(
                 f"{source}: {where}: duplicate image id {image_id} (also {records[image_id].file_name!r}); "
                 "image ids must be unique"
             )
-        records[image_id] = ImageRecord(image_id, file_name, width, height, split if split in SPLITS else None)
+        rec = records[image_id] = ImageRecord(image_id, file_name, width, height, split if split in SPLITS else None)
+        other = by_file.setdefault(file_name, rec)
+        if other.split != rec.split:
+            raise split_conflict(source, where, file_name, f"image {other.id}", other.split, rec.split)
     return list(records.values())
 
 
@@ -189,7 +205,7 @@ def _flag(ann: dict, key: str, *, source: str, where: str) -> bool:
     v = ann.get(key, 0)
     if isinstance(v, int) and v in (0, 1):
         return bool(v)
-    raise DatasetError(f"{source}: {where}: expected {key!r} to be 0 or 1, got {v!r}")
+    raise DatasetError(f"{source}: {where}: expected {key!r} to be 0 or 1, got {short_repr(v, 40)}")
 
 
 def _read_annotations(
@@ -204,7 +220,7 @@ def _read_annotations(
         image_id = _require(ann, "image_id", source=source, where=where)
         if not _is_int(image_id) or image_id not in by_id:
             raise DatasetError(
-                f"{source}: {where}: 'image_id' {image_id!r} is not the id of any image in 'images' "
+                f"{source}: {where}: 'image_id' {short_repr(image_id, 40)} is not the id of any image in 'images' "
                 "(each annotation must refer to a listed image)"
             )
         rec = by_id[image_id]
@@ -212,21 +228,30 @@ def _read_annotations(
         category_id = _require(ann, "category_id", source=source, where=where)
         if not _is_int(category_id) or category_id not in category_ids:
             raise DatasetError(
-                f"{source}: {where}: 'category_id' {category_id!r} is not one of the category ids "
-                f"{sorted(category_ids)} (add it to 'categories' or fix the annotation)"
+                f"{source}: {where}: 'category_id' {short_repr(category_id, 40)} is not one of the category ids "
+                f"{short_repr(sorted(category_ids), 200)} (add it to 'categories' or fix the annotation)"
             )
         bbox = _require(ann, "bbox", source=source, where=where)
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DatasetError(
                 f"{source}: {where}: expected 'bbox' to be a list of 4 finite numbers [x, y, width, height], "
-                f"got {bbox!r:.120}"
+                f"got {short_repr(bbox, 120)}"
             )
         x, y, w, h = (float(v) for v in bbox)
         index = len(rows[image_id])
+        if index >= MAX_BOXES_PER_IMAGE:
+            row = rows[image_id]
+            check_box_count(
+                index + 1,
+                source=source,
+                where=f"annotations[{i}]: {describe_image(rec.id, rec.file_name)}",
+                boxes=[r[0] for r in row],
+                labels=[r[1] for r in row],
+            )
         for name, size in (("width", w), ("height", h)):
             if size <= 0:
                 raise DatasetError(
-                    f"{source}: {where}: box {index} bbox {bbox} has {name} {size:g} <= 0; expected "
+                    f"{source}: {where}: box {index} bbox {short_repr(bbox, 120)} has {name} {size:g} <= 0; expected "
                     "[x, y, width, height] with positive width and height (is the bbox stored as x1, y1, x2, y2?)"
                 )
         box = check_box(
@@ -244,6 +269,7 @@ def _read_annotations(
         rows[image_id].append((box, category_id, difficult, crowd))
     for rec in records:
         boxes, labels, difficult, crowd = zip(*rows[rec.id], strict=True) if rows[rec.id] else ((), (), (), ())
+        check_identical_boxes(boxes, labels, source=source, where=describe_image(rec.id, rec.file_name))
         rec.target = Target(np.array(boxes, dtype=np.float32).reshape(-1, 4), labels, difficult, crowd)
 
 
@@ -254,6 +280,7 @@ def from_coco_dict(
     image_root: str | os.PathLike[str],
     check_files: bool = True,
     clip_boxes: bool = False,
+    follow_links: bool = False,
 ) -> Dataset:
     """Validate a parsed COCO dict and build a :class:`Dataset` rooted at ``image_root``.
 
@@ -261,8 +288,11 @@ def from_coco_dict(
     checked before the dataset is returned.
 
     Raises:
-        DatasetError: a missing or mistyped field, duplicate or unknown id, invalid box,
-            or (``check_files``) a missing image file.
+        DatasetError: a missing or mistyped field, duplicate or unknown id (or category name),
+            invalid box, more than :data:`~mgral.data.records.MAX_BOXES_PER_IMAGE` boxes or
+            :data:`~mgral.data.records.MAX_IDENTICAL_BOXES` copies of one box in an image, one
+            image file in two splits, or (``check_files``) a missing image file or one that a
+            symbolic link leads out of ``image_root`` (unless ``follow_links``).
     """
     if not isinstance(obj, dict):
         raise DatasetError(
@@ -274,7 +304,7 @@ def from_coco_dict(
     _read_annotations(obj, records, categories, source=source, clip=clip_boxes)
     dataset = Dataset(image_root, categories, records)
     if check_files:
-        check_images_exist(dataset, source=source)
+        check_images_exist(dataset, source=source, follow_links=follow_links)
     return dataset
 
 
@@ -284,7 +314,7 @@ def _json_file(path: Path) -> Path:
     candidates = sorted(path.glob("*.json"))
     if len(candidates) == 1:
         return candidates[0]
-    if (path / ANNOTATIONS_FILE).is_file():
+    if os.path.lexists(path / ANNOTATIONS_FILE):
         return path / ANNOTATIONS_FILE
     found = ", ".join(c.name for c in candidates) or "none"
     raise DatasetError(
@@ -298,20 +328,28 @@ def read(
     image_root: str | os.PathLike[str] | None = None,
     check_files: bool = True,
     clip_boxes: bool = False,
+    follow_links: bool = False,
 ) -> Dataset:
     """Read a COCO JSON file (or a directory holding one) into a validated :class:`Dataset`.
 
     ``image_root`` defaults to the JSON file's directory; ``file_name`` values are relative
     to it. With ``clip_boxes`` boxes sticking out of their image are clipped, not refused.
+    A symbolic link that leads out of the directory given (the JSON file in it) or out of the
+    image root (an image) is refused unless ``follow_links``.
 
     Raises:
-        DatasetError: unreadable or malformed JSON, or anything :func:`from_coco_dict` refuses.
+        DatasetError: unreadable or malformed JSON (or a FIFO, a device), or anything
+            :func:`from_coco_dict` refuses.
     """
-    file = _json_file(Path(path))
+    path = Path(path)
+    file = _json_file(path)
     source = str(file)
-    obj = read_json(file, expected="a COCO JSON object")
+    guard = RootGuard(path, follow_links=follow_links) if path.is_dir() else None
+    obj = read_json(file, expected="a COCO JSON object", guard=guard)
     root = Path(image_root) if image_root is not None else file.parent
-    return from_coco_dict(obj, source=source, image_root=root, check_files=check_files, clip_boxes=clip_boxes)
+    return from_coco_dict(
+        obj, source=source, image_root=root, check_files=check_files, clip_boxes=clip_boxes, follow_links=follow_links
+    )
 
 
 def sniff(path: Path) -> str | None:
@@ -322,6 +360,8 @@ def sniff(path: Path) -> str | None:
     if not path.is_dir():
         return None
     for candidate in sorted(path.glob("*.json")):
+        if not candidate.is_file():  # a FIFO would block the open
+            continue
         try:
             with candidate.open("rb") as fh:
                 head = fh.read(_SNIFF_BYTES)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mgral.data import coco
+from mgral.data._files import RootGuard
 from mgral.data._layout import read_json
 from mgral.data.records import Dataset, ImageRecord
 from mgral.errors import DatasetError
@@ -87,25 +88,32 @@ def read(
     image_root: str | os.PathLike[str] | None = None,
     check_files: bool = True,
     clip_boxes: bool = False,
+    follow_links: bool = False,
 ) -> Dataset:
     """Read a COCO 2017 folder (train2017 + val2017) into one validated :class:`Dataset`.
 
     Raises:
         DatasetError: a missing annotation file or image folder (naming it and the archive
             to unpack), anything :mod:`mgral.data.coco`'s reader refuses in either file, an
-            image id in both files, different categories in the two files, or
-            (``check_files``) a missing image file.
+            image id in both files, different categories in the two files, a symbolic link
+            out of the root (unless ``follow_links``), or (``check_files``) a missing image file.
     """
     root = Path(path)
     images = Path(image_root) if image_root is not None else root
     _check_layout(root, images, check_files)
     parts: list[tuple[str, Path, Dataset]] = []
+    guard = RootGuard(root, follow_links=follow_links)
     for split in SPLITS:
         file = annotation_file(root, split)
-        obj = read_json(file, expected="a COCO instances JSON object")
+        obj = read_json(file, expected="a COCO instances JSON object", guard=guard)
         _drop_degenerate(obj, str(file))
         data = coco.from_coco_dict(
-            obj, source=str(file), image_root=images / split, check_files=check_files, clip_boxes=clip_boxes
+            obj,
+            source=str(file),
+            image_root=images / split,
+            check_files=check_files,
+            clip_boxes=clip_boxes,
+            follow_links=follow_links,
         )
         parts.append((split, file, data))
     (_, train_file, train), (_, val_file, val) = parts

@@ -9,6 +9,7 @@ their standard folders: ``voc0712`` (a ``VOCdevkit`` with VOC2007 and VOC2012, s
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from types import ModuleType
 
 from mgral._io import atomic_directory
 from mgral.data import coco, coco2017, voc, voc0712, yolo
-from mgral.data.records import Dataset
+from mgral.data._files import FOLLOW_LINKS_HINT, RootGuard
+from mgral.data._layout import OutputExistsError
+from mgral.data.records import Dataset, check_writable, describe_image
 from mgral.errors import ConfigError, DatasetError
 from mgral.registry import Registry
 
@@ -102,7 +105,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 def read_dataset(path: str | os.PathLike[str], format: str | None = None, **opts: object) -> Dataset:
     """Read ``path`` in ``format`` (detected when ``None``); ``opts`` go to the reader
-    (``image_root``, ``check_files``, ``clip_boxes``).
+    (``image_root``, ``check_files``, ``clip_boxes``, ``follow_links``).
 
     Raises:
         ConfigError: an unknown format name.
@@ -112,6 +115,25 @@ def read_dataset(path: str | os.PathLike[str], format: str | None = None, **opts
     return FORMATS.get(name).read(path, **opts)
 
 
+def _check_apart(out: Path, inputs: list[tuple[str, Path, bool]]) -> None:
+    """Refuse an output directory that is, contains, or (for a directory the reader scans) lies
+    inside one of the ``inputs`` ((what, path, may the output not lie inside it)); paths are
+    compared resolved, so links and ``..`` do not hide it."""
+    real_out = Path(os.path.realpath(out))
+    for what, path, scanned in inputs:
+        real = Path(os.path.realpath(path))
+        if real == real_out or real.is_relative_to(real_out):
+            raise DatasetError(
+                f"{out}: the output directory contains the input ({what} {str(path)!r}); writing it would replace "
+                "the input: choose an --out outside the input"
+            )
+        if scanned and real_out.is_relative_to(real):
+            raise DatasetError(
+                f"{out}: the output directory lies inside the input ({what} {str(path)!r}); reading the input "
+                "again would read the output too: choose an --out outside the input"
+            )
+
+
 def write_dataset(
     dataset: Dataset,
     out: str | os.PathLike[str],
@@ -119,23 +141,42 @@ def write_dataset(
     *,
     overwrite: bool = False,
     copy_images: bool = True,
+    follow_links: bool = False,
 ) -> Path:
     """Write ``dataset`` as a ``format`` directory at ``out``, all or nothing.
 
-    The directory is built beside ``out`` and moved into place only when complete.
+    The directory is built beside ``out`` and moved into place only when complete; it holds
+    a ``.mgral-output`` marker, and ``overwrite`` replaces only a directory that holds one
+    (see :func:`mgral._io.atomic_directory`). ``out`` may not be or contain the dataset's
+    image root. With ``copy_images`` an image that a symbolic link leads out of the image
+    root is refused unless ``follow_links``.
 
     Raises:
         ConfigError: an unknown format name, or a read-only layout.
-        DatasetError: ``out`` exists and is not empty (without ``overwrite``), or the writer
-            refuses the dataset (e.g. a missing image).
+        DatasetError: ``out`` is a file, is not empty (without ``overwrite``, or not written by
+            mgral), holds the image root, or the writer refuses the dataset (e.g. a missing image).
     """
     fmt = writable_format(format)
     out = Path(out)
-    try:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            fmt.write(dataset, tmp, copy_images=copy_images)
-    except FileExistsError as err:
-        raise DatasetError(f"{err}; choose an empty directory or pass --overwrite / overwrite=True") from err
+    _check_apart(out, [("image root", dataset.root, False)])
+    check_writable(dataset)
+    if copy_images and not follow_links:
+        guard = RootGuard(dataset.root)
+        for rec in dataset:
+            if not guard.inside(dataset.root / rec.file_name):
+                raise DatasetError(
+                    f"{describe_image(rec.id, rec.file_name)}: the image file {str(dataset.root / rec.file_name)!r} "
+                    "is a symbolic link (or lies below one) that leads to "
+                    f"{guard.resolve(dataset.root / rec.file_name)!r}, "
+                    f"outside the dataset root {str(dataset.root)!r}; not copying it into the output (copy the file "
+                    f"into the dataset, or {FOLLOW_LINKS_HINT})"
+                )
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(atomic_directory(out, overwrite=overwrite, what=f"a {fmt.name} dataset"))
+        except FileExistsError as err:
+            raise OutputExistsError(str(err)) from err
+        fmt.write(dataset, tmp, copy_images=copy_images)
     return out
 
 
@@ -151,13 +192,26 @@ def convert(
 ) -> Dataset:
     """Read ``src`` (format ``from_``, detected when ``None``) and write it to ``dst`` as ``to``.
 
-    The whole source is validated before anything is written. Returns the dataset read.
+    The whole source is validated before anything is written. ``dst`` may not be, contain or
+    lie inside ``src`` (nor contain the image root). Returns the dataset read.
 
     Raises:
         ConfigError: an unknown format name, or a read-only target layout.
         DatasetError: as :func:`read_dataset` and :func:`write_dataset`.
     """
     writable_format(to)  # an unknown or read-only target fails before the source is read
+    src, dst = Path(src), Path(dst)
+    inputs = [("source", src, src.is_dir())]
+    if read_opts.get("image_root") is not None:
+        inputs.append(("image root", Path(read_opts["image_root"]), True))  # type: ignore[arg-type]
+    _check_apart(dst, inputs)
     dataset = read_dataset(src, from_, **read_opts)
-    write_dataset(dataset, dst, to, overwrite=overwrite, copy_images=copy_images)
+    write_dataset(
+        dataset,
+        dst,
+        to,
+        overwrite=overwrite,
+        copy_images=copy_images,
+        follow_links=bool(read_opts.get("follow_links", False)),
+    )
     return dataset

@@ -43,8 +43,20 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from mgral._untrusted import short_repr
 from mgral.data._layout import read_json
-from mgral.data.records import Category, Dataset, Detections, ImageId, ImageRecord, Target, check_box
+from mgral.data.records import (
+    MAX_IMAGE_SIDE,
+    Category,
+    Dataset,
+    Detections,
+    ImageId,
+    ImageRecord,
+    Target,
+    check_box,
+    check_box_count,
+    check_identical_boxes,
+)
 from mgral.errors import DatasetError
 
 FROM_NAME = "label"
@@ -167,12 +179,17 @@ class Task:
 
     def describe(self) -> str:
         """``task 12 (image '/data/00017.png')``: how messages name a task."""
-        name = f"task {self.task_id!r}" if self.task_id is not None else f"task [{self.position}]"
-        return f"{name} (image {self.image!r})" if self.image else name
+        name = f"task {short_repr(self.task_id, 40)}" if self.task_id is not None else f"task [{self.position}]"
+        return f"{name} (image {short_repr(self.image, 160)})" if self.image else name
 
 
 def _number(v: object) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
+        return False
 
 
 def _image_of(data: dict) -> str:
@@ -186,13 +203,14 @@ def _image_of(data: dict) -> str:
 def _region(raw: object, n: int, *, where: str) -> Region | None:
     here = f"{where}, result {n}"
     if not isinstance(raw, dict):
-        raise DatasetError(f"{here}: expected an object, got {type(raw).__name__} {raw!r:.80}")
+        raise DatasetError(f"{here}: expected an object, got {type(raw).__name__} {short_repr(raw)}")
     kind = raw.get("type")
     if kind in _IGNORED_TYPES:
         return None
     if kind != "rectanglelabels":
         raise DatasetError(
-            f"{here}: region type {kind!r}; only boxes are read (type 'rectanglelabels', from a RectangleLabels "
+            f"{here}: region type {short_repr(kind, 40)}; only boxes are read (type 'rectanglelabels', from a "
+            "RectangleLabels "
             "control): label with rectangles, or delete that region"
         )
     value = raw.get("value")
@@ -202,25 +220,28 @@ def _region(raw: object, n: int, *, where: str) -> Region | None:
     bad = [k for k, v in coords.items() if not _number(v)]
     if bad:
         raise DatasetError(
-            f"{here}: expected value.{bad[0]} to be a finite number (percent of the image), got {coords[bad[0]]!r:.40}"
+            f"{here}: expected value.{bad[0]} to be a finite number (percent of the image), got "
+            f"{short_repr(coords[bad[0]], 40)}"
         )
     rotation = value.get("rotation", 0)
     if not _number(rotation) or abs(rotation) > 1e-6:
         raise DatasetError(
-            f"{here}: the rectangle is rotated by {rotation!r} degrees; expected an axis-aligned box (rotation 0): "
-            "redraw it without rotating"
+            f"{here}: the rectangle is rotated by {short_repr(rotation, 40)} degrees (value.rotation); expected an "
+            "axis-aligned box (rotation 0): redraw it without rotating"
         )
     labels = value.get("rectanglelabels")
     if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
         raise DatasetError(
-            f"{here}: expected value.rectanglelabels to hold exactly one class name, got {labels!r:.80}; give "
+            f"{here}: expected value.rectanglelabels to hold exactly one class name, got {short_repr(labels)}; give "
             "each box one label"
         )
     sizes = []
     for key in ("original_width", "original_height"):
         v = raw.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise DatasetError(f"{here}: expected {key} to be a positive integer, got {v!r:.40}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_IMAGE_SIDE):
+            raise DatasetError(
+                f"{here}: expected {key} to be a positive integer (at most {MAX_IMAGE_SIDE}), got {short_repr(v, 40)}"
+            )
         sizes.append(v)
     return Region(n, *(float(coords[k]) for k in ("x", "y", "width", "height")), labels[0], *sizes)
 
@@ -228,13 +249,15 @@ def _region(raw: object, n: int, *, where: str) -> Region | None:
 def _task(raw: object, position: int, *, source: str) -> Task:
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
         raise DatasetError(
-            f"{source}: task [{position}]: expected an object with 'data' (and 'annotations'), got {raw!r:.80}; "
+            f"{source}: task [{position}]: expected an object with 'data' (and 'annotations'), got {short_repr(raw)}; "
             "export the project as Label Studio JSON (not JSON-MIN or CSV)"
         )
     data = raw["data"]
     mgral_id = data.get("mgral_id")
     if isinstance(mgral_id, bool) or not isinstance(mgral_id, (int, str, type(None))):
-        raise DatasetError(f"{source}: task [{position}]: data.mgral_id must be an image id, got {mgral_id!r:.40}")
+        raise DatasetError(
+            f"{source}: task [{position}]: data.mgral_id must be an image id, got {short_repr(mgral_id, 40)}"
+        )
     task = Task(position, raw.get("id"), _image_of(data), mgral_id, "unlabeled")
     where = f"{source}: {task.describe()}"
     annotations = raw.get("annotations", [])
@@ -243,7 +266,7 @@ def _task(raw: object, position: int, *, source: str) -> Task:
     kept = []
     for k, ann in enumerate(annotations):
         if not isinstance(ann, dict):
-            raise DatasetError(f"{where}: annotations[{k}]: expected an object, got {ann!r:.80}")
+            raise DatasetError(f"{where}: annotations[{k}]: expected an object, got {short_repr(ann)}")
         if not ann.get("was_cancelled", False):
             kept.append((k, ann))
     if not annotations:
@@ -254,11 +277,22 @@ def _task(raw: object, position: int, *, source: str) -> Task:
     truth = [(k, a) for k, a in kept if a.get("ground_truth")]
     k, ann = max(truth or kept, key=lambda ka: (_order(ka[1]), ka[0]))  # ground truth first, then the latest
     task.status, task.annotation_id = "labeled", ann.get("id", k)
-    where = f"{where}, annotation {task.annotation_id!r}"
+    where = f"{where}, annotation {short_repr(task.annotation_id, 40)}"
     result = ann.get("result", [])
     if not isinstance(result, list):
         raise DatasetError(f"{where}: expected 'result' to be a list of regions, got {type(result).__name__}")
+    here = f"{task.describe()}, annotation {short_repr(task.annotation_id, 40)}"
     task.regions = [r for n, raw_region in enumerate(result) if (r := _region(raw_region, n, where=where)) is not None]
+    check_identical_boxes(
+        [(r.x, r.y, r.x + r.width, r.y + r.height) for r in task.regions],
+        [r.label for r in task.regions],
+        source=source,
+        where=here,
+        items="results",
+        indices=[r.index for r in task.regions],
+        label_name=lambda label: f"class {short_repr(label, 60)}",
+    )
+    check_box_count(len(task.regions), source=source, where=here)
     return task
 
 
@@ -322,7 +356,8 @@ def task_target(
             )
         if r.label not in by_name:
             raise DatasetError(
-                f"{here}: class {r.label!r} is not a category of the dataset; expected one of {sorted(by_name)} "
+                f"{here}: class {short_repr(r.label, 60)} is not a category of the dataset; expected one of "
+                f"{short_repr(sorted(by_name), 200)} "
                 "(rename the label in the labeling config, or relabel the box)"
             )
         box = (r.x * width / 100, r.y * height / 100, (r.x + r.width) * width / 100, (r.y + r.height) * height / 100)

@@ -21,18 +21,33 @@ from __future__ import annotations
 import math
 import os
 import posixpath
-from collections.abc import Iterable, Iterator, Mapping
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from mgral._untrusted import short_repr
+from mgral.data._files import RootGuard, read_regular_file
 from mgral.errors import DatasetError
 
 ImageId = int | str
 """A dataset's own image id: an int (COCO) or a string (VOC / YOLO file stem)."""
 
 SPLITS = ("train", "val", "test")
+
+MAX_IMAGE_SIDE = 1 << 31
+"""The largest width or height a reader accepts, in pixels."""
+MAX_BOXES_PER_IMAGE = 10_000
+"""Boxes one image may have. Dense real data (retail shelves, crowds) reaches hundreds to a
+few thousand per image; more than ten thousand is a runaway export."""
+MAX_IDENTICAL_BOXES = 4
+"""Copies of one box (same category, identical coordinates) one image may have. Real data has
+the odd accidental double (a double-click, a merged export); a flood of them is an exporter bug
+and would weigh that box thousands of times in training."""
+_ID_RANGE = (-(1 << 63), (1 << 63) - 1)
 
 
 def _empty_boxes() -> np.ndarray:
@@ -181,6 +196,13 @@ class Dataset:
         ids = [c.id for c in self.categories]
         if len(set(ids)) != len(ids):
             raise DatasetError(f"duplicate category ids in {ids}; category ids must be unique")
+        by_name: dict[str, int] = {}
+        for c in self.categories:
+            if by_name.setdefault(c.name, c.id) != c.id:
+                raise DatasetError(
+                    f"category name {short_repr(c.name, 60)} is used by categories {by_name[c.name]} and {c.id}; "
+                    "category names must be unique (labels are matched to categories by name)"
+                )
 
     # -- lookup -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -271,17 +293,104 @@ def safe_relative_path(file_name: object, *, source: str, where: str) -> str:
 
 
 def check_image_size(width: object, height: object, *, source: str, where: str) -> tuple[int, int]:
-    """Validate an image's width and height (positive integers) and return them as ints."""
+    """Validate an image's width and height (positive integers of at most :data:`MAX_IMAGE_SIDE`,
+    given as ints or integer-valued floats) and return them as ints."""
     for name, v in (("width", width), ("height", height)):
-        bad = DatasetError(f"{source}: {where}: expected '{name}' to be a positive integer, got {v!r:.40}")
+        bad = DatasetError(
+            f"{source}: {where}: expected '{name}' to be a positive integer, got {short_repr(v, 40)} (an image side "
+            f"is at most {MAX_IMAGE_SIDE} pixels)"
+        )
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise bad
         if isinstance(v, (int, np.integer)):
-            if v <= 0 or v > 1 << 31:  # compared as ints: a huge JSON int must not overflow a float
+            if v <= 0 or v > MAX_IMAGE_SIDE:  # compared as ints: a huge JSON int must not overflow a float
                 raise bad
-        elif not math.isfinite(v) or v <= 0 or v != int(v):
+        elif not math.isfinite(v) or v <= 0 or v > MAX_IMAGE_SIDE or v != int(v):
             raise bad
     return int(width), int(height)  # type: ignore[arg-type]
+
+
+def check_int_id(value: object, *, source: str, where: str, key: str = "id") -> int:
+    """An integer id (image or category) that fits in 64 bits (numpy label arrays, JSON consumers).
+
+    Raises:
+        DatasetError: a bool, a non-integer or an integer out of range, naming ``key``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DatasetError(f"{source}: {where}: expected {key!r} to be an integer, got {short_repr(value, 40)}")
+    if not _ID_RANGE[0] <= value <= _ID_RANGE[1]:
+        raise DatasetError(
+            f"{source}: {where}: {key!r} {short_repr(value, 40)} is out of range; expected an integer id between "
+            f"{_ID_RANGE[0]} and {_ID_RANGE[1]} (64 bits)"
+        )
+    return value
+
+
+def check_box_count(
+    count: int,
+    *,
+    source: str,
+    where: str,
+    boxes: Sequence[Sequence[float]] | None = None,
+    labels: Sequence[object] = (),
+    **identical: Any,
+) -> None:
+    """Refuse an image with more than :data:`MAX_BOXES_PER_IMAGE` boxes (call it as boxes are
+    collected, so that a flood is refused before it is built). Given the ``boxes`` and
+    ``labels`` read so far, a flood of copies of one box is named as such first (see
+    :func:`check_identical_boxes`, which gets ``identical``)."""
+    if count > MAX_BOXES_PER_IMAGE:
+        if boxes is not None:
+            check_identical_boxes(boxes, labels, source=source, where=where, partial=True, **identical)
+        raise DatasetError(
+            f"{source}: {where} has more than {MAX_BOXES_PER_IMAGE} boxes; expected at most {MAX_BOXES_PER_IMAGE} "
+            "per image (the most crowded real data sets have a few thousand): check the exporter that wrote the file"
+        )
+
+
+def check_identical_boxes(
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[object],
+    *,
+    source: str,
+    where: str,
+    items: str = "boxes",
+    indices: Sequence[int] | None = None,
+    label_name: Callable[[object], str] = lambda label: f"category {label}",
+    partial: bool = False,
+) -> None:
+    """Refuse an image holding more than :data:`MAX_IDENTICAL_BOXES` copies of one box (same
+    label, identical coordinates), naming their indices (positions, or ``indices`` where the
+    file counts otherwise; ``items`` says what they count: "boxes", "results", ...) and how
+    many there are (``partial``: the boxes read so far, so "at least" that many).
+
+    Raises:
+        DatasetError: naming the file, the image, the indices, the count and the box.
+    """
+    if len(boxes) <= MAX_IDENTICAL_BOXES:
+        return
+    copies: dict[tuple, list[int]] = {}
+    for n, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+        key = (label, *(float(np.float32(v)) for v in box))
+        copies.setdefault(key, []).append(n if indices is None else indices[n])
+    for (label, x1, y1, x2, y2), found in copies.items():
+        if len(found) > MAX_IDENTICAL_BOXES:
+            shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
+            raise DatasetError(
+                f"{source}: {where}: {items} {shown} are {'at least ' if partial else ''}{len(found)} identical "
+                f"boxes of {label_name(label)} at ({x1:g}, {y1:g}, {x2:g}, {y2:g}); expected at most "
+                f"{MAX_IDENTICAL_BOXES} copies of one box in an image (remove the repeated boxes; an exporter that "
+                "duplicates them?)"
+            )
+
+
+def split_conflict(source: str, where: str, file: str, other: str, other_split: object, split: object) -> DatasetError:
+    """The refusal of one image file in two splits (``other`` names the first record of it)."""
+    return DatasetError(
+        f"{source}: {where}: the file {file!r} is also {other}, in split {other_split or 'unassigned'}; this one is "
+        f"in split {split or 'unassigned'}: expected each image file in one split (a test image in the training "
+        "pool leaks it; remove one of the two entries)"
+    )
 
 
 def check_box(
@@ -334,9 +443,32 @@ def check_box(
     return x1, y1, x2, y2
 
 
-def check_images_exist(dataset: Dataset, *, source: str) -> None:
-    """Refuse a dataset whose image files are missing, naming the first few."""
-    missing = [r for r in dataset if not (dataset.root / r.file_name).is_file()]
+def check_images_exist(dataset: Dataset, *, source: str, follow_links: bool = False) -> None:
+    """Refuse a dataset whose image files are missing (naming the first few), lead out of the
+    image root through a symbolic link (unless ``follow_links``), or are one file (a hard or
+    symbolic link) in two splits."""
+    guard = RootGuard(dataset.root, follow_links=follow_links)
+    missing = []
+    files: dict[tuple[int, int], ImageRecord] = {}
+    for r in dataset:
+        path = dataset.root / r.file_name
+        try:
+            st = os.stat(path)
+        except OSError:
+            missing.append(r)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            missing.append(r)
+            continue
+        guard.check(path, source=source, where=describe_image(r.id, r.file_name))
+        other = files.setdefault((st.st_dev, st.st_ino), r)
+        if other is not r and other.split != r.split:
+            raise DatasetError(
+                f"{source}: {describe_image(r.id, r.file_name)}: its file {str(path)!r} is the same file as "
+                f"{describe_image(other.id, other.file_name)} ({str(dataset.root / other.file_name)!r}), in split "
+                f"{other.split or 'unassigned'}; this one is in split {r.split or 'unassigned'}: expected each image "
+                "file in one split (a hard or symbolic link between the split folders?)"
+            )
     if missing:
         shown = "; ".join(f"{describe_image(r.id, r.file_name)} -> {dataset.root / r.file_name}" for r in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -345,6 +477,47 @@ def check_images_exist(dataset: Dataset, *, source: str) -> None:
             f"the image root {str(dataset.root)!r} (pass the right image root, or check_files=False / "
             "--no-check-files to read annotations only)"
         )
+
+
+def check_writable(dataset: Dataset) -> None:
+    """Refuse, before anything is written, a dataset that no reader would read back: what the
+    readers check (file names, sizes, boxes, category ids and names, one split per file, box
+    floods), plus labels that are not category ids. Messages name the image and the fix.
+
+    Raises:
+        DatasetError: naming the image (or category) and what is wrong.
+    """
+    source = "cannot write the dataset"
+    for c in dataset.categories:
+        check_int_id(c.id, source=source, where=f"category {short_repr(c.name, 60)}")
+        if not isinstance(c.name, str) or not c.name.strip():
+            raise DatasetError(f"{source}: category {c.id}: expected a non-empty name, got {short_repr(c.name, 60)}")
+    category_ids = {c.id for c in dataset.categories}
+    by_file: dict[str, ImageRecord] = {}
+    for rec in dataset:
+        where = describe_image(rec.id, rec.file_name)
+        if isinstance(rec.id, int):
+            check_int_id(rec.id, source=source, where=where)
+        norm = safe_relative_path(rec.file_name, source=source, where=where)
+        if norm != rec.file_name:
+            raise DatasetError(
+                f"{source}: {where}: file_name {rec.file_name!r} would read back as {norm!r} (readers take '\\' as a "
+                "separator and normalize the path); rename the file"
+            )
+        check_image_size(rec.width, rec.height, source=source, where=where)
+        t = rec.target
+        check_box_count(len(t), source=source, where=where)
+        for k, (box, label) in enumerate(zip(t.boxes.tolist(), t.labels.tolist(), strict=True)):
+            if label not in category_ids:
+                raise DatasetError(
+                    f"{source}: {where}: box {k} has label {label}, which is not a category id "
+                    f"({short_repr(sorted(category_ids), 120)}); fix the label or add the category"
+                )
+            check_box(box, width=rec.width, height=rec.height, source=source, where=where, index=k)
+        check_identical_boxes(t.boxes.tolist(), t.labels.tolist(), source=source, where=where)
+        other = by_file.setdefault(rec.file_name, rec)
+        if other.split != rec.split:
+            raise split_conflict(source, where, rec.file_name, f"image {other.id!r}", other.split, rec.split)
 
 
 def targets_by_id(dataset: Dataset) -> Mapping[ImageId, Target]:
@@ -362,7 +535,7 @@ def read_id_list(path: str | os.PathLike[str], dataset: Dataset) -> list[ImageId
     """
     source = str(path)
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_regular_file(path, expected="image ids, one a line").decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetError(f"{source}: cannot read the id list ({err})") from err
     ids: list[ImageId] = []
@@ -372,15 +545,17 @@ def read_id_list(path: str | os.PathLike[str], dataset: Dataset) -> list[ImageId
         if not text:
             continue
         image_id: ImageId | None = text if text in dataset else None
-        if image_id is None and text.lstrip("-").isdigit() and int(text) in dataset:
+        digits = text.removeprefix("-")
+        # isdecimal, not isdigit ('²' is a digit int() refuses); 20 digits bound an int64 id
+        if image_id is None and digits.isascii() and digits.isdecimal() and len(digits) <= 20 and int(text) in dataset:
             image_id = int(text)
         if image_id is None:
             raise DatasetError(
-                f"{source}: line {n}: {text!r} is not an image id of the dataset (ids look like "
+                f"{source}: line {n}: {short_repr(text, 60)} is not an image id of the dataset (ids look like "
                 f"{list(dataset.images)[:3]!r}); one id per line"
             )
         if image_id in seen:
-            raise DatasetError(f"{source}: line {n}: image id {text!r} is listed twice")
+            raise DatasetError(f"{source}: line {n}: image id {short_repr(text, 60)} is listed twice")
         seen.add(image_id)
         ids.append(image_id)
     return ids

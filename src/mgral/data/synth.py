@@ -21,6 +21,7 @@ intensity >= ``INK_THRESHOLD``) in the continuous pixel frame (``x2`` = last col
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from mgral._io import atomic_directory
 from mgral.data import coco
+from mgral.data._layout import OutputExistsError
 from mgral.data.records import SPLITS, Category, Dataset, ImageRecord, Target
 from mgral.errors import ConfigError
 
@@ -365,11 +367,19 @@ def generate(out_dir: str | os.PathLike[str], config: SynthConfig, *, overwrite:
     from run to run.
 
     Raises:
-        FileExistsError: ``out_dir`` exists, is not empty, and ``overwrite`` is False.
+        OutputExistsError: (a DatasetError and a FileExistsError) ``out_dir`` is a file, or
+            exists, is not empty, and ``overwrite`` is False or it was not written by mgral
+            (see :func:`mgral._io.atomic_directory`).
     """
     out_dir = Path(out_dir)
     records = []
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(
+                atomic_directory(out_dir, overwrite=overwrite, what="the digits-scenes dataset (mgral synth)")
+            )
+        except FileExistsError as err:
+            raise OutputExistsError(str(err)) from err
         for split in SPLITS:
             (tmp / "images" / split).mkdir(parents=True)
         for image_id, split, scene in scenes(config):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path, PurePosixPath
 
@@ -31,6 +32,8 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 import numpy as np
 
+from mgral._untrusted import short_repr
+from mgral.data._files import RootGuard, read_regular_file
 from mgral.data._layout import (
     IMAGE_SUFFIXES,
     link_or_copy,
@@ -47,10 +50,13 @@ from mgral.data.records import (
     ImageRecord,
     Target,
     check_box,
+    check_box_count,
+    check_identical_boxes,
     check_image_size,
     check_images_exist,
     describe_image,
     safe_relative_path,
+    split_conflict,
 )
 from mgral.errors import DatasetError
 
@@ -95,9 +101,11 @@ class ImageFinder:
         return None
 
 
-def _parse_xml(file: Path, source: str) -> ET.Element:
+def _parse_xml(file: Path, source: str, guard: RootGuard | None = None) -> ET.Element:
+    if guard is not None:
+        guard.check(file)
     try:
-        root = SafeET.parse(file).getroot()
+        root = SafeET.fromstring(read_regular_file(file, expected="a Pascal VOC <annotation> XML file"))
     except SafeET.ParseError as err:
         raise DatasetError(f"{source}: malformed XML ({err}); expected a Pascal VOC <annotation> file") from err
     except defusedxml.DefusedXmlException as err:
@@ -127,9 +135,15 @@ def _number(elem: ET.Element, path: str, *, source: str, where: str) -> float:
     return value
 
 
-def _read_xml(file: Path, *, source: str, image_id: str, clip: bool) -> tuple[str | None, int, int, list]:
+def _class_name(name: object) -> str:
+    return f"class {short_repr(name, 60)}"
+
+
+def _read_xml(
+    file: Path, *, source: str, image_id: str, clip: bool, guard: RootGuard | None = None
+) -> tuple[str | None, int, int, list]:
     """(filename, width, height, [(box, name, difficult), ...]) of one annotation file."""
-    root = _parse_xml(file, source)
+    root = _parse_xml(file, source, guard)
     filename = (root.findtext("filename") or "").strip() or None
     where = describe_image(image_id, filename)
     if filename is not None:
@@ -142,6 +156,14 @@ def _read_xml(file: Path, *, source: str, image_id: str, clip: bool) -> tuple[st
     )
     objects = []
     for k, obj in enumerate(root.iter("object")):
+        check_box_count(
+            k + 1,
+            source=source,
+            where=where,
+            boxes=[box for box, _, _ in objects],
+            labels=[name for _, name, _ in objects],
+            label_name=_class_name,
+        )
         name = (obj.findtext("name") or "").strip()
         if not name:
             raise DatasetError(f"{source}: {where}: object {k} has no <name>; expected the class name")
@@ -165,25 +187,32 @@ def _read_xml(file: Path, *, source: str, image_id: str, clip: bool) -> tuple[st
         )
         difficult = (obj.findtext("difficult") or "0").strip()
         if difficult not in ("0", "1"):
-            raise DatasetError(f"{source}: {here}: expected <difficult> to be 0 or 1, got {difficult!r:.40}")
+            raise DatasetError(f"{source}: {here}: expected <difficult> to be 0 or 1, got {short_repr(difficult, 40)}")
         objects.append((box, name, difficult == "1"))
+    check_identical_boxes(
+        [box for box, _, _ in objects],
+        [name for _, name, _ in objects],
+        source=source,
+        where=where,
+        label_name=_class_name,
+    )
     return filename, width, height, objects
 
 
-def split_file_ids(path: Path) -> list[tuple[int, str]]:
+def split_file_ids(path: Path, *, guard: RootGuard | None = None) -> list[tuple[int, str]]:
     """(line number, image id) of each non-blank line of an ``ImageSets/Main/<split>.txt`` file
     (the id is the line's first word: the per-class files add a ``1``/``-1`` flag after it)."""
-    lines = read_text(path, what="image ids, one a line").splitlines()
+    lines = read_text(path, what="image ids, one a line", guard=guard).splitlines()
     return [(n, line.split()[0]) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
-def _devkit_splits(root: Path, ids: set[str]) -> dict[str, str]:
+def _devkit_splits(root: Path, ids: set[str], guard: RootGuard) -> dict[str, str]:
     splits: dict[str, str] = {}
     for split in SPLITS:
         path = root / "ImageSets" / "Main" / f"{split}.txt"
-        if not path.is_file():
+        if not os.path.lexists(path):
             continue
-        for n, image_id in split_file_ids(path):
+        for n, image_id in split_file_ids(path, guard=guard):
             if image_id not in ids:
                 raise DatasetError(
                     f"{path}: line {n}: image {image_id!r} has no Annotations/{image_id}.xml "
@@ -198,10 +227,10 @@ def _devkit_splits(root: Path, ids: set[str]) -> dict[str, str]:
 
 
 def _categories(
-    root: Path, records: list[ImageRecord], object_names: list[list[str]], xml_files: list[Path]
+    root: Path, records: list[ImageRecord], object_names: list[list[str]], xml_files: list[Path], guard: RootGuard
 ) -> list[Category]:
     """Ids ``1..K`` in names-file order (sorted names without one); every object's class must be listed."""
-    found = read_names_file(root, NAMES_FILES)
+    found = read_names_file(root, NAMES_FILES, guard=guard)
     if found is None:
         return [Category(i, n) for i, n in enumerate(sorted({n for names in object_names for n in names}), start=1)]
     listed, names_file = found
@@ -225,15 +254,19 @@ def read_record(
     split: str | None,
     check_files: bool,
     clip_boxes: bool,
+    guard: RootGuard | None = None,
 ) -> tuple[ImageRecord, list[str]]:
     """One annotation file as an :class:`ImageRecord` (labels still 0: see :func:`set_labels`)
     and its objects' class names. ``image_dir`` is where the image is looked up, relative to
-    ``finder.root``.
+    ``finder.root``; ``guard`` (if given) refuses an annotation file that a symbolic link
+    leads out of the dataset root.
 
     Raises:
         DatasetError: as :func:`read`, naming ``file``.
     """
-    filename, width, height, objects = _read_xml(file, source=str(file), image_id=image_id, clip=clip_boxes)
+    filename, width, height, objects = _read_xml(
+        file, source=str(file), image_id=image_id, clip=clip_boxes, guard=guard
+    )
     file_name = finder.find(image_dir, filename, file.stem)
     if file_name is None:
         file_name = str(PurePosixPath(image_dir, filename or f"{file.stem}.jpg"))
@@ -269,16 +302,20 @@ def read(
     image_root: str | os.PathLike[str] | None = None,
     check_files: bool = True,
     clip_boxes: bool = False,
+    follow_links: bool = False,
 ) -> Dataset:
     """Read a VOC dataset directory (devkit or LabelImg layout) into a validated :class:`Dataset`.
 
     ``image_root`` (default ``path``) is where the images are looked up, in the same
-    layout (``JPEGImages/...`` or beside where the XML files are).
+    layout (``JPEGImages/...`` or beside where the XML files are). A dataset file or image
+    that a symbolic link leads out of its root is refused unless ``follow_links``.
 
     Raises:
-        DatasetError: no XML files, malformed or unsafe XML, a missing or invalid field or
-            box, a class missing from the names file, a bad split file, or (``check_files``)
-            an image file that cannot be found.
+        DatasetError: no XML files, malformed or unsafe XML, a FIFO or device where a file is
+            expected, a missing or invalid field or box, too many boxes or copies of one box in
+            an image, a class missing from the names file or listed twice, a bad split file, one
+            image file in two splits, a link out of the root, or (``check_files``) an image
+            file that cannot be found.
     """
     root = Path(path)
     if not root.is_dir():
@@ -298,7 +335,8 @@ def read(
         )
     rel_xml = [f.relative_to(root).as_posix() for f in xml_files]
     ids = [f.stem for f in xml_files] if devkit else path_ids(rel_xml)
-    splits = _devkit_splits(root, set(ids)) if devkit else {}
+    guard = RootGuard(root, follow_links=follow_links)
+    splits = _devkit_splits(root, set(ids), guard) if devkit else {}
     finder = ImageFinder(Path(image_root) if image_root is not None else root)
 
     records, object_names = [], []
@@ -314,16 +352,28 @@ def read(
             split=split,
             check_files=check_files,
             clip_boxes=clip_boxes,
+            guard=guard,
         )
         records.append(rec)
         object_names.append(names)
 
-    categories = _categories(root, records, object_names, xml_files)
+    check_one_split_per_file(records, xml_files)
+    categories = _categories(root, records, object_names, xml_files, guard)
     set_labels(records, object_names, categories)
     dataset = Dataset(finder.root, categories, records)
     if check_files:
-        check_images_exist(dataset, source=str(root))
+        check_images_exist(dataset, source=str(root), follow_links=follow_links)
     return dataset
+
+
+def check_one_split_per_file(records: list[ImageRecord], xml_files: list[Path]) -> None:
+    """Refuse two annotation files whose image is one file, in different splits."""
+    first: dict[str, ImageRecord] = {}
+    for rec, file in zip(records, xml_files, strict=True):
+        other = first.setdefault(rec.file_name, rec)
+        if other.split != rec.split:
+            where = describe_image(rec.id, rec.file_name)
+            raise split_conflict(str(file), where, rec.file_name, f"image {other.id!r}", other.split, rec.split)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -335,6 +385,42 @@ def _sub(parent: ET.Element, tag: str, text: object) -> ET.Element:
     return elem
 
 
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""A character XML 1.0 cannot hold (control characters, lone surrogates, U+FFFE/U+FFFF)."""
+
+
+def _check_writable(dataset: Dataset, bases: list[str]) -> None:
+    """What VOC cannot store, refused before anything is written (beyond
+    :func:`mgral.data.records.check_writable`)."""
+    if not len(dataset):
+        raise DatasetError("cannot write a VOC dataset without images: the reader needs at least one Annotations/*.xml")
+    for c in dataset.categories:
+        if _NOT_XML.search(c.name):
+            raise DatasetError(
+                f"category name {c.name!r} has a character XML cannot hold ({_NOT_XML.search(c.name).group()!r}); "  # type: ignore[union-attr]
+                "rename the category to write VOC"
+            )
+    for rec, base in zip(dataset, bases, strict=True):
+        where = describe_image(rec.id, rec.file_name)
+        name = base + PurePosixPath(rec.file_name).suffix
+        bad = _NOT_XML.search(name)
+        if bad:
+            raise DatasetError(
+                f"{where}: its VOC file name {name!r} has a character XML cannot hold ({bad.group()!r}); rename the "
+                "image file to write VOC"
+            )
+        if name != name.strip():
+            raise DatasetError(
+                f"{where}: its VOC file name {name!r} starts or ends with white space, which <filename> does not "
+                "keep; rename the image file to write VOC"
+            )
+        if rec.split in SPLITS and base.split() != [base]:
+            raise DatasetError(
+                f"{where}: its VOC name {base!r} has white space, which ImageSets/Main/{rec.split}.txt cannot hold "
+                "(its lines are split at white space); rename the image file (e.g. spaces to '_') to write VOC"
+            )
+
+
 def _annotation_xml(rec: ImageRecord, image_name: str, names: dict[int, str]) -> bytes:
     root = ET.Element("annotation")
     _sub(root, "folder", "JPEGImages")
@@ -344,6 +430,7 @@ def _annotation_xml(rec: ImageRecord, image_name: str, names: dict[int, str]) ->
         _sub(size, tag, value)
     _sub(root, "segmented", 0)
     t = rec.target
+    written = []
     for box, label, difficult in zip(t.boxes.tolist(), t.labels.tolist(), t.difficult.tolist(), strict=True):
         if label not in names:
             raise DatasetError(
@@ -361,6 +448,15 @@ def _annotation_xml(rec: ImageRecord, image_name: str, names: dict[int, str]) ->
         bndbox = ET.SubElement(obj, "bndbox")
         for tag, value in zip(_CORNERS, (xmin, ymin, xmax, ymax), strict=True):
             _sub(bndbox, tag, value)
+        written.append((xmin - 1, ymin - 1, xmax, ymax))
+    # boxes that differ by less than a pixel are one box once rounded
+    check_identical_boxes(
+        written,
+        t.labels.tolist(),
+        source="cannot write VOC",
+        where=f"{describe_image(rec.id, rec.file_name)}, rounded to whole pixels",
+        label_name=lambda label: _class_name(names[label]),  # type: ignore[index]
+    )
     ET.indent(root, space="\t")
     return ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n"
 
@@ -374,14 +470,18 @@ def write(dataset: Dataset, out_dir: Path, *, copy_images: bool = True) -> None:
     when two images share a stem. Boxes are rounded to integer corners; ``iscrowd`` is lost.
 
     Raises:
-        DatasetError: a source image is missing, or a category name cannot be stored.
+        DatasetError: a source image is missing, a category or file name VOC cannot store (line
+            breaks, characters XML cannot hold, white space in a name listed in a split file), no
+            images, or boxes that rounding makes too many copies of one box.
     """
     out_dir = Path(out_dir)
     names = dict(sorted(dataset.category_names.items()))
+    bases = list(output_names(dataset).values())
+    _check_writable(dataset, bases)
     (out_dir / "Annotations").mkdir()
     write_names_file(out_dir / "labels.txt", list(names.values()))
     splits: dict[str, list[str]] = {}
-    for rec, base in zip(dataset, output_names(dataset).values(), strict=True):
+    for rec, base in zip(dataset, bases, strict=True):
         image_name = base + PurePosixPath(rec.file_name).suffix
         if copy_images:
             what = describe_image(rec.id, rec.file_name)
@@ -405,6 +505,8 @@ def sniff(path: Path) -> str | None:
     if year_dirs(path):
         return None  # a VOCdevkit of several years: the voc0712 layout's
     for xml in path.rglob("*.xml"):
+        if not xml.is_file():  # a FIFO would block the open
+            continue
         try:
             with xml.open("rb") as fh:
                 head = fh.read(4096)

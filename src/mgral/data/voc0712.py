@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from mgral.data import voc
+from mgral.data._files import RootGuard
 from mgral.data.records import Category, Dataset, ImageRecord, check_images_exist
 from mgral.errors import DatasetError
 
@@ -98,6 +99,7 @@ def read(
     image_root: str | os.PathLike[str] | None = None,
     check_files: bool = True,
     clip_boxes: bool = False,
+    follow_links: bool = False,
 ) -> Dataset:
     """Read a ``VOCdevkit`` folder in the VOC07+12 layout into a validated :class:`Dataset`.
 
@@ -105,7 +107,8 @@ def read(
         DatasetError: a missing folder or split file (naming it and the archive it comes
             from), a listed image without its XML, an image listed in two splits, a class
             that is not one of the 20 VOC classes, anything :func:`mgral.data.voc.read`
-            refuses in an annotation, or (``check_files``) a missing image file.
+            refuses in an annotation (a symbolic link out of the root: unless ``follow_links``),
+            or (``check_files``) a missing image file.
     """
     root = Path(path)
     if image_root is not None:
@@ -114,13 +117,14 @@ def read(
         )
     _check_layout(root)
     finder = voc.ImageFinder(root)
+    guard = RootGuard(root, follow_links=follow_links)
     records: list[ImageRecord] = []
     object_names: list[list[str]] = []
     xml_files: list[Path] = []
     listed: dict[str, str] = {}
     for split, (year, subset) in SPLITS.items():
         list_file = root / year / "ImageSets" / "Main" / f"{subset}.txt"
-        for n, stem in voc.split_file_ids(list_file):
+        for n, stem in voc.split_file_ids(list_file, guard=guard):
             image_id = f"{year}/{stem}"
             if image_id in listed:
                 raise DatasetError(
@@ -142,6 +146,7 @@ def read(
                 split=split,
                 check_files=check_files,
                 clip_boxes=clip_boxes,
+                guard=guard,
             )
             for k, name in enumerate(names):
                 if name not in CLASSES:
@@ -157,7 +162,7 @@ def read(
     voc.set_labels(records, object_names, categories)
     dataset = Dataset(root, categories, records)
     if check_files:
-        check_images_exist(dataset, source=str(root))
+        check_images_exist(dataset, source=str(root), follow_links=follow_links)
     return dataset
 
 

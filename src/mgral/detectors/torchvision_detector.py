@@ -36,6 +36,9 @@ from mgral.detectors.training import (
 from mgral.errors import CheckpointError, ConfigError, DatasetError
 
 CHECKPOINT_FORMAT = 1
+MODEL_KEYS = ("model", "format", "preset", "params", "categories")
+"""What a model file (``save``) holds; an epoch checkpoint (``last.pt``) adds ``RESUME_KEYS``."""
+RESUME_KEYS = ("optimizer", "scheduler", "epoch", "iteration")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -143,7 +146,7 @@ class TorchvisionDetector:
         ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
         resume_state = None
         if resume and ckpt_path is not None and ckpt_path.is_file():
-            resume_state = load_state(ckpt_path)
+            resume_state = load_state(ckpt_path, MODEL_KEYS + RESUME_KEYS)
             self._check_meta(resume_state, ckpt_path)
 
         def checkpoint(epoch: int, state: dict[str, Any]) -> None:
@@ -296,7 +299,7 @@ class TorchvisionDetector:
         Raises:
             CheckpointError: corrupt file, unknown format, or weights that do not fit.
         """
-        return cls._from_state(load_state(Path(path)), path, device)
+        return cls._from_state(load_state(Path(path), MODEL_KEYS), path, device)
 
     @classmethod
     def _from_state(cls, state: dict[str, Any], path: str | Path, device: str | None) -> TorchvisionDetector:

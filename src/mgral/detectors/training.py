@@ -289,23 +289,45 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_state(path: Path) -> dict[str, Any]:
+CHECKPOINT_HINT = "expected a checkpoint written by mgral train or mgral run"
+
+
+def load_state(path: Path, required: Sequence[str] = ("model",)) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only).
 
+    ``required``: the keys the state must have.
+
     Raises:
-        CheckpointError: missing or corrupt file, or one that needs unpickling code.
+        CheckpointError: missing, empty, truncated or corrupt file, one that needs unpickling
+            code, or one without a ``required`` key (naming the file and what is wrong).
     """
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    path = Path(path)
+    where = f"checkpoint {str(path)!r}"
+    if not path.is_file():
+        raise CheckpointError(f"{where} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle stream). Telling other
+    # bytes apart here gives a clear message: torch's own errors for them can be empty or
+    # advise loading with weights_only=False, which a broken file never needs.
+    if size == 0 or not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        what = "0 bytes: an interrupted write or a full disk" if size == 0 else f"{size} bytes, starting {head!r}"
+        raise CheckpointError(f"{where}: not a torch checkpoint ({what}); {CHECKPOINT_HINT}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        first = (str(err).strip().splitlines() or ["no details"])[0].split(". ")[0][:300]  # torch's first sentence
         raise CheckpointError(
-            f"checkpoint {str(path)!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "it is corrupt, truncated, or not an mgral checkpoint (only tensors and plain data are accepted)"
+            f"{where} could not be loaded ({type(err).__name__}: {first}); it is truncated or corrupt, or holds "
+            f"more than tensors and plain data; {CHECKPOINT_HINT}"
         ) from err
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not an mgral checkpoint (no 'model' entry)")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} holds a {type(state).__name__}, not an mgral checkpoint; {CHECKPOINT_HINT}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        keys = ", ".join(repr(k) for k in missing)
+        raise CheckpointError(f"{where} is missing key {keys}; {CHECKPOINT_HINT}")
     return state
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -65,12 +65,55 @@ def _entries(obj: Any, *, source: str) -> tuple[list[Any], str]:
     )
 
 
-def read_predictions(path: str | os.PathLike[str], gt: Dataset) -> dict[ImageId, Detections]:
+MATCH = ("id", "stem", "auto")
+CATEGORIES = ("id", "index0", "index1")
+
+
+def _stem_key(file_name: str) -> ImageId:
+    """What Ultralytics writes as the ``image_id`` of a file: its stem, as an int when numeric."""
+    stem = PurePosixPath(file_name).stem
+    return int(stem) if stem.isdecimal() and stem.isascii() else stem
+
+
+def _id_lookup(entries: list[Any], gt: Dataset, match: str, source: str) -> dict[Any, ImageId] | None:
+    """For ``match="stem"`` (or ``"auto"`` when some id is not a ground-truth id): results
+    image id -> ground-truth id by file stem; None to take the ids as they are."""
+    if match not in MATCH:
+        raise ValueError(f"match must be one of {MATCH}, got {match!r}")
+    if match == "id":
+        return None
+    if match == "auto":
+        ids = {e.get("image_id") for e in entries if isinstance(e, dict)}
+        if all(isinstance(i, (int, str)) and not isinstance(i, bool) and i in gt for i in ids):
+            return None
+    lookup: dict[Any, ImageId] = {}
+    for rec in gt:
+        key = _stem_key(rec.file_name)
+        if key in lookup:
+            raise DatasetError(
+                f"{source}: matching predictions to images by file stem, but {gt[lookup[key]].file_name!r} and "
+                f"{rec.file_name!r} share the stem {key!r}; write the dataset's own image ids into the results instead"
+            )
+        lookup[key] = rec.id
+    return lookup
+
+
+def read_predictions(
+    path: str | os.PathLike[str], gt: Dataset, *, match: str = "id", categories: str = "id"
+) -> dict[ImageId, Detections]:
     """Read COCO-format detections of ``gt``'s images.
 
     Image ids must be ``gt``'s own ids (integers for COCO ground truth; strings are accepted
     for datasets with string ids such as VOC file stems); ``category_id`` one of ``gt``'s
     category ids. Boxes become float32 xyxy ``[x, y, x + w, y + h]``.
+
+    The results files of other frameworks load unchanged: Detectron2's ``COCOEvaluator``
+    and MMDetection's ``CocoMetric`` write the dataset's image and category ids (the
+    defaults); Ultralytics' ``val(save_json=True)`` writes each image's file stem as its id
+    (``match="stem"``, or ``"auto"``: by id when every id is one of ``gt``'s, else by stem)
+    and, on a dataset that is not COCO, the class index + 1 as ``category_id``
+    (``categories="index1"``: the position in ``gt.categories`` counted from 1, the YOLO
+    reader's own category ids; ``"index0"`` counts from 0, as Ultralytics 8.0 wrote).
 
     Returns:
         image id -> detections, for the images that have any.
@@ -79,13 +122,19 @@ def read_predictions(path: str | os.PathLike[str], gt: Dataset) -> dict[ImageId,
         DatasetError: naming the file, the entry index, the image and what was expected:
             unreadable or malformed JSON, wrong top-level shape, a missing field, an
             unknown image or category id, a bbox that is not 4 finite numbers or has a
-            negative width or height, a score that is not a finite number.
+            negative width or height, a score that is not a finite number; two images of
+            ``gt`` with one file stem when matching by stem.
+        ValueError: an unknown ``match`` or ``categories``.
     """
+    if categories not in CATEGORIES:
+        raise ValueError(f"categories must be one of {CATEGORIES}, got {categories!r}")
     source = str(path)
     obj = read_json(Path(path), expected="a COCO results list")
     entries, label = _entries(obj, source=source)
-    int_ids = all(isinstance(i, int) and not isinstance(i, bool) for i in gt.images)
-    cat_ids = {c.id for c in gt.categories}
+    by_stem = _id_lookup(entries, gt, match, source)
+    int_ids = by_stem is None and all(isinstance(i, int) and not isinstance(i, bool) for i in gt.images)
+    positions = {n + (categories == "index1"): c.id for n, c in enumerate(gt.categories)}
+    cat_ids = {c.id for c in gt.categories} if categories == "id" else set(positions)
     rows: dict[ImageId, list[tuple[float, float, float, float, float, int]]] = {}
     for n, entry in enumerate(entries):
         where = f"{source}: {label} {n}"
@@ -94,24 +143,35 @@ def read_predictions(path: str | os.PathLike[str], gt: Dataset) -> dict[ImageId,
         missing = [f for f in _FIELDS if f not in entry]
         if missing:
             raise DatasetError(f"{where}: missing field(s) {', '.join(missing)}; expected {', '.join(_FIELDS)}")
-        image_id = _image_id(entry["image_id"], gt, where=where, int_ids=int_ids)
+        if by_stem is None:
+            image_id = _image_id(entry["image_id"], gt, where=where, int_ids=int_ids)
+        elif isinstance(entry["image_id"], (int, str)) and entry["image_id"] in by_stem:
+            image_id = by_stem[entry["image_id"]]
+        else:
+            raise DatasetError(
+                f"{where}: image_id {entry['image_id']!r:.60} is neither an image id nor the file stem of an image "
+                f"of the ground truth ({len(gt)} images)"
+            )
         where = f"{where} (image {image_id!r})"
         category_id = entry["category_id"]
         if isinstance(category_id, bool) or not isinstance(category_id, int) or category_id not in cat_ids:
             shown = ", ".join(map(str, sorted(cat_ids)[:20])) + (", ..." if len(cat_ids) > 20 else "")
-            raise DatasetError(f"{where}: category_id {category_id!r} is not a ground-truth category id [{shown}]")
+            kind = {
+                "id": "a ground-truth category id",
+                "index0": "a class index from 0",
+                "index1": "a class index from 1",
+            }[categories]
+            raise DatasetError(f"{where}: category_id {category_id!r:.40} is not {kind} [{shown}]")
+        if categories != "id":
+            category_id = positions[category_id]
         bbox = entry["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DatasetError(f"{where}: expected 'bbox' to be [x, y, width, height] (4 numbers), got {bbox!r:.80}")
         if not all(_finite(v) for v in bbox):
-            raise DatasetError(
-                f"{where}: bbox {bbox!r:.80} has a non-finite value; expected finite pixel coordinates"
-            )
+            raise DatasetError(f"{where}: bbox {bbox!r:.80} has a non-finite value; expected finite pixel coordinates")
         x, y, w, h = (float(v) for v in bbox)
         if max(abs(x), abs(y), abs(x + w), abs(y + h)) > _FLOAT32_MAX:  # would become inf as float32
-            raise DatasetError(
-                f"{where}: bbox {bbox!r:.80} lies beyond float32's range; expected pixel coordinates"
-            )
+            raise DatasetError(f"{where}: bbox {bbox!r:.80} lies beyond float32's range; expected pixel coordinates")
         if w < 0 or h < 0:
             raise DatasetError(
                 f"{where}: bbox {bbox!r:.80} has a negative width or height; expected [x, y, width, height] with "

@@ -407,7 +407,12 @@ def run_dataset(run_dir: Path, cache: DatasetCache) -> tuple[Dataset | None, str
             # no file checks (a missing image only loses its thumbnail); boxes are not shown, so
             # one sticking out of its image is clipped rather than refused
             read_dataset(
-                ds["path"], ds.get("format"), image_root=ds.get("image_root"), check_files=False, clip_boxes=True
+                ds["path"],
+                ds.get("format"),
+                image_root=ds.get("image_root"),
+                check_files=False,
+                clip_boxes=True,
+                follow_links=bool(ds.get("follow_links", False)),
             ),
             "",
         )

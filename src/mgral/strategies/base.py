@@ -109,7 +109,7 @@ class Strategy(ABC):
     def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:
         """What one selection pushes through the detector beyond the pool predictions the
         loop makes for it, as (training images, inferred images); used to plan a run
-        (:mod:`mgral.protocols`), never to run one. Default: nothing."""
+        (:mod:`mgral.planning`), never to run one. Default: nothing."""
         return 0.0, 0.0
 
     @abstractmethod

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mgral import protocols
+from mgral import planning
 from mgral.cli import main
 from mgral.config import config_from_dict, config_to_dict, load_config
 from mgral.data import coco, voc, voc0712
 from mgral.data.formats import FORMATS, convert, detect_format, read_dataset
 from mgral.data.records import Category, Dataset, ImageRecord, Target
 from mgral.errors import ConfigError, DatasetError, RunError
-from mgral.protocols import dry_run, estimate_workload
+from mgral.planning import dry_run, estimate_workload
 from mgral.strategies import STRATEGIES
 
 PAPER = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "paper"
@@ -379,7 +379,7 @@ def test_retinanet_voc0712_config_dry_run(tmp_path, monkeypatch):
 
 def test_retinanet_coco_config_dry_run_through_the_cli(tmp_path, monkeypatch, capsys):
     root = make_coco2017(tmp_path)
-    monkeypatch.setattr(protocols, "dry_run", functools.partial(dry_run, **MICRO, probe_steps=1))
+    monkeypatch.setattr(planning, "dry_run", functools.partial(dry_run, **MICRO, probe_steps=1))
     styles = _evaluations(monkeypatch)
     argv = ["run", str(PAPER / "retinanet_coco.yaml"), "--dry-run", "--out", str(tmp_path / "dry")]
     for override in (f"dataset.path={root}", *CPU, *SMALL, "strategies=[{name: random}, {name: ppal}]"):
