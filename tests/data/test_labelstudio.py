@@ -139,3 +139,23 @@ def test_read_export_names_the_file_of_malformed_json(tmp_path):
         read_export(path)
     path.write_text(json.dumps([_task({"id": 1, "result": [_region()]})]))
     assert read_export(path)[0].regions[0].label == "cat"
+
+
+def test_an_export_is_checked_task_by_task(tmp_path):
+    # a flood in the first task is refused before the rest of the file is decoded: here the
+    # rest is not even JSON, and the refusal is still the flood's
+    value = {"x": 10, "y": 10, "width": 20, "height": 40, "rotation": 0, "rectanglelabels": ["cat"]}
+    region = {"type": "rectanglelabels", "original_width": 200, "original_height": 100, "value": value}
+    task = {"id": 3, "data": {"image": "/d/a.png"}, "annotations": [{"id": 5, "result": [region] * 20}]}
+    path = tmp_path / "export.json"
+    path.write_text("[\n" + json.dumps(task) + ",\n{not json at all")
+    with pytest.raises(
+        DatasetError, match=r"task 3 \(image '/d/a.png'\), annotation 5: results 0, 1, .* are 20 identical"
+    ):
+        read_export(path)
+    task["annotations"][0]["result"] = [region]
+    path.write_text("[\n" + json.dumps(task) + ",\n{not json at all")
+    with pytest.raises(DatasetError, match=r"export\.json: malformed JSON at line 3 column 2: "):
+        read_export(path)
+    path.write_text("\ufeff [" + json.dumps(task) + " , " + json.dumps({**task, "id": 4}) + "]\n")
+    assert [t.task_id for t in read_export(path)] == [3, 4]
