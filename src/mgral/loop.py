@@ -48,7 +48,7 @@ import numpy as np
 from mgral._io import atomic_write_json
 from mgral.config import EXECUTION_KEYS, ExperimentConfig, config_from_dict, config_to_dict
 from mgral.data.records import Dataset, ImageId, Target, read_id_list
-from mgral.errors import CheckpointError, ConfigError, RunError
+from mgral.errors import CheckpointError, ConfigError, MgralError, RunError
 from mgral.oracles import SimulatedOracle
 from mgral.pool import Ledger
 from mgral.runs import CYCLES_FILE, RunDir, append_cycle_record, read_cycle_records, remove_stale_temp_files
@@ -388,7 +388,8 @@ _WORKER_EXPERIMENTS: dict[str, Experiment] = {}  # one per run, per worker proce
 
 
 def _run_task(task: tuple[str, str, int], shared: tuple[dict, str, int]) -> str | None:
-    """One task in a worker (process or Ray): returns None, or the traceback of its failure."""
+    """One task in a worker (process or Ray): returns None, or its failure (the message of an
+    :class:`MgralError`, the traceback of anything else)."""
     kind, label, seed = task
     config_dict, out, threads = shared
     try:
@@ -410,7 +411,9 @@ def _run_task(task: tuple[str, str, int], shared: tuple[dict, str, int]) -> str 
             spec = next(s for s in exp.config.strategies if s.label == label)
             run_series(exp, label, build_strategy(spec.name, **spec.params), seed, initial)
         return None
-    except Exception:  # reported by the parent, which goes on with the other series
+    except MgralError as err:  # bad input, a full disk: the message says what and where, a traceback adds noise
+        return str(err)
+    except Exception:  # a bug: reported with its traceback by the parent, which goes on with the other series
         return traceback.format_exc()
 
 
