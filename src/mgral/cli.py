@@ -30,6 +30,24 @@ def _add_read_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_results_options(p: argparse.ArgumentParser) -> None:
+    """How a COCO results file names images and categories (Ultralytics differs)."""
+    from mgral.evaluation.predictions import CATEGORIES, MATCH
+
+    p.add_argument(
+        "--match",
+        choices=MATCH,
+        default="auto",
+        help="results image_id = the dataset's id, the file stem (Ultralytics), or auto (id if all match, else stem)",
+    )
+    p.add_argument(
+        "--categories",
+        choices=CATEGORIES,
+        default="id",
+        help="results category_id = the dataset's id (Detectron2, MMDetection), or the class index from 0 or from 1",
+    )
+
+
 def _read_opts(args: argparse.Namespace, *, check_files: bool) -> dict:
     return {
         "image_root": args.image_root,
@@ -94,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mgral.evaluation import SubsetEvaluator, evaluate, read_predictions
 
     gt = read_dataset(args.gt, args.gt_format, **_read_opts(args, check_files=False))
-    preds = read_predictions(args.pred, gt)
+    preds = read_predictions(args.pred, gt, match=args.match, categories=args.categories)
     if args.split:
         gt, preds = _restrict_to_splits(gt, preds, args.split, source=args.pred)
     _warn_if_partly_covered(gt, preds, source=args.pred, split_given=bool(args.split))
@@ -455,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="score only the ground truth's images of this split (repeat, or val,test); default: every image",
     )
+    _add_results_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="95%% CI of mAP from N image resamples")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
@@ -564,8 +583,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-boxes", action="store_true", help="clip boxes that stick out of their image")
     p.set_defaults(func=cmd_import_labels)
 
-    from mgral.evaluation.predictions import CATEGORIES, MATCH
-
     p = sub.add_parser("select", help="the next images to label, from your own model's predictions (one shot)")
     p.add_argument("--data", type=Path, required=True, help="the dataset, labeled images and pool (COCO/VOC/YOLO)")
     p.add_argument("--from", dest="from_", choices=FORMATS + LAYOUTS, help="its format (default: detected)")
@@ -574,18 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, required=True, help="how many images to select")
     p.add_argument("--out", type=Path, required=True, help="file to write the selected image ids to, one a line")
     p.add_argument("--predictions", type=Path, help="your model's COCO results on the pool")
-    p.add_argument(
-        "--match",
-        choices=MATCH,
-        default="auto",
-        help="results image_id = the dataset's id, the file stem (Ultralytics), or auto (id if all match, else stem)",
-    )
-    p.add_argument(
-        "--categories",
-        choices=CATEGORIES,
-        default="id",
-        help="results category_id = the dataset's id (Detectron2, MMDetection), or the class index from 0 or from 1",
-    )
+    _add_results_options(p)
     p.add_argument("--embeddings", type=Path, help=".npz of one vector per image (ids + embeddings, or one per id)")
     p.add_argument("--param", "--params", action="append", default=[], metavar="KEY=VALUE", help="strategy parameter")
     p.add_argument(

@@ -64,3 +64,27 @@ def test_unknown_split_exits_2_listing_the_splits(digits, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mgral: error: --split tset: the ground truth has no image in that split")
     assert "test" in err and "train" in err
+
+
+def test_ultralytics_results_score_by_file_stem(digits, tmp_path, capsys):
+    # Ultralytics' save_json names images by file stem (an int when numeric), not by id: the
+    # ground truth here numbers its images from 1001 while the files are 00001.png, ...
+    obj = json.loads((digits / "annotations.json").read_text())
+    for im in obj["images"]:
+        im["id"] += 1000
+    for a in obj["annotations"]:
+        a["image_id"] += 1000
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(obj))
+    stem = {im["id"]: int(Path(im["file_name"]).stem) for im in obj["images"]}
+    preds = [
+        {"image_id": stem[a["image_id"]], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in obj["annotations"]
+    ]
+    pred = tmp_path / "predictions.json"
+    pred.write_text(json.dumps(preds))
+    argv = ["evaluate", "--gt", str(gt), "--image-root", str(digits), "--pred", str(pred)]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mAP"] == pytest.approx(1.0)
+    assert main([*argv, "--match", "id"]) == 2
+    assert "is not an image of the ground truth" in capsys.readouterr().err
