@@ -203,14 +203,13 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
 def cycle0_maps(run_dir: Path) -> dict[int, list[float]]:
     """Per seed, the distinct cycle-0 test mAPs of its strategy series (one value when every
     series started from the seed's one shared model, as they should)."""
-    from mgral.loop import REFERENCE_LABEL
-    from mgral.runs import CYCLES_FILE, list_series, read_cycle_records
+    from mgral.runs import REFERENCE_LABEL, RunDir, read_cycle_records
 
     found: dict[int, set[float]] = {}
-    for label, seed in list_series(run_dir):
-        records = read_cycle_records(run_dir / label / f"seed-{seed}" / CYCLES_FILE)
-        if label != REFERENCE_LABEL and records:
-            found.setdefault(seed, set()).add(records[0]["mAP"])
+    for s in RunDir(run_dir).list_series():
+        records = read_cycle_records(s.records)
+        if s.label != REFERENCE_LABEL and records:
+            found.setdefault(s.seed, set()).add(records[0]["mAP"])
     return {seed: sorted(maps) for seed, maps in found.items()}
 
 
@@ -218,14 +217,12 @@ def cycle0_maps(run_dir: Path) -> dict[int, list[float]]:
 
 
 def _finished(run_dir: Path, config: dict) -> list[tuple[str, int]]:
-    from mgral.loop import REFERENCE_LABEL
-    from mgral.runs import CYCLES_FILE, list_series, read_cycle_records
+    from mgral.runs import REFERENCE_LABEL, RunDir, read_cycle_records
 
     return [
-        (label, seed)
-        for label, seed in list_series(run_dir)
-        if len(read_cycle_records(run_dir / label / f"seed-{seed}" / CYCLES_FILE))
-        > (0 if label == REFERENCE_LABEL else config["cycles"])
+        (s.label, s.seed)
+        for s in RunDir(run_dir).list_series()
+        if len(read_cycle_records(s.records)) > (0 if s.label == REFERENCE_LABEL else config["cycles"])
     ]
 
 
@@ -238,9 +235,8 @@ def export_records(run_dir: Path, dest: Path) -> list[tuple[str, int]]:
     import yaml
 
     from mgral._io import atomic_write_json, atomic_write_text
-    from mgral.report.diversity import SAVED_FILE, series_figures
-    from mgral.report.load import MGRAL_AGENT, MGRAL_DIR, MGRAL_SUMMARY, MGRAL_TABLE
-    from mgral.runs import CONFIG_FILE, CYCLES_FILE, LEDGER_FILE, RunDir
+    from mgral.report.diversity import series_figures
+    from mgral.runs import CONFIG_FILE, RunDir
 
     config = RunDir(run_dir).config()
     series = _finished(run_dir, config)
@@ -251,17 +247,15 @@ def export_records(run_dir: Path, dest: Path) -> list[tuple[str, int]]:
     shown["dataset"]["path"] = os.path.relpath(config["dataset"]["path"], ROOT)  # no machine-specific path
     atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(shown, sort_keys=False))
     for label, seed in series:
-        src, dst = run_dir / label / f"seed-{seed}", tmp / label / f"seed-{seed}"
-        dst.mkdir(parents=True)
-        for name in (CYCLES_FILE, LEDGER_FILE):
-            shutil.copyfile(src / name, dst / name)
-        for file in sorted(src.glob(f"cycle-*/{MGRAL_DIR}/*")):
-            if file.name in (MGRAL_SUMMARY, MGRAL_AGENT, MGRAL_TABLE):
-                (dst / file.parent.parent.name / MGRAL_DIR).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(file, dst / file.parent.parent.name / MGRAL_DIR / file.name)
+        src, dst = RunDir(run_dir).series(label, seed), RunDir(tmp).series(label, seed).mkdir()
+        shutil.copyfile(src.records, dst.records)
+        shutil.copyfile(src.ledger, dst.ledger)
+        for cycle, cdir in src.cycles().items():
+            for file in (f for f in cdir.mgral.reported if f.is_file()):
+                shutil.copyfile(file, dst.cycle(cycle).mgral.mkdir().path / file.name)
         figures = series_figures(run_dir, label, seed)
         if figures:
-            atomic_write_json(dst / SAVED_FILE, {str(c): f for c, f in sorted(figures.items())}, indent=1)
+            atomic_write_json(dst.diversity, {str(c): f for c, f in sorted(figures.items())}, indent=1)
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
         dest.rename(old)
@@ -309,9 +303,9 @@ def restore_records(config, source: Path, run_dir: Path, out_dir: Path) -> list[
         if not (run_dir / CONFIG_FILE).exists():
             run.create(resolved)
         for label, seed in todo:
-            dst = run_dir / label / f"seed-{seed}"
+            dst = run.series(label, seed).path
             shutil.rmtree(dst, ignore_errors=True)  # an unfinished copy: the published one is further
-            shutil.copytree(records / label / f"seed-{seed}", dst)
+            shutil.copytree(RunDir(records).series(label, seed).path, dst)
     facts = out_dir / "run.json"
     if not wall_path(run_dir).exists() and facts.is_file():
         atomic_write_json(wall_path(run_dir), json.loads(facts.read_text(encoding="utf-8"))["invocations"], indent=1)

@@ -79,6 +79,7 @@ def run(name: str, n_random: int, executor: str) -> dict:
     from mgral.detectors.torchvision_detector import TorchvisionDetector
     from mgral.executors import make_executor
     from mgral.loop import visible_dataset
+    from mgral.runs import CycleDir
     from mgral.strategies import SelectionContext, build_strategy
     from mgral.strategies.mgral.surrogate import SurrogateJob, SurrogateShared, run_surrogate
 
@@ -121,9 +122,9 @@ def run(name: str, n_random: int, executor: str) -> dict:
     select_s = time.perf_counter() - t0
     entropy = build_strategy("entropy", aggregation="max").select(context(1), budget)
 
-    out = work / "mgral"
-    table = json.loads((out / "table.json").read_text())
-    cands = np.load(out / "candidates.npz")
+    out = CycleDir(work).mgral
+    table = json.loads(out.table_json.read_text())
+    cands = np.load(out.candidates)
     cand_ids = json.loads(str(cands["ids"]))
     pos = {i: k for k, i in enumerate(cand_ids)}
     credits, clusters, lam = cands["credits"], cands["clusters"], float(cands["cluster_coef"])
@@ -181,8 +182,8 @@ def summarize(name, setup, table, gain, randoms, combos, reward, out, train_s, s
     tab_true = np.array([gain[f"table{k}"] for k in range(len(combos))])
     tab_sur = np.array([row["dmAP"] for row in table if row["combination"] != "control"], dtype=float)
     tab_r = np.array([reward(c) for c in combos])
-    summary = json.loads((out / "summary.json").read_text())
-    with open(out / "agent_rewards.csv") as f:
+    summary = json.loads(out.summary.read_text())
+    with open(out.agent_rewards) as f:
         curve = [float(r["reward_mean"]) for r in csv.DictReader(f)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].scatter(rand_r, rand_true, label="random batches (out of sample)")

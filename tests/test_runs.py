@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from mgral.errors import RunError
-from mgral.runs import RunDir, RunLock, append_cycle_record, list_series, read_cycle_records
+from mgral.runs import RunDir, RunLock, append_cycle_record, read_cycle_records
 
 CONFIG = {"name": "t", "cycles": 4, "detector": {"preset": "tiny", "train": {"epochs": 12}}, "seeds": (0, 1)}
 
@@ -51,15 +51,23 @@ def test_open_and_create_refusals(tmp_path):
 
 def test_series_and_cycle_dirs(tmp_path):
     run = RunDir(tmp_path).create(CONFIG)
-    assert run.cycle_dir("entropy-max", 1, 3) == tmp_path / "entropy-max" / "seed-1" / "cycle-3"
+    cdir = run.series("entropy-max", 1).cycle(3).mkdir()
+    assert cdir.path == tmp_path / "entropy-max" / "seed-1" / "cycle-3"
     assert (tmp_path / "entropy-max" / "seed-1" / "cycle-3").is_dir()
-    run.series_dir("random", 0)
-    assert list_series(tmp_path) == [("entropy-max", 1), ("random", 0)]
+    assert cdir.model == cdir.path / "model.pt" and cdir.mgral.table == cdir.path / "mgral" / "table.csv"
+    assert cdir.series.records == tmp_path / "entropy-max" / "seed-1" / "cycles.jsonl"
+    assert run.shared_cycle0(1).predictions == tmp_path / "_shared" / "seed-1" / "cycle-0" / "predictions.npz"
+    run.series("random", 0).mkdir()
+    (tmp_path / "random" / "seed-0" / "cycle-x").mkdir()  # not a cycle directory
+    assert [(s.label, s.seed) for s in run.list_series()] == [("entropy-max", 1), ("random", 0)]
+    assert list(run.series("entropy-max", 1).cycles()) == [3] and run.series("random", 0).cycles() == {}
     for label in ("../x", "a/b", ".hidden", ""):
         with pytest.raises(RunError, match="cannot name a directory"):
-            run.series_dir(label, 0)
+            run.series(label, 0)
     with pytest.raises(RunError, match="seed must be a non-negative integer"):
-        run.series_dir("random", -1)
+        run.series("random", -1)
+    with pytest.raises(RunError, match="cycle must be a non-negative integer"):
+        run.series("random", 0).cycle(-1)
 
 
 # -- cycle records ------------------------------------------------------------------------

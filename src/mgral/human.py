@@ -70,28 +70,24 @@ from mgral.data.records import Dataset, Detections, ImageId, ImageRecord, Target
 from mgral.errors import ConfigError, DatasetError, RunError
 from mgral.loop import (
     Experiment,
-    _select,
-    _train_and_evaluate,
     check_detector,
     cycle_record,
     initial_ids,
     prepare_dataset,
+    select_batch,
+    train_and_evaluate,
 )
 from mgral.pool import Ledger
 from mgral.runs import (
     CONFIG_FILE,
-    CYCLES_FILE,
-    LEDGER_FILE,
+    CycleDir,
     RunDir,
+    SeriesDir,
     append_cycle_record,
     read_cycle_records,
     remove_stale_temp_files,
 )
 
-LABELING_DIR = "labeling"
-LABELS_FILE = "labels.json"
-"""Per series: every label imported by people so far (COCO; images carry ``mgral_id`` and ``mgral_cycle``)."""
-QUERY_FILE = "query.json"
 IMPORT_FORMATS = ("coco", "voc", "yolo", "label-studio")
 DEFAULT_MIN_SCORE = 0.5
 
@@ -139,17 +135,9 @@ class _Series:
     label: str
     strategy: Any
     seed: int
-    sdir: Path
+    sdir: SeriesDir
     ledger: Ledger
     store: dict[ImageId, tuple[int, Target]]
-
-    @property
-    def ledger_path(self) -> Path:
-        return self.sdir / LEDGER_FILE
-
-    @property
-    def records_path(self) -> Path:
-        return self.sdir / CYCLES_FILE
 
     def labels(self, ids: Sequence[ImageId]) -> dict[ImageId, Target]:
         """The labels of labeled images: the dataset file's for the initial set, the imported ones after."""
@@ -161,27 +149,27 @@ class _Series:
                 out[i] = self.store[i][1]
             else:
                 raise RunError(
-                    f"{self.ledger_path}: image {i!r} is labeled in cycle {self.ledger.labeled_in[i]}, but its labels "
-                    f"are missing from {self.sdir / LABELS_FILE}; restore that file, or import the labels of that "
+                    f"{self.sdir.ledger}: image {i!r} is labeled in cycle {self.ledger.labeled_in[i]}, but its labels "
+                    f"are missing from {self.sdir.labels}; restore that file, or import the labels of that "
                     "round again (mgral import-labels)"
                 )
         return out
 
-    def cycle_dir(self, cycle: int) -> Path:
-        return self.exp.run.cycle_dir(self.label, self.seed, cycle)
+    def cycle_dir(self, cycle: int) -> CycleDir:
+        return self.sdir.cycle(cycle).mkdir()
 
 
 def _open_run(run: RunDir, config: ExperimentConfig | None) -> ExperimentConfig:
     """Create the run from ``config`` or open it (checking ``config`` against the recorded one)."""
     if config is not None:
         resolved = config_to_dict(config)
-        if (run.path / CONFIG_FILE).exists():
+        if run.config_file.exists():
             run.open(resolved)
         else:
             _check_human(config, str(run.path))
             run.create(resolved)
     else:
-        config = config_from_dict(run.config(), source=str(run.path / CONFIG_FILE))
+        config = config_from_dict(run.config(), source=str(run.config_file))
     _check_human(config, str(run.path))
     return config
 
@@ -281,19 +269,19 @@ def _load(
     p = prepared or _prepare(run, config, strategy, seed, log=log, progress=progress)
     spec_label, seed, built, exp = p.label, p.seed, p.strategy, p.exp
     dataset, pool = exp.dataset, exp.pool
-    sdir = run.series_dir(spec_label, seed)
-    if (sdir / LEDGER_FILE).exists():
-        ledger = Ledger.load(sdir / LEDGER_FILE)
+    sdir = run.series(spec_label, seed).mkdir()
+    if sdir.ledger.exists():
+        ledger = Ledger.load(sdir.ledger)
         if list(ledger.pool) != pool:
             raise RunError(
-                f"{sdir / LEDGER_FILE}: the pool of the run ({len(ledger.pool)} images) is not the pool of the dataset "
+                f"{sdir.ledger}: the pool of the run ({len(ledger.pool)} images) is not the pool of the dataset "
                 f"now ({len(pool)} images); the dataset file changed since the run started: restore it, or start "
                 "a new run"
             )
     else:
         ledger = Ledger.create(pool, human_initial_ids(config, dataset, pool))
-        ledger.save(sdir / LEDGER_FILE)
-    store = read_labels(sdir / LABELS_FILE, dataset)
+        ledger.save(sdir.ledger)
+    store = read_labels(sdir.labels, dataset)
     return _Series(exp, spec_label, built, seed, sdir, ledger, store)
 
 
@@ -301,7 +289,7 @@ def _load(
 
 
 def read_labels(path: str | os.PathLike[str], dataset: Dataset) -> dict[ImageId, tuple[int, Target]]:
-    """The labels file of a series (see :data:`LABELS_FILE`): image id -> (cycle, target).
+    """The labels file of a series (:attr:`mgral.runs.SeriesDir.labels`): image id -> (cycle, target).
 
     Raises:
         RunError: a corrupt file, or an image that is not in the dataset.
@@ -393,7 +381,7 @@ def query(
     run = RunDir(run_dir)
     _require_run(run.path, config)
     prepared = None
-    if config is not None and not (run.path / CONFIG_FILE).exists():
+    if config is not None and not run.config_file.exists():
         # A new run: everything a typo breaks is checked before the lock creates the
         # directory, so a refused config leaves no run behind that the corrected one clashes with.
         _check_human(config, str(run.path))
@@ -407,7 +395,7 @@ def query(
         if budget is not None:
             s.exp.config = config.model_copy(update={"budget": budget})
         while True:
-            cycle = len(read_cycle_records(s.records_path))
+            cycle = len(read_cycle_records(s.sdir.records))
             _check_pending(s, cycle)
             selection = _read_selection(s.cycle_dir(cycle))
             if selection is None:
@@ -418,7 +406,7 @@ def query(
             if pending:
                 return _package(s, cycle, pending, fresh, min_score, image_url_prefix)
             if not _finish(s, cycle):  # every asked image is answered: the round is over
-                raise RunError(f"{s.records_path}: cannot record cycle {cycle}; the run directory is inconsistent")
+                raise RunError(f"{s.sdir.records}: cannot record cycle {cycle}; the run directory is inconsistent")
         return _new_round(s, cycle, min_score, image_url_prefix)
 
 
@@ -426,19 +414,18 @@ def _check_pending(s: _Series, cycle: int) -> None:
     stray = sorted({c for c in s.ledger.pending.values() if c != cycle + 1})
     if stray:
         raise RunError(
-            f"{s.ledger_path}: images are pending for cycle {stray[0]}, but the series is at cycle {cycle} (its "
-            f"{CYCLES_FILE} records {cycle} finished cycles); the run directory was changed by hand: restore it"
+            f"{s.sdir.ledger}: images are pending for cycle {stray[0]}, but the series is at cycle {cycle} (its "
+            f"{s.sdir.records.name} records {cycle} finished cycles); the run directory was changed by hand: restore it"
         )
-    if s.ledger.pending and not (s.cycle_dir(cycle) / "selection.json").exists():
+    if s.ledger.pending and not (selection := s.cycle_dir(cycle).selection).exists():
         raise RunError(
-            f"{s.ledger_path}: {len(s.ledger.pending)} images are pending but {s.cycle_dir(cycle) / 'selection.json'} "
+            f"{s.sdir.ledger}: {len(s.ledger.pending)} images are pending but {selection} "
             "is missing; the run directory was changed by hand: restore it"
         )
 
 
-def _read_selection(cdir: Path) -> dict[str, Any] | None:
-    path = cdir / "selection.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+def _read_selection(cdir: CycleDir) -> dict[str, Any] | None:
+    return json.loads(cdir.selection.read_text(encoding="utf-8")) if cdir.selection.exists() else None
 
 
 def _request(s: _Series, cycle: int, ids: list[ImageId]) -> bool:
@@ -449,7 +436,7 @@ def _request(s: _Series, cycle: int, ids: list[ImageId]) -> bool:
     new = [i for i in ids if i not in asked]
     if new:
         ledger.request(new, cycle + 1)
-        ledger.save(s.ledger_path)
+        ledger.save(s.sdir.ledger)
     return bool(new)
 
 
@@ -461,8 +448,8 @@ def _train(s: _Series, cycle: int, seconds: dict[str, float]) -> tuple[Any, dict
         return None, dict(_NO_RESULT), view
     init = None
     if s.exp.config.detector.warm_start and cycle > 0 and s.ledger.labeled(cycle - 1):
-        init = s.cycle_dir(cycle - 1) / "model.pt"
-    detector, result = _train_and_evaluate(s.exp, s.seed, cycle, s.cycle_dir(cycle), view, labeled, seconds, init)
+        init = s.cycle_dir(cycle - 1).model
+    detector, result = train_and_evaluate(s.exp, s.seed, cycle, s.cycle_dir(cycle), view, labeled, seconds, init)
     return detector, result, view
 
 
@@ -480,7 +467,7 @@ def _describe_result(result: Mapping[str, Any]) -> str:
 
 def _new_round(s: _Series, cycle: int, min_score: float, image_url_prefix: str | None) -> QueryResult:
     ledger, log = s.ledger, s.exp.log
-    records = read_cycle_records(s.records_path)
+    records = read_cycle_records(s.sdir.records)
     if not ledger.unlabeled() and records and not records[-1]["selected"]:
         log(
             f"{s.label} seed {s.seed}: nothing left to label ({ledger.summary()}); the model of cycle {cycle - 1} "
@@ -500,7 +487,7 @@ def _new_round(s: _Series, cycle: int, min_score: float, image_url_prefix: str |
         record = cycle_record(
             s.exp.config, s.label, s.strategy, s.seed, cycle, labeled, s.labels(labeled), result, [], [], seconds
         )
-        append_cycle_record(s.records_path, record)
+        append_cycle_record(s.sdir.records, record)
         log(f"{s.label} seed {s.seed}: nothing left to label ({ledger.summary()}); this model is the final one")
         return QueryResult(cycle, [], None, False, exhausted=True, result=result)
     cdir = s.cycle_dir(cycle)
@@ -508,20 +495,20 @@ def _new_round(s: _Series, cycle: int, min_score: float, image_url_prefix: str |
         ids = _cold_start(s, cycle, cdir)
         log(f"{s.label} seed {s.seed} cycle {cycle}: no labeled image yet: {len(ids)} images picked at random")
     else:
-        ids, _ = _select(s.exp, s.strategy, s.seed, cycle, cdir, ledger, view, detector, seconds)
+        ids, _ = select_batch(s.exp, s.strategy, s.seed, cycle, cdir, ledger, view, detector, seconds)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    atomic_write_json(cdir / QUERY_FILE, {"requested_at": now, "seconds": {k: round(v, 3) for k, v in seconds.items()}})
+    atomic_write_json(cdir.query, {"requested_at": now, "seconds": {k: round(v, 3) for k, v in seconds.items()}})
     _request(s, cycle, ids)  # saved before the package exists: a crash leaves a request, never a lost one
     return _package(s, cycle, ids, True, min_score, image_url_prefix, detector=detector, result=result)
 
 
-def _cold_start(s: _Series, cycle: int, cdir: Path) -> list[ImageId]:
+def _cold_start(s: _Series, cycle: int, cdir: CycleDir) -> list[ImageId]:
     pool = s.ledger.unlabeled()
     rng = np.random.default_rng([s.seed, cycle, 5])
     n = min(s.exp.config.budget, len(pool))
     ids = [pool[k] for k in sorted(rng.choice(len(pool), size=n, replace=False))]
     info = {"cold_start": "no labeled image yet: picked at random"}
-    atomic_write_json(cdir / "selection.json", {"image_ids": ids, "scores": [0.0] * n, "info": info}, indent=1)
+    atomic_write_json(cdir.selection, {"image_ids": ids, "scores": [0.0] * n, "info": info}, indent=1)
     return ids
 
 
@@ -538,18 +525,18 @@ def _package(
 ) -> QueryResult:
     """Write the labeling package of the pending ``ids`` (after the ledger holds the request)."""
     cdir = s.cycle_dir(cycle)
-    if detector is None and s.ledger.labeled(cycle) and (cdir / "model.pt").exists():
+    if detector is None and s.ledger.labeled(cycle) and cdir.model.exists():
         from mgral.detectors.torchvision_detector import TorchvisionDetector
 
-        detector = TorchvisionDetector.load(cdir / "model.pt", device=s.exp.config.detector.device)
+        detector = TorchvisionDetector.load(cdir.model, device=s.exp.config.detector.device)
     if result is None:
-        done = cdir / "evaluation.json"
+        done = cdir.evaluation
         result = json.loads(done.read_text(encoding="utf-8"))["result"] if done.exists() else dict(_NO_RESULT)
     preds = None
     if detector is not None:
         preds = detector.predict(s.exp.dataset, ids, embeddings=False, progress=s.exp.progress)
     path = write_package(
-        cdir / LABELING_DIR,
+        cdir.labeling,
         s.exp.dataset,
         ids,
         preds,
@@ -821,7 +808,7 @@ def import_labels(
         config = _open_run(run, None)
         remove_stale_temp_files(run.path, recursive=True)  # writes a kill cut short; we hold the lock
         s = _load(run, config, strategy, seed, log=log, progress=False)
-        cycle = len(read_cycle_records(s.records_path))
+        cycle = len(read_cycle_records(s.sdir.records))
         _check_pending(s, cycle)
         answers, unlabeled = _read_answers(path, fmt or _detect_format(path), s.exp.dataset, clip=clip_boxes)
         ledger, dataset = s.ledger, s.exp.dataset
@@ -871,11 +858,11 @@ def import_labels(
             store = dict(s.store)
             store.update({i: (ledger.labeled_in[i], t) for i, t in repaired.items()})
             store.update({i: (cycle + 1, t) for i, t in new_labels.items()})
-            write_labels(s.sdir / LABELS_FILE, dataset, store)  # the labels are on disk before the ledger says so
+            write_labels(s.sdir.labels, dataset, store)  # the labels are on disk before the ledger says so
             s.store = store
         if new_labels or new_skipped:
             ledger.resolve(list(new_labels), new_skipped, cycle + 1)
-            ledger.save(s.ledger_path)
+            ledger.save(s.sdir.ledger)
         num_boxes = sum(len(t) for t in new_labels.values())
         pending = [i for i in ledger.pool if i in ledger.pending]
         if new_labels or new_skipped:
@@ -912,7 +899,7 @@ def _why_not_asked(s: _Series, i: ImageId) -> str:
 
 def _finish(s: _Series, cycle: int) -> bool:
     """Append the record of ``cycle`` once its request is fully answered (True if appended now)."""
-    records = read_cycle_records(s.records_path)
+    records = read_cycle_records(s.sdir.records)
     cdir = s.cycle_dir(cycle)
     selection = _read_selection(cdir)
     if len(records) != cycle or selection is None:
@@ -921,12 +908,12 @@ def _finish(s: _Series, cycle: int) -> bool:
         return False
     ledger = s.ledger
     labeled = ledger.labeled(cycle)
-    done = cdir / "evaluation.json"
+    done = cdir.evaluation
     result, seconds = dict(_NO_RESULT), {}
     if done.exists():
         cached = json.loads(done.read_text(encoding="utf-8"))
         result, seconds = cached["result"], dict(cached["seconds"])
-    asked = cdir / QUERY_FILE
+    asked = cdir.query
     if asked.exists():
         info = json.loads(asked.read_text(encoding="utf-8"))
         seconds.update(info["seconds"])
@@ -937,9 +924,8 @@ def _finish(s: _Series, cycle: int) -> bool:
         s.exp.config, s.label, s.strategy, s.seed, cycle, labeled, s.labels(labeled), result, ids, scores, seconds
     )
     record["skipped"] = [i for i in ids if ledger.skipped.get(i) == cycle + 1]
-    append_cycle_record(s.records_path, record)
-    previous = s.exp.run.path / s.label / f"seed-{s.seed}" / f"cycle-{cycle - 1}" / "model.pt"
-    if cycle and previous.exists():
+    append_cycle_record(s.sdir.records, record)
+    if cycle and (previous := s.sdir.cycle(cycle - 1).model).exists():
         previous.unlink()  # keep the latest models only, as mgral run does
     s.exp.log(
         f"{s.label} seed {s.seed} cycle {cycle}: {record['num_labeled']} images, {record['num_boxes_labeled']} boxes "

@@ -51,10 +51,7 @@ from mgral.data.records import Dataset, ImageId, Target, read_id_list
 from mgral.errors import CheckpointError, ConfigError, MgralError, RunError
 from mgral.oracles import SimulatedOracle
 from mgral.pool import Ledger
-from mgral.runs import CYCLES_FILE, RunDir, append_cycle_record, read_cycle_records, remove_stale_temp_files
-
-REFERENCE_LABEL = "reference"
-SHARED_DIR = "_shared"  # labels start with a letter or digit, so no series can be named so
+from mgral.runs import REFERENCE_LABEL, RunDir, append_cycle_record, read_cycle_records, remove_stale_temp_files
 
 
 def prepare_dataset(config: ExperimentConfig) -> Dataset:
@@ -166,12 +163,6 @@ def check_detector(config: ExperimentConfig, dataset: Dataset) -> None:
         build_model(det.preset, len(dataset.categories) + 1, weights=det.weights, **det.params)
 
 
-def shared_cycle0_dir(exp: Experiment, seed: int) -> Path:
-    """``RUN/_shared/seed-<seed>/cycle-0``: the seed's cycle-0 model (every strategy's) and its
-    pool predictions."""
-    return exp.run.path / SHARED_DIR / f"seed-{seed}" / "cycle-0"
-
-
 def seed_oracle(exp: Experiment, seed: int) -> SimulatedOracle:
     """The simulated annotator of ``seed``: its answers depend only on (seed, image id)."""
     o = exp.config.oracle
@@ -228,7 +219,7 @@ def run_experiment(
     initials = {seed: initial_ids(config, exp.dataset, exp.pool, seed) for seed in config.seeds}
     resolved = config_to_dict(config)
     with run.lock():
-        if resume and (Path(out) / "config.yaml").exists():
+        if resume and run.config_file.exists():
             run.open(resolved, ignore=EXECUTION_KEYS)
         else:
             run.create(resolved)
@@ -317,7 +308,7 @@ _SERIES = "series"
 
 def _series_done(exp: Experiment, label: str, seed: int) -> bool:
     last = 0 if label == REFERENCE_LABEL else exp.config.cycles
-    return len(read_cycle_records(exp.run.path / label / f"seed-{seed}" / CYCLES_FILE)) > last
+    return len(read_cycle_records(exp.run.series(label, seed).records)) > last
 
 
 def plan_tasks(exp: Experiment) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]:
@@ -398,7 +389,7 @@ def _run_task(task: tuple[str, str, int], shared: tuple[dict, str, int]) -> str 
         torch.set_num_threads(threads)
         exp = _WORKER_EXPERIMENTS.get(out)
         if exp is None:
-            config = config_from_dict(config_dict, source=str(Path(out) / "config.yaml"))
+            config = config_from_dict(config_dict, source=str(RunDir(out).config_file))
             exp = _WORKER_EXPERIMENTS[out] = open_experiment(config, RunDir(out), log=_flush_print, progress=False)
         initial = initial_ids(exp.config, exp.dataset, exp.pool, seed)
         if kind == _CYCLE0:
@@ -426,38 +417,36 @@ def _shared_cycle0(exp: Experiment, seed: int, initial: list[ImageId]) -> None:
     predictions, so that the seed's series (run in parallel) reuse both."""
     from mgral.strategies import STRATEGIES
 
-    wdir = shared_cycle0_dir(exp, seed)
+    wdir = exp.run.shared_cycle0(seed)
     oracle = seed_oracle(exp, seed)
     view = visible_dataset(exp.dataset, {i: oracle.labels_for(i) for i in initial})
-    detector, _ = _train_and_evaluate(exp, seed, 0, wdir, view, initial, {})
+    detector, _ = train_and_evaluate(exp, seed, 0, wdir, view, initial, {})
     needs = set().union(*(STRATEGIES.get(s.name).requires for s in exp.config.strategies))
     if exp.config.cycles and needs & {"predictions", "embeddings"}:
-        _cached_predictions(exp, detector, view, wdir / "predictions.npz", exp.pool)
+        _cached_predictions(exp, detector, view, wdir.predictions, exp.pool)
 
 
 def run_series(exp: Experiment, label: str, strategy, seed: int, initial: list[ImageId]) -> None:
     """Run the unfinished cycles of one series (``strategy=None``: one full-data cycle)."""
     config = exp.config
-    sdir = exp.run.series_dir(label, seed)
-    ledger_path, records_path = sdir / "ledger.json", sdir / "cycles.jsonl"
-    remove_stale_temp_files(sdir)  # e.g. a ledger write cut short by a kill; only this series writes here
-    if ledger_path.exists():
-        ledger = Ledger.load(ledger_path)
+    sdir = exp.run.series(label, seed).mkdir()
+    remove_stale_temp_files(sdir.path)  # e.g. a ledger write cut short by a kill; only this series writes here
+    if sdir.ledger.exists():
+        ledger = Ledger.load(sdir.ledger)
     else:
         ledger = Ledger.create(exp.pool, initial)
-        ledger.save(ledger_path)
+        ledger.save(sdir.ledger)
     oracle = seed_oracle(exp, seed)
     last = 0 if strategy is None else config.cycles
-    for cycle in range(len(read_cycle_records(records_path)), last + 1):
-        record = run_cycle(exp, label, strategy, seed, cycle, cycle == last, ledger, ledger_path, oracle)
-        append_cycle_record(records_path, record)
+    for cycle in range(len(read_cycle_records(sdir.records)), last + 1):
+        record = run_cycle(exp, label, strategy, seed, cycle, cycle == last, ledger, oracle)
+        append_cycle_record(sdir.records, record)
         exp.log(
             f"{label} seed {seed} cycle {cycle}: {record['num_labeled']} images, {record['num_boxes_labeled']} "
             f"boxes, mAP {record['mAP']:.4f}, mAP50 {record['mAP50']:.4f} "
             f"({sum(record['seconds'].values()):.0f} s)"
         )
-        previous = exp.run.cycle_dir(label, seed, cycle - 1) / "model.pt" if cycle else None
-        if previous is not None and previous.exists():
+        if cycle and (previous := sdir.cycle(cycle - 1).model).exists():
             previous.unlink()  # keep the latest model only: earlier ones are reproducible
 
 
@@ -469,10 +458,10 @@ def run_cycle(
     cycle: int,
     is_last: bool,
     ledger: Ledger,
-    ledger_path: Path,
     oracle: SimulatedOracle,
 ) -> dict[str, Any]:
-    config, cdir = exp.config, exp.run.cycle_dir(label, seed, cycle)
+    config, sdir = exp.config, exp.run.series(label, seed)
+    cdir = sdir.cycle(cycle).mkdir()
     seconds: dict[str, float] = {}
     labeled = ledger.labeled(cycle)
     labels = {i: oracle.labels_for(i) for i in labeled}
@@ -481,33 +470,32 @@ def run_cycle(
     # Cycle 0 trains on the seed's initial set, the same for every strategy: one model per
     # seed, trained once (identical to what each series would train) and shared.
     shared = strategy is not None and cycle == 0
-    wdir = shared_cycle0_dir(exp, seed) if shared else cdir
+    wdir = exp.run.shared_cycle0(seed) if shared else cdir
     init = None
     if config.detector.warm_start and cycle > 0:
         prev_shared = strategy is not None and cycle == 1
-        prev = shared_cycle0_dir(exp, seed) if prev_shared else exp.run.cycle_dir(label, seed, cycle - 1)
-        init = prev / "model.pt"
-    detector, result = _train_and_evaluate(
+        init = (exp.run.shared_cycle0(seed) if prev_shared else sdir.cycle(cycle - 1)).model
+    detector, result = train_and_evaluate(
         exp, seed, cycle, wdir, view, labeled, seconds, init, reference=strategy is None
     )
 
     selected: list[ImageId] = []
     scores: list[float] = []
     if not is_last and strategy is not None and ledger.unlabeled():
-        selected, scores = _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, shared=shared)
+        selected, scores = select_batch(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, shared)
         # Each step is skipped when a resumed run finds it done: request, then collect.
         asked = ledger.labeled_in.keys() | ledger.skipped.keys() | ledger.pending.keys()  # or answered
         new = [i for i in selected if i not in asked]
         if new:
             ledger.request(new, cycle + 1)
-            ledger.save(ledger_path)  # the request is on disk before the oracle is waited on
+            ledger.save(sdir.ledger)  # the request is on disk before the oracle is waited on
         pending = [i for i in selected if ledger.pending.get(i) == cycle + 1]
         if pending:
             t0 = time.perf_counter()
             oracle.request(pending)
             answer = oracle.collect()
             ledger.resolve(list(answer.labels), answer.skipped, cycle + 1)
-            ledger.save(ledger_path)
+            ledger.save(sdir.ledger)
             seconds["label"] = time.perf_counter() - t0
 
     return cycle_record(config, label, strategy, seed, cycle, labeled, labels, result, selected, scores, seconds)
@@ -547,17 +535,17 @@ def cycle_record(
     }
 
 
-def _train_and_evaluate(
-    exp, seed, cycle, wdir: Path, view, labeled, seconds, init=None, reference: bool = False
+def train_and_evaluate(
+    exp, seed, cycle, wdir, view, labeled, seconds, init=None, reference: bool = False
 ) -> tuple[Any, dict]:
-    """Train (resuming from ``wdir/last.pt``) and evaluate, or reuse both from ``wdir``.
+    """Train (resuming from ``wdir.last``) and evaluate, or reuse both from ``wdir`` (a :class:`mgral.runs.CycleDir`).
 
     ``init``: a model file to start from (warm start) instead of the preset's initialisation;
     ``reference``: the full-data run (``reference_train`` applies)."""
     from mgral.detectors.torchvision_detector import MODEL_KEYS, RESUME_KEYS, TorchvisionDetector
     from mgral.detectors.training import load_state
 
-    done, model_file, last = wdir / "evaluation.json", wdir / "model.pt", wdir / "last.pt"
+    done, model_file, last = wdir.evaluation, wdir.model, wdir.last
     if done.exists() and model_file.exists():
         cached = json.loads(done.read_text(encoding="utf-8"))
         try:
@@ -576,7 +564,7 @@ def _train_and_evaluate(
         except CheckpointError as err:  # as above: start this cycle's training over
             exp.log(f"{err}; training cycle {cycle} from the start")
             last.unlink()
-    wdir.mkdir(parents=True, exist_ok=True)
+    wdir.mkdir()
     t0 = time.perf_counter()
     detector = exp.detector(seed, cycle, reference=reference)
     if init is not None:
@@ -593,9 +581,9 @@ def _train_and_evaluate(
                 "restore the file, or start a new run without detector.warm_start"
             ) from err
         detector.model.load_state_dict(previous.model.state_dict())
-    detector.fit(view, labeled, checkpoint_dir=wdir, resume=True)
-    detector.save(wdir / "model.pt")
-    (wdir / "last.pt").unlink(missing_ok=True)
+    detector.fit(view, labeled, checkpoint_dir=wdir.path, resume=True)
+    detector.save(model_file)
+    last.unlink(missing_ok=True)
     seconds["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result: dict[str, Any] = {"mAP": None, "mAP50": None, "per_class": {}}  # no labeled test split (human runs)
@@ -611,14 +599,14 @@ def _train_and_evaluate(
     return detector, result
 
 
-def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, shared=False) -> tuple[list, list]:
-    """The selection of ``cycle`` (reused from ``selection.json`` when already made).
+def select_batch(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, shared=False) -> tuple[list, list]:
+    """The selection of ``cycle`` (reused from ``cdir.selection``, a :class:`mgral.runs.CycleDir`, when already made).
 
     ``shared``: ``detector`` is the seed's shared cycle-0 model, so its pool predictions are
     cached beside it, once for every strategy of the seed."""
     from mgral.strategies import SelectionContext
 
-    path = cdir / "selection.json"
+    path = cdir.selection
     if path.exists():  # made before a crash: never recomputed (JSON keeps int and str ids apart)
         saved = json.loads(path.read_text(encoding="utf-8"))
         return saved["image_ids"], saved["scores"]
@@ -629,14 +617,14 @@ def _select(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, s
         labeled_ids=labeled,
         rng=np.random.default_rng([seed, cycle, 5]),
         cycle=cycle,
-        work_dir=cdir,
+        work_dir=cdir.path,
     )
     t0 = time.perf_counter()
     if strategy.requires & {"predictions", "embeddings"}:
         if shared:  # one model for every strategy of the seed: predict once, for all of them
-            cache, wanted = shared_cycle0_dir(exp, seed) / "predictions.npz", exp.pool
+            cache, wanted = exp.run.shared_cycle0(seed).predictions, exp.pool
         else:
-            cache, wanted = cdir / "predictions.npz", pool + (labeled if "embeddings" in strategy.requires else [])
+            cache, wanted = cdir.predictions, pool + (labeled if "embeddings" in strategy.requires else [])
         preds = _cached_predictions(exp, detector, view, cache, wanted)
         if "predictions" in strategy.requires:
             context.predictions = {i: preds[i] for i in pool}

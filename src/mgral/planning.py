@@ -287,7 +287,7 @@ def dry_run(
     """
     from mgral.data import coco
     from mgral.loop import prepare_dataset, run_experiment
-    from mgral.runs import read_cycle_records
+    from mgral.runs import RunDir, read_cycle_records
 
     if pool_images < 4 or test_images < 1:
         raise ConfigError(f"a dry run needs at least 4 pool and 1 test images, got {pool_images} and {test_images}")
@@ -321,8 +321,7 @@ def dry_run(
     log(f"one micro cycle: {pool_images} pool and {test_images} test images, {iterations} training iterations a model")
     run_dir = run_experiment(micro, out / "run", log=log, progress=False)
     records = {
-        s.label: read_cycle_records(run_dir / s.label / f"seed-{micro.seeds[0]}" / "cycles.jsonl")
-        for s in micro.strategies
+        s.label: read_cycle_records(RunDir(run_dir).series(s.label, micro.seeds[0]).records) for s in micro.strategies
     }
     from mgral.detectors.torchvision_detector import resolve_device
 

@@ -1,16 +1,17 @@
 """The run directory: where one experiment keeps its config, its state and its results.
 
-Layout::
+Layout (:class:`RunDir`, :class:`SeriesDir`, :class:`CycleDir`, :class:`MgralDir` name every path)::
 
     RUN/
       config.yaml                 the resolved config the run was started with; resuming
                                   with a different one is refused, naming the differing keys
       run.lock                    flock()ed while a process works in RUN (holder's pid inside)
-      <strategy>/seed-<s>/        one series per (strategy label, seed)
+      <label>/seed-<s>/           one series per (strategy label, seed); ``reference``: the full-data run
           ledger.json             the pool ledger (mgral.pool)
           cycles.jsonl            one JSON object per finished cycle, keyed by "cycle"
-          state.json              the loop's position (cycle, phase), for resume
-          cycle-<c>/              per-cycle artifacts: predictions.npz, model.pt, selection.json, ...
+          labels.json             a human run: the labels imported so far (mgral.human)
+          cycle-<c>/              per-cycle artifacts: model.pt, selection.json, predictions.npz, ...
+      _shared/seed-<s>/cycle-0/   the seed's cycle-0 model, shared by its strategies (mgral.loop)
 
 Every state file is written atomically (:mod:`mgral._io`), except ``cycles.jsonl``, which
 is appended to durably (write, flush, fsync). A crash mid-append leaves a torn last line
@@ -33,6 +34,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,9 +47,9 @@ from mgral.errors import RunError
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "run.lock"
-LEDGER_FILE = "ledger.json"
 CYCLES_FILE = "cycles.jsonl"
-STATE_FILE = "state.json"
+REFERENCE_LABEL = "reference"  # the label of the full-data reference series
+SHARED_DIR = "_shared"  # each seed's shared cycle 0; labels start with a letter or digit, so no series is named so
 
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 """What a strategy label must look like: it names a directory."""
@@ -55,8 +57,15 @@ LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 log = logging.getLogger(__name__)
 
 
+def _entry(name: str) -> Any:
+    """A file or directory of a layout directory: the property ``self.path / name``."""
+    return property(lambda self: self.path / name, doc=f"``{name}``")
+
+
 class RunDir:
     """A run directory (see the module docstring). Take :meth:`lock` before changing it."""
+
+    config_file = _entry(CONFIG_FILE)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -67,14 +76,14 @@ class RunDir:
         Raises:
             RunError: ``RUN`` already holds a run or other files.
         """
-        if (self.path / CONFIG_FILE).exists():
+        if self.config_file.exists():
             raise RunError(
                 f"{self.path} already holds a run (it has {CONFIG_FILE}); resume it "
                 "(--resume) or choose a new run directory"
             )
         if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
             raise RunError(f"{self.path} exists and is not empty; choose a new run directory")
-        atomic_write_text(self.path / CONFIG_FILE, yaml.safe_dump(_plain(config), sort_keys=False))
+        atomic_write_text(self.config_file, yaml.safe_dump(_plain(config), sort_keys=False))
         return self
 
     def open(self, config: Mapping[str, Any] | None = None, *, ignore: tuple[str, ...] = ()) -> RunDir:
@@ -99,7 +108,7 @@ class RunDir:
             more = f" and {len(diffs) - 10} more" if len(diffs) > 10 else ""
             raise RunError(
                 f"{self.path}: cannot resume with a different config: {shown}{more}. Resume with the "
-                f"recorded config ({self.path / CONFIG_FILE}) or start a new run directory"
+                f"recorded config ({self.config_file}) or start a new run directory"
             )
         return self
 
@@ -109,7 +118,7 @@ class RunDir:
         Raises:
             RunError: missing or unreadable file.
         """
-        path = self.path / CONFIG_FILE
+        path = self.config_file
         try:
             text = read_regular_file(path, expected="the run's recorded config", error=RunError).decode("utf-8")
         except FileNotFoundError as err:
@@ -124,30 +133,89 @@ class RunDir:
     def lock(self) -> RunLock:
         return RunLock(self.path)
 
-    def series_dir(self, strategy: str, seed: int) -> Path:
-        """``RUN/<strategy>/seed-<seed>``, created if missing.
-
-        Raises:
-            RunError: a label that is not a safe directory name, or a negative seed.
-        """
-        if not isinstance(strategy, str) or not LABEL_PATTERN.fullmatch(strategy):
+    def series(self, label: str, seed: int) -> SeriesDir:
+        """``RUN/<label>/seed-<seed>`` (not created). Raises RunError: a label that is not a safe
+        directory name, or a negative seed."""
+        if not isinstance(label, str) or not LABEL_PATTERN.fullmatch(label):
             raise RunError(
-                f"strategy label {strategy!r} cannot name a directory; use letters, digits, '.', '_', "
+                f"strategy label {label!r} cannot name a directory; use letters, digits, '.', '_', "
                 "'+' and '-', starting with a letter or digit"
             )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise RunError(f"seed must be a non-negative integer, got {seed!r}")
-        path = self.path / strategy / f"seed-{seed}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return SeriesDir(self.path / label / f"seed-{seed}")
 
-    def cycle_dir(self, strategy: str, seed: int, cycle: int) -> Path:
-        """``RUN/<strategy>/seed-<seed>/cycle-<cycle>``, created if missing."""
+    def shared_cycle0(self, seed: int) -> CycleDir:
+        """``RUN/_shared/seed-<seed>/cycle-0``: the seed's cycle-0 model (every strategy's) and its pool predictions."""
+        return CycleDir(self.path / SHARED_DIR / f"seed-{seed}" / "cycle-0")
+
+    def list_series(self) -> list[SeriesDir]:
+        """The series present in the run directory, sorted by (label, seed)."""
+        found = [SeriesDir(d) for d in self.path.glob("*/seed-*") if d.is_dir() and d.name[5:].isdigit()]
+        return sorted((s for s in found if LABEL_PATTERN.fullmatch(s.label)), key=lambda s: (s.label, s.seed))
+
+
+@dataclass(frozen=True)
+class _Dir:
+    path: Path
+
+    def mkdir(self) -> Any:  # creates it and its parents if missing; returns self
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+class SeriesDir(_Dir):
+    """``RUN/<label>/seed-<s>/``: one series (:meth:`RunDir.series`)."""
+
+    label = property(lambda self: self.path.parent.name)
+    seed = property(lambda self: int(self.path.name.removeprefix("seed-")))
+    ledger = _entry("ledger.json")
+    records = _entry(CYCLES_FILE)
+    labels = _entry("labels.json")  # a human run: every label imported so far (COCO)
+    diversity = _entry("diversity.json")  # published records: the batches' figures (mgral.report.diversity)
+
+    def cycle(self, cycle: int) -> CycleDir:
+        """``<series>/cycle-<cycle>`` (not created)."""
         if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 0:
             raise RunError(f"cycle must be a non-negative integer, got {cycle!r}")
-        path = self.series_dir(strategy, seed) / f"cycle-{cycle}"
-        path.mkdir(exist_ok=True)
-        return path
+        return CycleDir(self.path / f"cycle-{cycle}")
+
+    def cycles(self) -> dict[int, CycleDir]:
+        """The cycle directories present, by cycle (ascending)."""
+        found = {int(d.name[6:]): CycleDir(d) for d in self.path.glob("cycle-*") if d.name[6:].isdigit() and d.is_dir()}
+        return dict(sorted(found.items()))
+
+
+class CycleDir(_Dir):
+    """``<series>/cycle-<c>/``: what one cycle of a series wrote (:meth:`SeriesDir.cycle`)."""
+
+    model = _entry("model.pt")  # the trained detector (kept for the latest cycle only)
+    last = _entry("last.pt")  # the epoch checkpoint of a training in progress (the detector writes it)
+    evaluation = _entry("evaluation.json")  # the test result and the seconds training took
+    selection = _entry("selection.json")  # the chosen images, written before the oracle is asked
+    predictions = _entry("predictions.npz")  # the pool predictions the strategy read (mgral.detectors.cache)
+    query = _entry("query.json")  # a human run: when the images were asked for
+    labeling = _entry("labeling")  # a human run: the labeling package
+
+    mgral = property(lambda self: MgralDir(self.path / "mgral"))  # what MGRAL wrote in the cycle
+    series = property(lambda self: SeriesDir(self.path.parent))  # the series holding the cycle
+
+
+class MgralDir(_Dir):
+    """``cycle-<c>/mgral/``: what the MGRAL strategy writes in a cycle (:mod:`mgral.strategies.mgral.strategy`)."""
+
+    summary = _entry("summary.json")  # read by mgral report, as are agent_rewards and table
+    agent_rewards = _entry("agent_rewards.csv")
+    table = _entry("table.csv")
+    table_json = _entry("table.json")
+    table_rows = _entry("table_rows.npz")  # read back by the series' later cycles
+    agent = _entry("agent.pt")  # the agent's weights: the next cycle's warm start
+    candidates = _entry("candidates.npz")
+    reward_model = _entry("reward_model.json")
+    features = _entry("features.npz")
+    jobs = _entry("jobs")  # one <name>.json per surrogate fine-tune
+
+    reported = property(lambda self: (self.summary, self.agent_rewards, self.table))  # what mgral report reads
 
 
 _MISSING = object()
@@ -347,13 +415,3 @@ def remove_stale_temp_files(directory: str | os.PathLike[str], *, recursive: boo
     if removed:
         log.info("removed %d stale temporary file(s) in %s", len(removed), directory)
     return removed
-
-
-def list_series(run_dir: str | os.PathLike[str]) -> list[tuple[str, int]]:
-    """The ``(strategy label, seed)`` series present in a run directory, sorted."""
-    found = []
-    for d in Path(run_dir).glob("*/seed-*"):
-        seed = d.name.removeprefix("seed-")
-        if d.is_dir() and seed.isdigit() and LABEL_PATTERN.fullmatch(d.parent.name):
-            found.append((d.parent.name, int(seed)))
-    return sorted(found)

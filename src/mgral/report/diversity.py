@@ -30,16 +30,13 @@ from scipy.spatial.distance import pdist
 
 from mgral.detectors.cache import load_predictions
 from mgral.errors import MgralError
-from mgral.loop import SHARED_DIR
 from mgral.report.load import Series
-from mgral.runs import CYCLES_FILE, read_cycle_records
-
-SAVED_FILE = "diversity.json"
+from mgral.runs import CycleDir, RunDir, read_cycle_records
 
 
 def batch_figures(cycle_dir: Path, selected: Sequence) -> dict[str, float | None] | None:
     """The two figures of one batch, or None without cached predictions covering it."""
-    path = cycle_dir / "predictions.npz"
+    path = CycleDir(Path(cycle_dir)).predictions
     if not selected or not path.is_file():
         return None
     try:
@@ -55,27 +52,21 @@ def batch_figures(cycle_dir: Path, selected: Sequence) -> dict[str, float | None
     return {"mean_pairwise_distance": float(pdist(emb).mean()) if len(emb) > 1 else 0.0, "top_class_share": share}
 
 
-def _cycle_dir(run_dir: Path, label: str, seed: int, cycle: int, own: bool) -> Path:
-    """Where the predictions behind a batch are cached; ``own``: the series caches predictions."""
-    path = run_dir / label / f"seed-{seed}" / f"cycle-{cycle}"
-    if cycle == 0 and own and not (path / "predictions.npz").is_file():  # the seed's shared model chose it
-        path = run_dir / SHARED_DIR / f"seed-{seed}" / "cycle-0"
-    return path
-
-
 def series_figures(run_dir: str | Path, label: str, seed: int) -> dict[int, dict[str, float]]:
     """The figures of every batch of one series that has them, by cycle: from cached
     predictions, else from the series' ``diversity.json``."""
-    run_dir = Path(run_dir)
-    sdir = run_dir / label / f"seed-{seed}"
+    sdir = RunDir(run_dir).series(label, seed)
     try:
-        saved = {int(k): v for k, v in json.loads((sdir / SAVED_FILE).read_text(encoding="utf-8")).items()}
+        saved = {int(k): v for k, v in json.loads(sdir.diversity.read_text(encoding="utf-8")).items()}
     except (OSError, ValueError, AttributeError):  # absent (the usual case) or unreadable: not used
         saved = {}
-    own = any(sdir.glob("cycle-*/predictions.npz"))  # the strategy read predictions (random does not)
+    own = any(c.predictions.exists() for c in sdir.cycles().values())  # it read predictions (random does not)
     out: dict[int, dict[str, float]] = {}
-    for r in read_cycle_records(sdir / CYCLES_FILE):
-        fig = batch_figures(_cycle_dir(run_dir, label, seed, r["cycle"], own), r.get("selected"))
+    for r in read_cycle_records(sdir.records):
+        cdir = sdir.cycle(r["cycle"])
+        if r["cycle"] == 0 and own and not cdir.predictions.is_file():  # the seed's shared model chose it
+            cdir = RunDir(run_dir).shared_cycle0(seed)
+        fig = batch_figures(cdir.path, r.get("selected"))
         fig = fig if fig is not None else saved.get(r["cycle"])
         if fig is not None:
             out[r["cycle"]] = fig

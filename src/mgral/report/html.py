@@ -30,7 +30,6 @@ from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import MgralError
 from mgral.report.load import (
     MGRAL_STAGES,
-    REFERENCE_LABEL,
     DatasetCache,
     MgralCycle,
     Series,
@@ -40,7 +39,7 @@ from mgral.report.load import (
 from mgral.report.metrics import by_label
 from mgral.report.plots import diagnostic_series
 from mgral.report.tables import FRACTIONS, Table, results_table
-from mgral.runs import CYCLES_FILE, read_cycle_records
+from mgral.runs import REFERENCE_LABEL, RunDir, SeriesDir, read_cycle_records
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +250,12 @@ def _detections_text(dets: Detections, names: dict[int, str]) -> str:
     return "; ".join(f"{names.get(int(dets.labels[i]), dets.labels[i])} {dets.scores[i]:.2f}" for i in order)
 
 
-def _selections(series_dir: Path) -> list[tuple[int, list[ImageId]]]:
+def _selections(sdir: SeriesDir) -> list[tuple[int, list[ImageId]]]:
     """(cycle, selected ids) of every cycle that made a selection, from ``cycles.jsonl`` and,
     for a cycle in progress, ``selection.json``."""
-    records = read_cycle_records(series_dir / CYCLES_FILE)
+    records = read_cycle_records(sdir.records)
     found = [(r["cycle"], r["selected"]) for r in records if isinstance(r.get("selected"), list) and r["selected"]]
-    pending = series_dir / f"cycle-{len(records)}" / "selection.json"
+    pending = sdir.cycle(len(records)).selection
     if pending.is_file():
         try:
             ids = json.loads(pending.read_text(encoding="utf-8")).get("image_ids")
@@ -269,7 +268,7 @@ def _selections(series_dir: Path) -> list[tuple[int, list[ImageId]]]:
 
 
 def _gallery_cycle(
-    series_dir: Path, cycle: int, ids: list[ImageId], dataset: Dataset, per_cycle: int, budget: _Budget
+    sdir: SeriesDir, cycle: int, ids: list[ImageId], dataset: Dataset, per_cycle: int, budget: _Budget
 ) -> dict[str, Any]:
     from PIL import Image
 
@@ -277,7 +276,7 @@ def _gallery_cycle(
 
     colours = {c.id: _PALETTE[k % len(_PALETTE)] for k, c in enumerate(dataset.categories)}
     names = dataset.category_names
-    cache = series_dir / f"cycle-{cycle}" / "predictions.npz"
+    cache = sdir.cycle(cycle).predictions
     preds: dict[ImageId, Detections] | None = None
     note = "no predictions cached"
     if cache.is_file():
@@ -326,10 +325,10 @@ def _gallery(series: Sequence[Series], per_cycle: int, datasets: DatasetCache) -
         if label == REFERENCE_LABEL:
             continue
         s = group[0]
-        series_dir = s.run_dir / label / f"seed-{s.seed}"
+        sdir = RunDir(s.run_dir).series(label, s.seed)
         entry: dict[str, Any] = {"label": label, "seed": s.seed, "message": "", "cycles": []}
         out.append(entry)
-        selections = _selections(series_dir)
+        selections = _selections(sdir)
         if not selections:
             entry["message"] = "no cycle has selected images yet"
             continue
@@ -341,7 +340,7 @@ def _gallery(series: Sequence[Series], per_cycle: int, datasets: DatasetCache) -
             if budget.left <= 0:
                 cut = True
                 break
-            entry["cycles"].append(_gallery_cycle(series_dir, cycle, ids, dataset, per_cycle, budget))
+            entry["cycles"].append(_gallery_cycle(sdir, cycle, ids, dataset, per_cycle, budget))
     return out, cut
 
 

@@ -16,13 +16,10 @@ import numpy as np
 
 from mgral.data.records import Dataset
 from mgral.errors import MgralError, RunError
-from mgral.runs import CYCLES_FILE, RunDir, list_series, read_cycle_records
+from mgral.runs import CONFIG_FILE, CYCLES_FILE, REFERENCE_LABEL, MgralDir, RunDir, SeriesDir, read_cycle_records
 
 METRIC_NAMES = {"coco": "mAP@[.5:.95]", "voc07": "VOC07 AP@0.5", "voc12": "VOC12 AP@0.5"}
 """What a record's ``mAP`` is, by the run's ``evaluation.style`` (config.yaml; absent: ``coco``)."""
-
-REFERENCE_LABEL = "reference"
-"""The series directory of the full-data reference: ``RUN/reference/seed-<s>/cycles.jsonl``."""
 
 X_KEYS = ("num_labeled", "num_boxes_labeled", "labeling_cost")
 Y_KEYS = ("mAP", "mAP50")
@@ -71,8 +68,8 @@ def _number(record: dict[str, Any], key: str) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
 
 
-def _series(run_dir: Path, label: str, seed: int) -> Series | None:
-    path = run_dir / label / f"seed-{seed}" / CYCLES_FILE
+def _series(run_dir: Path, sdir: SeriesDir) -> Series | None:
+    label, seed, path = sdir.label, sdir.seed, sdir.records
     records = read_cycle_records(path)
     if not records:
         return None  # the series has started but finished no cycle yet
@@ -115,15 +112,15 @@ def load_series(run_dirs: Sequence[str | Path]) -> list[Series]:
     """
     found: list[Series] = []
     for run_dir in _run_dirs(run_dirs):
-        pairs = [(label, seed) for label, seed in list_series(run_dir) if label != REFERENCE_LABEL]
-        if not pairs:
+        started = [s for s in RunDir(run_dir).list_series() if s.label != REFERENCE_LABEL]
+        if not started:
             raise RunError(
                 f"{run_dir} is not a run directory: expected <strategy label>/seed-<s>/{CYCLES_FILE} "
                 "under it (as mgral run writes), found no such series"
             )
-        series = [s for label, seed in pairs if (s := _series(run_dir, label, seed)) is not None]
+        series = [s for sdir in started if (s := _series(run_dir, sdir)) is not None]
         if not series:
-            raise RunError(f"{run_dir}: no series has finished a cycle yet ({len(pairs)} started); nothing to report")
+            raise RunError(f"{run_dir}: no series has finished a cycle yet ({len(started)} started); nothing to report")
         found.extend(series)
     return sorted(found, key=lambda s: (s.label, s.seed, str(s.run_dir)))
 
@@ -139,14 +136,14 @@ def load_reference(run_dirs: Sequence[str | Path]) -> dict[int, dict[str, Any]] 
     """
     references: dict[int, dict[str, Any]] = {}
     for run_dir in _run_dirs(run_dirs):
-        for seed in [seed for label, seed in list_series(run_dir) if label == REFERENCE_LABEL]:
-            records = read_cycle_records(run_dir / REFERENCE_LABEL / f"seed-{seed}" / CYCLES_FILE)
+        for sdir in [s for s in RunDir(run_dir).list_series() if s.label == REFERENCE_LABEL]:
+            records = read_cycle_records(sdir.records)
             if not records:
                 continue
-            if seed in references:
-                log.warning("%s: a second full-data reference for seed %d; using the first run's", run_dir, seed)
+            if sdir.seed in references:
+                log.warning("%s: a second full-data reference for seed %d; using the first run's", run_dir, sdir.seed)
                 continue
-            references[seed] = records[-1]
+            references[sdir.seed] = records[-1]
     return references or None
 
 
@@ -216,11 +213,6 @@ def run_title(run_dirs: Sequence[str | Path]) -> str:
 
 # -- MGRAL diagnostics --------------------------------------------------------------------
 
-MGRAL_DIR = "mgral"
-"""MGRAL's per-cycle diagnostics: ``RUN/<label>/seed-<s>/cycle-<c>/mgral/``."""
-MGRAL_SUMMARY = "summary.json"
-MGRAL_AGENT = "agent_rewards.csv"
-MGRAL_TABLE = "table.csv"
 AGENT_COLUMNS = ("update", "reward_mean", "reward_max", "baseline", "entropy")
 MGRAL_STAGES = ("features", "table", "reward_model", "agent", "selection")
 
@@ -341,15 +333,11 @@ def _read_table(path: Path, values: dict[str, Any]) -> None:
     values["table"], values["categories"] = table, list(names.values())
 
 
-_MGRAL_READERS = ((MGRAL_SUMMARY, _read_summary), (MGRAL_AGENT, _read_agent), (MGRAL_TABLE, _read_table))
-
-
 def _mgral_cycle(run_dir: Path, label: str, seed: int, cycle: int, path: Path) -> MgralCycle | None:
     values: dict[str, Any] = {}
     problems: list[str] = []
     found = False
-    for name, reader in _MGRAL_READERS:
-        file = path / name
+    for file, reader in zip(MgralDir(path).reported, (_read_summary, _read_agent, _read_table), strict=True):
         if not file.is_file():
             continue
         found = True
@@ -358,7 +346,7 @@ def _mgral_cycle(run_dir: Path, label: str, seed: int, cycle: int, path: Path) -
         except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as err:
             # diagnostics are for reading, not for the curves: a bad file is reported, not fatal
             log.warning("%s: cannot read MGRAL diagnostics (%s); left out of the report", file, err)
-            problems.append(f"{name}: unreadable ({err})")
+            problems.append(f"{file.name}: unreadable ({err})")
     if not found:
         return None
     return MgralCycle(label=label, seed=seed, cycle=cycle, run_dir=run_dir, path=path, problems=problems, **values)
@@ -375,15 +363,10 @@ def load_mgral_diagnostics(run_dirs: str | Path | Sequence[str | Path]) -> list[
     paths = [Path(run_dirs)] if isinstance(run_dirs, str | os.PathLike) else [Path(p) for p in run_dirs]
     found: list[MgralCycle] = []
     for run_dir in paths:
-        for label, seed in list_series(run_dir):
-            if label == REFERENCE_LABEL:
-                continue
-            for cycle_dir in (run_dir / label / f"seed-{seed}").glob("cycle-*"):
-                number = cycle_dir.name.removeprefix("cycle-")
-                if number.isdigit() and (cycle_dir / MGRAL_DIR).is_dir():
-                    item = _mgral_cycle(run_dir, label, seed, int(number), cycle_dir / MGRAL_DIR)
-                    if item is not None:
-                        found.append(item)
+        for sdir in [s for s in RunDir(run_dir).list_series() if s.label != REFERENCE_LABEL]:
+            for cycle, cdir in sdir.cycles().items():
+                if (item := _mgral_cycle(run_dir, sdir.label, sdir.seed, cycle, cdir.mgral.path)) is not None:
+                    found.append(item)
     return sorted(found, key=lambda d: (d.label, d.seed, d.cycle, str(d.run_dir)))
 
 
@@ -402,7 +385,7 @@ def run_dataset(run_dir: Path, cache: DatasetCache) -> tuple[Dataset | None, str
         config = RunDir(run_dir).config()
         ds = config.get("dataset")
         if not isinstance(ds, dict) or not ds.get("path"):
-            raise MgralError(f"{run_dir / 'config.yaml'} names no dataset.path")
+            raise MgralError(f"{run_dir / CONFIG_FILE} names no dataset.path")
         found: tuple[Dataset | None, str] = (
             # no file checks (a missing image only loses its thumbnail); boxes are not shown, so
             # one sticking out of its image is clipped rather than refused

@@ -17,7 +17,7 @@ from mgral.report.html import write_html
 from mgral.report.load import dataset_of, load_mgral_diagnostics, load_reference, load_series, run_title
 from mgral.report.plots import plot_curves, plot_mgral_diagnostics
 from mgral.report.tables import markdown_text, results_table, write_csv
-from mgral.runs import CYCLES_FILE, list_series, read_cycle_records
+from mgral.runs import RunDir, read_cycle_records
 
 SELECTION_COLUMNS = ("strategy", "strategy_name", "seed", "cycle", "rank", "image_id", "file_name", "score")
 
@@ -38,14 +38,14 @@ def write_selections(run_dirs: Sequence[str | Path], path: str | Path, datasets:
     n = 0
     for run_dir in map(Path, run_dirs):
         dataset = dataset_of(run_dir, datasets)
-        for label, seed in list_series(run_dir):
-            for record in read_cycle_records(run_dir / label / f"seed-{seed}" / CYCLES_FILE):
+        for sdir in RunDir(run_dir).list_series():
+            for record in read_cycle_records(sdir.records):
                 scores = record.get("scores") or []
                 for rank, image_id in enumerate(record.get("selected") or []):
                     file_name = dataset[image_id].file_name if dataset is not None and image_id in dataset else ""
                     score = scores[rank] if rank < len(scores) else ""
-                    name = record.get("strategy_name", label)
-                    writer.writerow([label, name, seed, record["cycle"], rank, image_id, file_name, score])
+                    name = record.get("strategy_name", sdir.label)
+                    writer.writerow([sdir.label, name, sdir.seed, record["cycle"], rank, image_id, file_name, score])
                     n += 1
     atomic_write_text(path, buffer.getvalue())
     return n

@@ -41,6 +41,7 @@ from mgral._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mgral.data.records import Dataset, ImageId
 from mgral.errors import ConfigError
 from mgral.executors import EXECUTORS, make_executor
+from mgral.runs import CycleDir, MgralDir
 from mgral.strategies._detection_math import hflip
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 from mgral.strategies.mgral import agent as agent_mod
@@ -204,9 +205,7 @@ class MGRAL(Strategy):
         if n == len(pool):  # the whole pool is the batch: nothing to learn
             return select_top(pool, np.zeros(n), n, rng, {"note": "the budget covers the whole pool"})
         seed = int(rng.integers(2**31))
-        out = Path(context.work_dir) / "mgral" if context.work_dir is not None else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
+        out = CycleDir(Path(context.work_dir)).mgral.mkdir() if context.work_dir is not None else None
         seconds: dict[str, float] = {}
         dataset = context.dataset
 
@@ -277,11 +276,11 @@ class MGRAL(Strategy):
                 clusters=cand_clusters,
                 cluster_coef=np.array(model.cluster_coef),
             )
-            atomic_write_bytes(out / "candidates.npz", buf.getvalue())
+            atomic_write_bytes(out.candidates, buf.getvalue())
         info.update({"loo_spearman": rho, "table_rows": int(current.sum()), "history_rows": int((~current).sum())})
         if out is not None:
             atomic_write_json(
-                out / "reward_model.json",
+                out.reward_model,
                 {
                     **model.to_dict(phi_names),
                     "loo_spearman": rho,
@@ -340,7 +339,7 @@ class MGRAL(Strategy):
             if out is not None:
                 buf = io.BytesIO()
                 torch.save(agent.state_dict(), buf)
-                atomic_write_bytes(out / "agent.pt", buf.getvalue())
+                atomic_write_bytes(out.agent, buf.getvalue())
         random_batches = np.stack([rng.choice(len(cand), n, replace=False) for _ in range(64)])
         info["reward_random_batch"] = float(model.batch_rewards(credits, cand_clusters, random_batches).mean())
         selection = select_top(cand, scores, n, rng)
@@ -351,9 +350,9 @@ class MGRAL(Strategy):
         return self._finish(context, cand, scores, n, rng, info, seconds, feats, index, out, selection, curve)
 
     # -- stages ------------------------------------------------------------------------------
-    def _features(self, context: SelectionContext, ids: list[ImageId], out: Path | None) -> dict[str, Any]:
+    def _features(self, context: SelectionContext, ids: list[ImageId], out: MgralDir | None) -> dict[str, Any]:
         """Raw statistics and embeddings of ``ids`` (cached per cycle in ``features.npz``)."""
-        cache = out / "features.npz" if out is not None else None
+        cache = out.features if out is not None else None
         if cache is not None and cache.exists():
             with np.load(cache, allow_pickle=False) as z:
                 cached_ids = json.loads(str(z["ids"]))
@@ -487,10 +486,10 @@ class MGRAL(Strategy):
                 dmap=rows.dmap,
                 cycle=np.array(context.cycle),
             )
-            atomic_write_bytes(out / "table_rows.npz", buf.getvalue())
+            atomic_write_bytes(out.table_rows, buf.getvalue())
         return table, rows
 
-    def _write_table(self, out: Path, table: list[dict], names: list[str]) -> None:
+    def _write_table(self, out: MgralDir, table: list[dict], names: list[str]) -> None:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["cycle", "combination", "dmAP", "mAP", *(f"AP[{n}]" for n in names)])
@@ -499,8 +498,8 @@ class MGRAL(Strategy):
             w.writerow(
                 [row["cycle"], combo, _fmt(row["dmAP"]), _fmt(row["mAP"]), *(_fmt(row["per_class"][n]) for n in names)]
             )
-        atomic_write_text(out / "table.csv", buf.getvalue())
-        atomic_write_json(out / "table.json", table, indent=1)
+        atomic_write_text(out.table, buf.getvalue())
+        atomic_write_json(out.table_json, table, indent=1)
 
     def _history(self, context: SelectionContext, num_features: int) -> list[TableRows]:
         """Rows of this series' earlier cycles (``../cycle-<c>/mgral/table_rows.npz``),
@@ -509,7 +508,7 @@ class MGRAL(Strategy):
             return []
         parts = []
         for c in range(context.cycle):
-            path = Path(context.work_dir).parent / f"cycle-{c}" / "mgral" / "table_rows.npz"
+            path = CycleDir(Path(context.work_dir)).series.cycle(c).mgral.table_rows
             if not path.exists():
                 continue
             with np.load(path, allow_pickle=False) as z:
@@ -525,7 +524,7 @@ class MGRAL(Strategy):
             torch.manual_seed(0)
             agent = agent_mod.SamplingAgent(num_features, hidden=self.hidden)
         if self.warm_start and context.work_dir is not None and context.cycle > 0:
-            prev = Path(context.work_dir).parent / f"cycle-{context.cycle - 1}" / "mgral" / "agent.pt"
+            prev = CycleDir(Path(context.work_dir)).series.cycle(context.cycle - 1).mgral.agent
             if prev.exists():
                 state = torch.load(prev, map_location="cpu", weights_only=True)
                 try:
@@ -571,9 +570,9 @@ class MGRAL(Strategy):
                 )
                 w.writeheader()
                 w.writerows(curve)
-                atomic_write_text(out / "agent_rewards.csv", buf.getvalue())
+                atomic_write_text(out.agent_rewards, buf.getvalue())
             atomic_write_json(
-                out / "summary.json",
+                out.summary,
                 {
                     "loo_spearman": info.get("loo_spearman"),
                     "table_rows": info.get("table_rows", 0),
@@ -646,14 +645,14 @@ def split_labeled(
 
 
 def run_jobs(
-    jobs, shared, executor: str, workers, ray_address, out: Path | None, gpus_per_job: float = 0
+    jobs, shared, executor: str, workers, ray_address, out: MgralDir | None, gpus_per_job: float = 0
 ) -> dict[str, dict]:
     """Run the fine-tunes through the executor; each result is saved as it finishes
     (``jobs/<name>.json``) and reused on a re-run, so a killed cycle resumes its table.
     A Ray job reserves ``shared.threads`` CPUs and ``gpus_per_job`` GPUs."""
     results: dict[str, dict] = {}
     todo = []
-    jobs_dir = out / "jobs" if out is not None else None
+    jobs_dir = out.jobs if out is not None else None
     if jobs_dir is not None:
         jobs_dir.mkdir(exist_ok=True)
     for job in jobs:
