@@ -148,3 +148,23 @@ def test_run_then_report(tmp_path, capsys):
     assert "cannot resume with a different config: cycles: 1 (recorded) vs 2 (given)" in capsys.readouterr().err
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "results.md").is_file() and (run / "report" / "curves_images.png").is_file()
+
+
+def test_version_and_help_on_every_argument(capsys):
+    import argparse
+
+    from mgral import __version__
+    from mgral.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"mgral {__version__}"
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [
+        f"{name} {a.option_strings or a.dest}"
+        for name, sub in subparsers.choices.items()
+        for a in sub._actions
+        if not a.help and a.dest != "help"
+    ]
+    assert not bare, f"arguments without help text: {bare}"

@@ -430,23 +430,26 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mgral import __version__
+
     parser = argparse.ArgumentParser(prog="mgral", description="Active learning for object detection.")
+    parser.add_argument("--version", action="version", version=f"mgral {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="generate the built-in digits-scenes dataset (COCO)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--images", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--out", type=Path, required=True, help="directory to write the dataset into")
+    p.add_argument("--images", type=int, default=600, help="number of scenes (default 600)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes (same seed, same dataset)")
+    p.add_argument("--image-size", type=int, default=128, help="side of each square scene in pixels")
     p.add_argument("--imbalance", type=float, default=1.0, help="most / least frequent class ratio (1 = balanced)")
     p.add_argument("--clutter", type=float, default=1.0, help="background clutter strength (0 = none)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that mgral wrote")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert", help="convert a dataset between COCO, VOC and YOLO")
-    p.add_argument("src", type=Path)
-    p.add_argument("--to", required=True, choices=["coco", "voc", "yolo"])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("src", type=Path, help="the dataset to convert (file or directory)")
+    p.add_argument("--to", required=True, choices=["coco", "voc", "yolo"], help="output format")
+    p.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
     p.add_argument("--from", dest="from_", choices=FORMATS + LAYOUTS, help="source format (default: detected)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty output directory that mgral wrote (.mgral-output)"
@@ -456,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="read a dataset, validate it and print a summary")
-    p.add_argument("path", type=Path)
-    p.add_argument("--from", dest="from_", choices=FORMATS + LAYOUTS)
+    p.add_argument("path", type=Path, help="the dataset (file or directory)")
+    p.add_argument("--from", dest="from_", choices=FORMATS + LAYOUTS, help="its format (default: detected)")
     p.add_argument("--no-check-files", action="store_true", help="do not check that image files exist")
     _add_read_options(p)
     p.set_defaults(func=cmd_info)
@@ -466,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", type=Path, required=True, help="ground truth dataset (COCO / VOC / YOLO)")
     p.add_argument("--gt-format", choices=FORMATS + LAYOUTS, help="ground truth format (default: detected)")
     p.add_argument("--pred", type=Path, required=True, help="COCO results list (or a COCO dataset with scores)")
-    p.add_argument("--style", choices=["coco", "voc07", "voc12"], default="coco")
+    p.add_argument("--style", choices=["coco", "voc07", "voc12"], default="coco", help="metric (default coco)")
     p.add_argument(
         "--split",
         action="append",
@@ -481,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train a detector on a dataset's train split")
-    p.add_argument("data", type=Path)
-    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"])
+    p.add_argument("data", type=Path, help="the dataset (COCO / VOC / YOLO)")
+    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"], help="its format (default: detected)")
     p.add_argument("--detector", required=True, help="preset name (mgral list detectors)")
     p.add_argument("--out", type=Path, required=True, help="directory for model.pt, last.pt, train.json")
     p.add_argument("--train-ids", type=Path, help="file of image ids to train on (default: the train split)")
@@ -491,13 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let --train-ids name test-split images (they are then left out of the printed test mAP)",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--iterations", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int, help="passes over the training images (default: the preset's)")
+    p.add_argument("--iterations", type=int, help="optimizer steps instead of epochs")
+    p.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     p.add_argument("--weights", type=Path, help="local weights file (never downloaded)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="preset parameter")
     p.add_argument("--on-bad-image", choices=["raise", "skip"], help="an image that fails to decode: stop or skip it")
@@ -505,19 +508,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="predict with a trained detector; writes COCO results")
-    p.add_argument("data", type=Path)
-    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"])
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("data", type=Path, help="the dataset (COCO / VOC / YOLO)")
+    p.add_argument("--from", dest="from_", choices=["coco", "voc", "yolo"], help="its format (default: detected)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.pt written by mgral train or mgral run")
     p.add_argument("--out", type=Path, required=True, help="COCO results JSON to write")
     p.add_argument("--split", choices=["train", "val", "test"], help="images to predict (default: test)")
     p.add_argument("--ids", type=Path, help="file of image ids to predict")
-    p.add_argument("--on-bad-image", choices=["raise", "skip"], default="raise")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--on-bad-image",
+        choices=["raise", "skip"],
+        default="raise",
+        help="an image that fails to decode: stop or skip it",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="run an active-learning experiment from a YAML config")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, help="experiment config (YAML)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (start it if there is none yet)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -575,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("file", type=Path, help="COCO .json, VOC or YOLO directory, or Label Studio JSON export")
-    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True, help="the run directory made by mgral query")
     p.add_argument("--format", choices=["coco", "voc", "yolo", "label-studio"], help="default: detected")
     p.add_argument("--strategy", metavar="LABEL", help="the strategy's label (needed if the run has several)")
     p.add_argument("--seed", type=int, help="the seed (needed if the run has several)")
@@ -602,12 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("report", help="AL curves and results tables of one or more runs")
-    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("runs", type=Path, nargs="+", help="run directories to report together")
     p.add_argument("--out", type=Path, help="output directory (default: RUN/report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="what is registered")
-    p.add_argument("what", choices=["formats", "detectors", "strategies"])
+    p.add_argument("what", choices=["formats", "detectors", "strategies"], help="which registry to list")
     p.set_defaults(func=cmd_list)
     return parser
 
