@@ -366,6 +366,8 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
         del data["reference_train"]  # likewise
     if data["evaluation"] == EvaluationConfig().model_dump(mode="json"):
         del data["evaluation"]  # likewise
+    if not data["dataset"]["follow_links"]:
+        del data["dataset"]["follow_links"]  # likewise
     return data
 
 
