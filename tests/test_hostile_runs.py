@@ -296,30 +296,15 @@ def test_a_signal_stops_the_workers_releases_the_lock_and_resume_ends_as_uninter
     finished, tmp_path, signum, executor
 ):
     cfg, _, expected = finished
-    config = _write(tmp_path / "c.yaml", {**cfg, "executor": executor, "workers": 2})
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "mgral", "run", str(config), "--out", str(run)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    workers: set[int] = set()
-    deadline = time.monotonic() + 120
-    # the series have started (phase 2): both workers are training
-    while not list(run.glob("*/seed-0/ledger.json")) or len(workers) < 2:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the series did not start"
-        workers |= _descendants(proc.pid)
-        time.sleep(0.05)
-    workers |= _descendants(proc.pid)
+    command, env, proc, workers = _start_two_workers(cfg, executor, tmp_path / "c.yaml", run)
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == 128 + signum
     err = proc.stderr.read().decode()
     name = signal.Signals(signum).name
     assert err.strip().splitlines()[-1] == f"mgral: stopped by {name}; resume with --resume", err
     assert "Traceback" not in err, err
-    deadline = time.monotonic() + 10  # orphans that are alive now would run on; give the dying a moment
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in workers if _alive(p)], "worker processes survived the run"
+    _assert_gone(workers, within=10, what="worker processes survived the run")
     with RunLock(run):  # released: a resume may take it
         pass
     assert len(read_cycle_records(run / "entropy" / "seed-0" / "cycles.jsonl")) < 2, "the run finished first"
@@ -332,8 +317,16 @@ def test_a_killed_run_takes_its_workers_with_it(finished, tmp_path):
     """SIGKILL leaves the run nothing to clean up with: the kernel ends its workers
     (PR_SET_PDEATHSIG), so no orphan goes on writing into the run."""
     cfg, _, _ = finished
-    config = _write(tmp_path / "c.yaml", {**cfg, "executor": "process", "workers": 2})
-    run = tmp_path / "run"
+    _, _, proc, workers = _start_two_workers(cfg, "process", tmp_path / "c.yaml", tmp_path / "run")
+    proc.kill()
+    proc.wait(timeout=30)
+    _assert_gone(workers, within=20, what="worker processes outlived their killed run")
+
+
+def _start_two_workers(cfg: dict, executor: str, config: Path, run: Path):
+    """``mgral run`` in a child process with two workers, returned once the series have
+    started (phase 2) and both workers train: (command, env, process, worker pids)."""
+    _write(config, {**cfg, "executor": executor, "workers": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "mgral", "run", str(config), "--out", str(run)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -344,12 +337,14 @@ def test_a_killed_run_takes_its_workers_with_it(finished, tmp_path):
         assert time.monotonic() < deadline, "the series did not start"
         workers |= _descendants(proc.pid)
         time.sleep(0.05)
-    proc.kill()
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 20
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+    return command, env, proc, workers | _descendants(proc.pid)
+
+
+def _assert_gone(pids: set[int], *, within: float, what: str) -> None:
+    deadline = time.monotonic() + within  # orphans alive now would run on; give the dying a moment
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in workers if _alive(p)], "worker processes outlived their killed run"
+    assert not [p for p in pids if _alive(p)], what
 
 
 # -- 4. stale temporary files of interrupted writes --------------------------------------
