@@ -169,3 +169,21 @@ def test_the_readme_python_example_runs(digits, tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     chosen = (tmp_path / "next.txt").read_text().split()
     assert len(chosen) == min(50, len(dataset.image_ids("train")) - 6) and capsys.readouterr().out.startswith("[")
+
+
+@pytest.mark.parametrize("content", ["fifo", "npy", b"", b"PK\x03\x04 not a zip", b"\x93NUMPY not an npz"])
+def test_a_bad_embeddings_file_is_refused_naming_it(digits, tmp_path, capsys, content):
+    import os
+
+    emb = tmp_path / "emb.npz"
+    if content == "fifo":
+        os.mkfifo(emb)  # would block np.load forever
+    elif content == "npy":
+        with open(emb, "wb") as fh:
+            np.save(fh, np.zeros((3, 4)))  # one array, not named ones
+    else:
+        emb.write_bytes(content)
+    argv = ["select", "--data", str(digits), "--strategy", "core_set", "--budget", "3"]
+    assert main([*argv, "--out", str(tmp_path / "next.txt"), "--embeddings", str(emb)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mgral: error: {emb}: ") and "Traceback" not in err

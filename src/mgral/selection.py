@@ -19,13 +19,16 @@ what it needs.
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mgral.data._files import read_regular_file
 from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import ConfigError, DatasetError
 from mgral.strategies import STRATEGIES, Selection, SelectionContext, build_strategy
@@ -47,9 +50,13 @@ def read_embeddings(path: str | os.PathLike[str], dataset: Dataset) -> dict[Imag
     """
     source = str(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        data = read_regular_file(path, expected="an .npz file of per-image vectors")  # a FIFO would block np.load
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a plain .npy array
+            raise ValueError(f"one array of shape {np.shape(loaded)}, not named arrays")
+        with loaded as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DatasetError(
             f"{source}: cannot read embeddings ({err}); expected an .npz file of per-image vectors"
         ) from err
