@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mgral.data._files import read_regular_file
-from mgral.data.records import Dataset, Detections, ImageId
+from mgral.data.records import Dataset, Detections, ImageId, find_id
 from mgral.errors import ConfigError, DatasetError
 from mgral.strategies import STRATEGIES, Selection, SelectionContext, build_strategy
 
@@ -72,7 +72,7 @@ def read_embeddings(path: str | os.PathLike[str], dataset: Dataset) -> dict[Imag
     out: dict[ImageId, np.ndarray] = {}
     width = None
     for key, vector in pairs:
-        image_id = _dataset_id(key, dataset)
+        image_id = find_id(key, dataset)
         if image_id is None:
             raise DatasetError(f"{source}: {key!r:.60} is not an image id of the dataset")
         vector = np.asarray(vector)
@@ -83,17 +83,6 @@ def read_embeddings(path: str | os.PathLike[str], dataset: Dataset) -> dict[Imag
         width = len(vector)
         out[image_id] = vector.astype(np.float32)
     return out
-
-
-def _dataset_id(key: Any, dataset: Dataset) -> ImageId | None:
-    if isinstance(key, (int, str)) and key in dataset:
-        return key
-    text = str(key)
-    if text in dataset:
-        return text
-    if text.lstrip("-").isdecimal() and len(text) < 20 and int(text) in dataset:
-        return int(text)
-    return None
 
 
 def default_pool(dataset: Dataset, labeled: Iterable[ImageId], splits: Sequence[str] | None = None) -> list[ImageId]:

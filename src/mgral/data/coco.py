@@ -13,7 +13,6 @@ fields (segmentation, area, info, licenses) are ignored on read.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from mgral.data.records import (
     check_images_exist,
     check_int_id,
     describe_image,
+    finite_number,
     safe_relative_path,
     split_conflict,
 )
@@ -119,15 +119,6 @@ def write(dataset: Dataset, out_dir: Path, *, copy_images: bool = True) -> None:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:  # an int too large for a float
-        return False
 
 
 def _require(obj: dict, key: str, *, source: str, where: str) -> Any:
@@ -232,7 +223,7 @@ def _read_annotations(
                 f"{short_repr(sorted(category_ids), 200)} (add it to 'categories' or fix the annotation)"
             )
         bbox = _require(ann, "bbox", source=source, where=where)
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(finite_number(v) for v in bbox):
             raise DatasetError(
                 f"{source}: {where}: expected 'bbox' to be a list of 4 finite numbers [x, y, width, height], "
                 f"got {short_repr(bbox, 120)}"

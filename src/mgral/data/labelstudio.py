@@ -36,7 +36,6 @@ several labels are refused: an axis-aligned box has one class.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from mgral.data.records import (
     check_box,
     check_box_count,
     check_identical_boxes,
+    finite_number,
 )
 from mgral.errors import DatasetError
 
@@ -185,15 +185,6 @@ class Task:
         return f"{name} (image {short_repr(self.image, 160)})" if self.image else name
 
 
-def _number(v: object) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
-        return False
-
-
 def _image_of(data: dict) -> str:
     for key in ("image", "img", "url"):
         if isinstance(data.get(key), str):
@@ -219,14 +210,14 @@ def _region(raw: object, n: int, *, where: str) -> Region | None:
     if not isinstance(value, dict):
         raise DatasetError(f"{here}: expected 'value' to be an object with x, y, width, height, rectanglelabels")
     coords = {k: value.get(k) for k in ("x", "y", "width", "height")}
-    bad = [k for k, v in coords.items() if not _number(v)]
+    bad = [k for k, v in coords.items() if not finite_number(v)]
     if bad:
         raise DatasetError(
             f"{here}: expected value.{bad[0]} to be a finite number (percent of the image), got "
             f"{short_repr(coords[bad[0]], 40)}"
         )
     rotation = value.get("rotation", 0)
-    if not _number(rotation) or abs(rotation) > 1e-6:
+    if not finite_number(rotation) or abs(rotation) > 1e-6:
         raise DatasetError(
             f"{here}: the rectangle is rotated by {short_repr(rotation, 40)} degrees (value.rotation); expected an "
             "axis-aligned box (rotation 0): redraw it without rotating"

@@ -292,6 +292,32 @@ def safe_relative_path(file_name: object, *, source: str, where: str) -> str:
     return norm
 
 
+def finite_number(v: object) -> bool:
+    """Whether ``v`` is an int or float (not a bool) with a finite value. A 400-digit integer
+    is valid JSON, but ``float()`` and ``math.isfinite()`` raise OverflowError on it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def find_id(key: object, dataset: Dataset) -> ImageId | None:
+    """The dataset's id that ``key`` names: the id as written, then its text, then that text as
+    an integer (``"17"`` finds COCO id 17; ``2007_000027`` a VOC id); None if none does."""
+    if isinstance(key, (int, str)) and not isinstance(key, bool) and key in dataset:
+        return key
+    text = str(key)
+    if text in dataset:
+        return text
+    digits = text.removeprefix("-")
+    # isdecimal, not isdigit ('²' is a digit int() refuses); 20 digits bound an int64 id
+    if digits.isascii() and digits.isdecimal() and len(digits) <= 20 and int(text) in dataset:
+        return int(text)
+    return None
+
+
 def check_image_size(width: object, height: object, *, source: str, where: str) -> tuple[int, int]:
     """Validate an image's width and height (positive integers of at most :data:`MAX_IMAGE_SIDE`,
     given as ints or integer-valued floats) and return them as ints."""
@@ -544,11 +570,7 @@ def read_id_list(path: str | os.PathLike[str], dataset: Dataset) -> list[ImageId
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
-        image_id: ImageId | None = text if text in dataset else None
-        digits = text.removeprefix("-")
-        # isdecimal, not isdigit ('²' is a digit int() refuses); 20 digits bound an int64 id
-        if image_id is None and digits.isascii() and digits.isdecimal() and len(digits) <= 20 and int(text) in dataset:
-            image_id = int(text)
+        image_id = find_id(text, dataset)
         if image_id is None:
             raise DatasetError(
                 f"{source}: line {n}: {short_repr(text, 60)} is not an image id of the dataset (ids look like "

@@ -7,7 +7,6 @@ dataset dict whose ``annotations`` carry a ``score`` is read the same way.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -17,7 +16,7 @@ import numpy as np
 
 from mgral._io import atomic_write_json
 from mgral.data._layout import read_json
-from mgral.data.records import Dataset, Detections, ImageId
+from mgral.data.records import Dataset, Detections, ImageId, finite_number
 from mgral.errors import DatasetError
 
 _FIELDS = ("image_id", "category_id", "bbox", "score")
@@ -26,15 +25,6 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _finite(v: int | float) -> bool:
-    """Whether a JSON number is a finite float: a 400-digit integer is valid JSON, but
-    ``float()`` and ``math.isfinite()`` raise OverflowError on it."""
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 def _image_id(value: object, gt: Dataset, *, where: str, int_ids: bool) -> ImageId:
@@ -167,7 +157,7 @@ def read_predictions(
         bbox = entry["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DatasetError(f"{where}: expected 'bbox' to be [x, y, width, height] (4 numbers), got {bbox!r:.80}")
-        if not all(_finite(v) for v in bbox):
+        if not all(finite_number(v) for v in bbox):
             raise DatasetError(f"{where}: bbox {bbox!r:.80} has a non-finite value; expected finite pixel coordinates")
         x, y, w, h = (float(v) for v in bbox)
         if max(abs(x), abs(y), abs(x + w), abs(y + h)) > _FLOAT32_MAX:  # would become inf as float32
@@ -178,7 +168,7 @@ def read_predictions(
                 "width, height >= 0 (is it x1, y1, x2, y2?)"
             )
         score = entry["score"]
-        if not _is_number(score) or not _finite(score):
+        if not finite_number(score):
             raise DatasetError(f"{where}: expected 'score' to be a finite number, got {score!r:.40}")
         rows.setdefault(image_id, []).append((x, y, x + w, y + h, float(score), category_id))
     out: dict[ImageId, Detections] = {}
