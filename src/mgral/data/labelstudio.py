@@ -44,8 +44,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from mgral._untrusted import short_repr
-from mgral.data._files import read_regular_file
-from mgral.data._layout import read_json
+from mgral.data._layout import read_text
 from mgral.data.records import (
     MAX_IMAGE_SIDE,
     Category,
@@ -323,36 +322,35 @@ def read_export(path: str | os.PathLike[str]) -> list[Task]:
     Memory is the file's text plus one task. The ``{"tasks": [...]}`` form is decoded whole.
     """
     source = str(path)
-    try:
-        text = read_regular_file(path, expected=_EXPECTED).decode("utf-8")
-    except OSError as err:
-        raise DatasetError(f"{source}: cannot read the file: {err.strerror or err}; expected {_EXPECTED}") from err
-    except UnicodeDecodeError as err:
-        raise DatasetError(
-            f"{source}: not UTF-8 text ({err.reason} at byte {err.start}); expected {_EXPECTED}"
-        ) from err
-    start = _skip_space(text, 1 if text.startswith("\ufeff") else 0)
-    if not text.startswith("[", start):  # not a list: decode whole, and say what it is
-        return parse_export(read_json(Path(path), expected=_EXPECTED), source=source)
-    decoder, tasks, pos = json.JSONDecoder(), [], _skip_space(text, start + 1)
+    text = read_text(Path(path), what=_EXPECTED)
+    start = _skip_space(text, 0)
+    if not text.startswith("[", start):  # not a list: decoded whole, and parse_export says what it is
+        obj, end = _decode(text, start, source)
+        if text[end:].strip(" \t\n\r"):
+            raise _malformed(source, text, _skip_space(text, end), "extra data after the export")
+        return parse_export(obj, source=source)
+    tasks, pos = [], _skip_space(text, start + 1)
     while not text.startswith("]", pos):
         if tasks:
             if not text.startswith(",", pos):
                 raise _malformed(source, text, pos, "expected ',' or ']' after a task")
             pos = _skip_space(text, pos + 1)
-        try:
-            raw, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise _malformed(source, text, err.pos, err.msg) from err
-        except (ValueError, RecursionError) as err:  # an integer beyond Python's digit limit, absurd nesting
-            raise DatasetError(
-                f"{source}: unreadable JSON ({short_repr(str(err), 120)}); expected {_EXPECTED}"
-            ) from err
+        raw, pos = _decode(text, pos, source)
         tasks.append(_task(raw, len(tasks), source=source))
         pos = _skip_space(text, pos)
-    if text[pos + 1 :].strip():
+    if text[pos + 1 :].strip(" \t\n\r"):
         raise _malformed(source, text, _skip_space(text, pos + 1), "extra data after the list of tasks")
     return tasks
+
+
+def _decode(text: str, pos: int, source: str) -> tuple[Any, int]:
+    """One JSON value of ``text`` from ``pos``: (value, the position after it)."""
+    try:
+        return json.JSONDecoder().raw_decode(text, pos)
+    except json.JSONDecodeError as err:
+        raise _malformed(source, text, err.pos, err.msg) from err
+    except (ValueError, RecursionError) as err:  # an integer beyond Python's digit limit, absurd nesting
+        raise DatasetError(f"{source}: unreadable JSON ({short_repr(str(err), 120)}); expected {_EXPECTED}") from err
 
 
 def _skip_space(text: str, pos: int) -> int:
