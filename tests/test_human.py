@@ -22,7 +22,7 @@ from mgral.data.formats import write_dataset
 from mgral.data.records import Category, Dataset, ImageRecord
 from mgral.data.synth import SynthConfig, generate
 from mgral.errors import ConfigError, DatasetError
-from mgral.human import _Matcher, human_initial_ids, import_labels, query, read_labels
+from mgral.human import Matcher, human_initial_ids, import_labels, query, read_labels
 from mgral.loop import run_experiment
 from mgral.pool import Ledger
 from mgral.runs import read_cycle_records
@@ -370,7 +370,7 @@ def test_the_request_is_saved_before_the_package_and_a_rerun_writes_it_for_the_s
         assert Ledger.load(_series(run) / "ledger.json").pending == dict.fromkeys(selected, 1)
         raise OSError("disk full")
 
-    monkeypatch.setattr(human, "write_package", broken)
+    monkeypatch.setattr(human.session, "write_package", broken)
     with pytest.raises(OSError, match="disk full"):
         query(run, log=_quiet(), progress=False)
     monkeypatch.undo()
@@ -485,7 +485,7 @@ def test_matcher_finds_images_by_path_upload_name_and_refuses_ambiguous_names(tm
         ImageRecord(2, "images/test/a.png", 8, 8),
         ImageRecord(3, "images/train/b.png", 8, 8),
     ]
-    matcher = _Matcher(Dataset(tmp_path, [Category(1, "x")], records))
+    matcher = Matcher(Dataset(tmp_path, [Category(1, "x")], records))
     assert matcher.find(str(tmp_path / "images/test/a.png"), where="w") == 2
     assert matcher.find("/data/local-files/?d=images/train/a.png", where="w") == 1
     assert matcher.find("http://host/static/train/b.png", where="w") == 3

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from own_model import fake_model, results_rows
 
 import mgral
 from mgral.cli import main
 from mgral.data.formats import convert, read_dataset
-from mgral.data.records import Detections
 from mgral.data.synth import SynthConfig, generate
 
 
@@ -30,37 +30,6 @@ def digits_yolo(digits, tmp_path_factory) -> Path:
     return out
 
 
-def _fake_model(dataset, seed: int = 0) -> dict:
-    """Detections a model might make: the true boxes, jittered, with random scores; a few
-    images get none."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for n, rec in enumerate(dataset):
-        if n % 7 == 3:
-            continue  # no detections on this image: its entry is simply absent from the file
-        boxes = rec.target.boxes + rng.normal(0, 1, rec.target.boxes.shape).astype(np.float32)
-        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
-        scores = rng.uniform(0.05, 1.0, len(boxes)).astype(np.float32)
-        out[rec.id] = Detections(boxes=boxes, scores=scores, labels=rec.target.labels)
-    return out
-
-
-def _results(dataset, dets: dict, *, image_id, category_id) -> list[dict]:
-    rows = []
-    for image_id_, det in dets.items():
-        for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), strict=True):
-            x1, y1, x2, y2 = box
-            rows.append(
-                {
-                    "image_id": image_id(dataset[image_id_]),
-                    "category_id": category_id(label),
-                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                    "score": round(score, 5),
-                }
-            )
-    return rows
-
-
 def _labeled(dataset, tmp_path: Path, n: int = 6) -> tuple[Path, list]:
     ids = dataset.image_ids("train")[:n]
     path = tmp_path / "labeled.txt"
@@ -74,18 +43,8 @@ def _expected(dataset, dets: dict, labeled: list, strategy: str, budget: int) ->
 
 def test_ultralytics_save_json_on_a_yolo_dataset(digits_yolo, tmp_path, capsys):
     dataset = read_dataset(digits_yolo)
-    dets = _fake_model(dataset)
-    index = {c.id: n for n, c in enumerate(dataset.categories)}
-    # Ultralytics' DetectionValidator.pred_to_json: image_id = the file stem (an int when
-    # numeric), category_id = class index + 1 on a dataset that is not COCO, rounded numbers
-    rows = _results(
-        dataset,
-        dets,
-        image_id=lambda rec: (
-            int(Path(rec.file_name).stem) if Path(rec.file_name).stem.isdigit() else Path(rec.file_name).stem
-        ),
-        category_id=lambda label: index[label] + 1,
-    )
+    dets = fake_model(dataset)
+    rows = results_rows(dataset, dets, "ultralytics")
     pred = tmp_path / "predictions.json"
     pred.write_text(json.dumps(rows))
     labeled_file, labeled = _labeled(dataset, tmp_path)
@@ -103,16 +62,9 @@ def test_ultralytics_save_json_on_a_yolo_dataset(digits_yolo, tmp_path, capsys):
 @pytest.mark.parametrize("framework", ["detectron2", "mmdetection"])
 def test_detectron2_and_mmdetection_dumps_on_a_coco_dataset(digits, tmp_path, framework):
     dataset = read_dataset(digits)
-    dets = _fake_model(dataset, seed=1)
-    rows = _results(dataset, dets, image_id=lambda rec: rec.id, category_id=lambda label: label)
-    if framework == "detectron2":  # COCOEvaluator's coco_instances_results.json: plain results entries
-        pred = tmp_path / "coco_instances_results.json"
-    else:  # MMDetection's CocoMetric results2json: the same keys, in its own order
-        rows = [
-            {"image_id": r["image_id"], "bbox": r["bbox"], "score": r["score"], "category_id": r["category_id"]}
-            for r in rows
-        ]
-        pred = tmp_path / "results.bbox.json"
+    dets = fake_model(dataset, seed=1)
+    rows = results_rows(dataset, dets, framework)
+    pred = tmp_path / ("coco_instances_results.json" if framework == "detectron2" else "results.bbox.json")
     pred.write_text(json.dumps(rows))
     labeled_file, labeled = _labeled(dataset, tmp_path)
     out = tmp_path / "next.txt"
@@ -161,7 +113,7 @@ def test_the_readme_python_example_runs(digits, tmp_path, monkeypatch, capsys):
     after = readme.split("(this block is run by the tests):", 1)[1]
     code = after.split("```python\n", 1)[1].split("```", 1)[0]
     dataset = read_dataset(digits)
-    rows = _results(dataset, _fake_model(dataset), image_id=lambda rec: rec.id, category_id=lambda label: label)
+    rows = results_rows(dataset, fake_model(dataset), "detectron2")
     (tmp_path / "data").symlink_to(digits, target_is_directory=True)
     (tmp_path / "preds.json").write_text(json.dumps(rows))
     _labeled(dataset, tmp_path)

@@ -13,9 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mgral.errors import ConfigError, MgralError
+from mgral.errors import ConfigError, MgralError, WaitingForModel
 
 EXIT_USAGE = 2
+EXIT_WAITING = 3  # a run with detector kind predictions waits for the results file of your model
 FORMATS = ["coco", "voc", "yolo"]
 LAYOUTS = ["voc0712", "coco2017"]  # read-only: the published data sets' folders (mgral.data.formats)
 
@@ -247,12 +248,12 @@ def _untrained_test_ids(dataset, train_ids: list, *, allow: bool, source: Path |
 def cmd_train(args: argparse.Namespace) -> int:
     from mgral._io import atomic_write_json
     from mgral.data.formats import read_dataset
-    from mgral.detectors.torchvision_detector import TorchvisionDetector
+    from mgral.detectors import detector_class
 
     dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
     train_ids = _select_ids(dataset, split="train", ids_file=args.train_ids, default_split="train")
     test_ids = _untrained_test_ids(dataset, train_ids, allow=args.allow_test_ids, source=args.train_ids)
-    detector = TorchvisionDetector(
+    detector = detector_class("torchvision")(
         args.detector,
         dataset.categories,
         weights=args.weights,
@@ -282,12 +283,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mgral.data.formats import read_dataset
-    from mgral.detectors.torchvision_detector import TorchvisionDetector
+    from mgral.detectors import detector_class
     from mgral.evaluation import write_predictions
 
     dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
     ids = _select_ids(dataset, split=args.split, ids_file=args.ids, default_split="test")
-    detector = TorchvisionDetector.load(args.checkpoint, device=args.device)
+    detector = detector_class("torchvision").load(args.checkpoint, device=args.device)
     preds = detector.predict(dataset, ids, progress=True, on_bad_image=args.on_bad_image)
     write_predictions(args.out, preds)
     print(f"wrote {sum(len(d) for d in preds.values())} detections on {len(preds)} images to {args.out}")
@@ -421,8 +422,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     entries = list({"formats": FORMATS, "detectors": PRESETS, "strategies": STRATEGIES}[args.what].entries())
     width = max(len(e.name) for e in entries)
+    if args.what == "detectors":
+        print("kind torchvision (detector.preset):")
     for entry in entries:
         print(f"{entry.name:<{width}}  {entry.summary}")
+    if args.what == "detectors":
+        from mgral.detectors import KINDS
+
+        print("kinds (detector.kind):")
+        for kind in KINDS.entries():
+            print(f"{kind.name:<{width}}  {kind.summary}")
     return 0
 
 
@@ -627,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "bootstrap", 0) < 0:
             raise ConfigError(f"--bootstrap expects a non-negative number of resamples, got {args.bootstrap}")
         return args.func(args)
+    except WaitingForModel as err:
+        print(f"mgral: waiting for your model: {err}", file=sys.stderr)
+        return EXIT_WAITING
     except MgralError as err:
         print(f"mgral: error: {err}", file=sys.stderr)
         return EXIT_USAGE

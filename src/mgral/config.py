@@ -132,9 +132,12 @@ def _layout_splits(layout: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
 
 
 class DetectorConfig(_Section):
-    """A detector preset, its flat parameters, training overrides (epochs, batch_size, lr, ...)."""
+    """A detector: its kind (``torchvision``: a preset, its flat parameters, training overrides
+    (epochs, batch_size, lr, ...); ``predictions``: your own model's results files, named in
+    ``params``, see :mod:`mgral.detectors.predictions`)."""
 
-    preset: str = Field(min_length=1)
+    kind: str = "torchvision"
+    preset: str | None = Field(default=None, min_length=1)
     weights: str | None = None
     params: dict[str, Any] = {}
     train: dict[str, Any] = {}
@@ -142,6 +145,21 @@ class DetectorConfig(_Section):
     warm_start: bool = False
     """Cycle c > 0 starts from cycle c-1's weights instead of the preset's initialisation
     (same training recipe). Off by default: the from-scratch protocol of the AL papers."""
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> DetectorConfig:
+        from mgral.detectors import KINDS
+
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} is not a detector kind; valid kinds: {', '.join(KINDS.names())}")
+        if self.kind == "torchvision" and self.preset is None:
+            raise ValueError("kind torchvision needs a preset (mgral list detectors), e.g. preset: tiny")
+        if self.kind != "torchvision" and (self.preset is not None or self.train or self.weights or self.warm_start):
+            raise ValueError(
+                f"kind {self.kind!r}: your own model trains elsewhere, so preset, weights, train and warm_start do "
+                "not apply; remove them"
+            )
+        return self
 
 
 class StrategySpec(_Section):
@@ -366,6 +384,8 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
         del data["reference_train"]  # likewise
     if data["evaluation"] == EvaluationConfig().model_dump(mode="json"):
         del data["evaluation"]  # likewise
+    if data["detector"]["kind"] == "torchvision":
+        del data["detector"]["kind"]  # likewise
     if not data["dataset"]["follow_links"]:
         del data["dataset"]["follow_links"]  # likewise
     return data
@@ -380,8 +400,14 @@ def dump_config(config: ExperimentConfig, path: str | os.PathLike[str]) -> None:
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    for section, key in _PATH_KEYS:
-        sub = data.get(section)
+    keys = list(_PATH_KEYS)
+    detector = data.get("detector")
+    if isinstance(detector, dict) and detector.get("kind") == "predictions":
+        keys += [(("detector", "params"), "results"), (("detector", "params"), "embeddings")]
+    for section, key in keys:
+        sub: Any = data
+        for name in (section,) if isinstance(section, str) else section:
+            sub = sub.get(name) if isinstance(sub, dict) else None
         if isinstance(sub, dict) and isinstance(sub.get(key), str) and sub[key]:
             p = Path(sub[key]).expanduser()
             sub[key] = os.path.abspath(base / p)  # an absolute p stays itself, normalized

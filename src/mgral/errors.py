@@ -32,3 +32,9 @@ class RunError(MgralError):
 class DiskFullError(MgralError):
     """No space (or quota) left on the file system an output goes to. Raised by the atomic
     writers, so the file being written is left as it was before."""
+
+
+class WaitingForModel(MgralError):
+    """A cycle of a run whose model trains outside mgral (detector kind ``predictions``)
+    needs that model's results file, which is not there yet. Nothing is lost: run the command
+    again once the file is written."""

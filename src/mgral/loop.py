@@ -13,8 +13,9 @@ For every seed, every strategy starts from the same initial labeled set. One ser
 4. append the cycle record to ``cycles.jsonl``. A cycle is finished exactly when its
    record is there.
 
-Cycle 0 of every strategy of a seed is one model (same seed, same initial set): it is
-trained once, in ``RUN/_shared/seed-<s>/cycle-0``, and reused.
+The steps are :class:`mgral.series.Series`'s, which the human loop (:mod:`mgral.human`)
+drives too. Cycle 0 of every strategy of a seed is one model (same seed, same initial set):
+it is trained once, in ``RUN/_shared/seed-<s>/cycle-0``, and reused.
 
 Series are independent: with ``executor: process`` or ``ray`` they run in parallel
 (``workers`` at once, ``threads`` torch threads each), first every seed's shared cycle 0,
@@ -33,25 +34,29 @@ and the temporary files of writes a kill cut short are removed.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import signal
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mgral._io import atomic_write_json
 from mgral.config import EXECUTION_KEYS, ExperimentConfig, config_from_dict, config_to_dict
-from mgral.data.records import Dataset, ImageId, Target, read_id_list
-from mgral.errors import CheckpointError, ConfigError, MgralError, RunError
+from mgral.data.records import Dataset, ImageId, read_id_list
+from mgral.errors import ConfigError, MgralError, RunError
 from mgral.oracles import SimulatedOracle
-from mgral.pool import Ledger
-from mgral.runs import REFERENCE_LABEL, RunDir, append_cycle_record, read_cycle_records, remove_stale_temp_files
+from mgral.runs import REFERENCE_LABEL, RunDir, read_cycle_records, remove_stale_temp_files
+from mgral.series import (
+    Experiment,
+    Series,
+    cached_predictions,
+    describe_result,
+    train_and_evaluate,
+    train_settings,
+    visible_dataset,
+)
 
 
 def prepare_dataset(config: ExperimentConfig) -> Dataset:
@@ -91,76 +96,31 @@ def initial_ids(config: ExperimentConfig, dataset: Dataset, pool: list[ImageId],
     return [pool[k] for k in sorted(rng.choice(len(pool), size=n, replace=False))]
 
 
-def visible_dataset(dataset: Dataset, labels: Mapping[ImageId, Target]) -> Dataset:
-    """The dataset as the learner may see it: revealed labels on labeled images, no boxes
-    on any other (so no strategy can read a pool label, by construction)."""
-    return Dataset(dataset.root, dataset.categories, (replace(r, target=labels.get(r.id, Target())) for r in dataset))
-
-
-@dataclass
-class Experiment:
-    """What every series of a run shares."""
-
-    config: ExperimentConfig
-    run: RunDir
-    dataset: Dataset
-    pool: list[ImageId]
-    test: list[ImageId]
-    log: Callable[[str], None] = print
-    progress: bool = True
-
-    def detector(self, seed: int, cycle: int, *, reference: bool = False):
-        """A fresh detector for ``cycle`` of a series (``reference``: the full-data run,
-        trained with ``reference_train`` on top of ``detector.train``)."""
-        from mgral.detectors.torchvision_detector import TorchvisionDetector
-        from mgral.detectors.training import derive_seed
-
-        det = self.config.detector
-        return TorchvisionDetector(
-            det.preset,
-            self.dataset.categories,
-            weights=det.weights,
-            device=det.device,
-            seed=derive_seed(seed, cycle, 11),
-            train={"progress": self.progress, **train_settings(self.config, reference=reference)},
-            **det.params,
-        )
-
-
-def train_settings(config: ExperimentConfig, *, reference: bool = False) -> dict[str, Any]:
-    """The training overrides of a series' detector (``reference``: of the full-data run,
-    ``reference_train`` on top of ``detector.train``)."""
-    train = dict(config.detector.train)
-    if reference and config.reference_train:
-        extra = config.reference_train
-        for a, b in (("epochs", "iterations"), ("iterations", "epochs")):
-            if a in extra:
-                train.pop(b, None)  # the reference's length replaces the series' one
-        train.update(extra)
-    return train
-
-
-def check_detector(config: ExperimentConfig, dataset: Dataset) -> None:
-    """Refuse a detector spec that would fail only when the first model is built or trained:
-    an unknown preset, a bad parameter or weights file, an invalid training setting, an
-    unknown device. Builds the model once, on the CPU, and trains nothing.
+def check_detector(config: ExperimentConfig, dataset: Dataset, strategies: Iterable[Any] = ()) -> None:
+    """Refuse a detector spec that would fail only when the first model is built or trained
+    (the kind's own checks: for torchvision an unknown preset, a bad parameter or weights
+    file, an invalid training setting, an unknown device), and a strategy that needs a
+    capability the detector lacks.
 
     Raises:
         ConfigError / CheckpointError: naming the setting.
     """
-    import torch
+    from mgral.detectors import detector_class
+    from mgral.detectors.base import CAPABILITIES
 
-    from mgral.detectors.models import PRESETS, build_model
-    from mgral.detectors.torchvision_detector import resolve_device
-    from mgral.detectors.training import make_config
-
-    det = config.detector
-    preset = PRESETS.get(det.preset)
-    for reference in (False, True) if config.full_data_reference else (False,):
-        make_config(preset.train_defaults, train_settings(config, reference=reference))
-    resolve_device(det.device)
-    with torch.random.fork_rng(devices=[]):  # leaves the global generator as it was
-        build_model(det.preset, len(dataset.categories) + 1, weights=det.weights, **det.params)
+    spec = config.detector
+    kind = detector_class(spec.kind)
+    references = (False, True) if config.full_data_reference else (False,)
+    kind.check_config(spec, dataset.categories, [train_settings(config, reference=r) for r in references])
+    has = kind.capabilities(spec)
+    for strategy in strategies:
+        missing = sorted(set(strategy.detector_needs) - has)
+        if missing:
+            needs = "; ".join(f"{m}: {CAPABILITIES[m]}" for m in missing)
+            raise ConfigError(
+                f"strategy {strategy.name!r} needs what a detector of kind {spec.kind!r} cannot do ({needs}); "
+                "choose another strategy, or a detector kind that can (mgral list detectors)"
+            )
 
 
 def seed_oracle(exp: Experiment, seed: int) -> SimulatedOracle:
@@ -183,7 +143,9 @@ def open_experiment(config: ExperimentConfig, run: RunDir, log=print, progress: 
             f"the pool splits {config.dataset.pool_splits} hold {len(pool)} images and the test split "
             f"{config.dataset.test_split!r} {len(test)}; both must be non-empty"
         )
-    return Experiment(config, run, dataset, pool, test, log, progress)
+    # one cycle-0 model per seed, shared by its strategies, where mgral trains it
+    share = config.detector.kind == "torchvision"
+    return Experiment(config, run, dataset, pool, test, log, progress, share_cycle0=share)
 
 
 def run_experiment(
@@ -215,7 +177,7 @@ def run_experiment(
     # directory): a refused config leaves no run behind that the corrected one would clash with.
     strategies = {s.label: build_strategy(s.name, **s.params) for s in config.strategies}
     exp = open_experiment(config, run, log, progress)
-    check_detector(config, exp.dataset)
+    check_detector(config, exp.dataset, strategies.values())
     initials = {seed: initial_ids(config, exp.dataset, exp.pool, seed) for seed in config.seeds}
     resolved = config_to_dict(config)
     with run.lock():
@@ -328,7 +290,7 @@ def plan_tasks(exp: Experiment) -> tuple[list[tuple[str, str, int]], list[tuple[
     ]
     series = [task for *_, task in sorted(order)]
     series = [t for t in series if not _series_done(exp, t[1], t[2])]
-    first = [(_CYCLE0, "", s) for s in sorted({t[2] for t in series})]
+    first = [(_CYCLE0, "", s) for s in sorted({t[2] for t in series})] if exp.share_cycle0 else []
     references = [(_SERIES, REFERENCE_LABEL, s) for s in config.seeds if config.full_data_reference]
     return first, [t for t in references if not _series_done(exp, t[1], t[2])] + series
 
@@ -423,252 +385,35 @@ def _shared_cycle0(exp: Experiment, seed: int, initial: list[ImageId]) -> None:
     detector, _ = train_and_evaluate(exp, seed, 0, wdir, view, initial, {})
     needs = set().union(*(STRATEGIES.get(s.name).requires for s in exp.config.strategies))
     if exp.config.cycles and needs & {"predictions", "embeddings"}:
-        _cached_predictions(exp, detector, view, wdir.predictions, exp.pool)
+        cached_predictions(exp, detector, view, wdir.predictions, exp.pool)
 
 
 def run_series(exp: Experiment, label: str, strategy, seed: int, initial: list[ImageId]) -> None:
     """Run the unfinished cycles of one series (``strategy=None``: one full-data cycle)."""
-    config = exp.config
-    sdir = exp.run.series(label, seed).mkdir()
-    remove_stale_temp_files(sdir.path)  # e.g. a ledger write cut short by a kill; only this series writes here
-    if sdir.ledger.exists():
-        ledger = Ledger.load(sdir.ledger)
-    else:
-        ledger = Ledger.create(exp.pool, initial)
-        ledger.save(sdir.ledger)
     oracle = seed_oracle(exp, seed)
-    last = 0 if strategy is None else config.cycles
-    for cycle in range(len(read_cycle_records(sdir.records)), last + 1):
-        record = run_cycle(exp, label, strategy, seed, cycle, cycle == last, ledger, oracle)
-        append_cycle_record(sdir.records, record)
+    series = Series.open(exp, label, strategy, seed, initial, lambda ids: {i: oracle.labels_for(i) for i in ids})
+    last = 0 if strategy is None else exp.config.cycles
+    for cycle in range(series.finished, last + 1):
+        record = run_cycle(series, oracle, cycle, cycle == last)
         exp.log(
             f"{label} seed {seed} cycle {cycle}: {record['num_labeled']} images, {record['num_boxes_labeled']} "
-            f"boxes, mAP {record['mAP']:.4f}, mAP50 {record['mAP50']:.4f} "
-            f"({sum(record['seconds'].values()):.0f} s)"
+            f"boxes, {describe_result(record)} ({sum(record['seconds'].values()):.0f} s)"
         )
-        if cycle and (previous := sdir.cycle(cycle - 1).model).exists():
-            previous.unlink()  # keep the latest model only: earlier ones are reproducible
 
 
-def run_cycle(
-    exp: Experiment,
-    label: str,
-    strategy,
-    seed: int,
-    cycle: int,
-    is_last: bool,
-    ledger: Ledger,
-    oracle: SimulatedOracle,
-) -> dict[str, Any]:
-    config, sdir = exp.config, exp.run.series(label, seed)
-    cdir = sdir.cycle(cycle).mkdir()
+def run_cycle(series: Series, oracle: SimulatedOracle, cycle: int, is_last: bool) -> dict[str, Any]:
+    """One cycle of a simulated series: train, select, request, collect the oracle's answer, record."""
     seconds: dict[str, float] = {}
-    labeled = ledger.labeled(cycle)
-    labels = {i: oracle.labels_for(i) for i in labeled}
-    view = visible_dataset(exp.dataset, labels)
-
-    # Cycle 0 trains on the seed's initial set, the same for every strategy: one model per
-    # seed, trained once (identical to what each series would train) and shared.
-    shared = strategy is not None and cycle == 0
-    wdir = exp.run.shared_cycle0(seed) if shared else cdir
-    init = None
-    if config.detector.warm_start and cycle > 0:
-        prev_shared = strategy is not None and cycle == 1
-        init = (exp.run.shared_cycle0(seed) if prev_shared else sdir.cycle(cycle - 1)).model
-    detector, result = train_and_evaluate(
-        exp, seed, cycle, wdir, view, labeled, seconds, init, reference=strategy is None
-    )
-
+    detector, result, view = series.train(cycle, seconds)
     selected: list[ImageId] = []
     scores: list[float] = []
-    if not is_last and strategy is not None and ledger.unlabeled():
-        selected, scores = select_batch(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, shared)
-        # Each step is skipped when a resumed run finds it done: request, then collect.
-        asked = ledger.labeled_in.keys() | ledger.skipped.keys() | ledger.pending.keys()  # or answered
-        new = [i for i in selected if i not in asked]
-        if new:
-            ledger.request(new, cycle + 1)
-            ledger.save(sdir.ledger)  # the request is on disk before the oracle is waited on
-        pending = [i for i in selected if ledger.pending.get(i) == cycle + 1]
+    if not is_last and series.strategy is not None and series.ledger.unlabeled():
+        selected, scores = series.select(cycle, detector, view, seconds)
+        pending = series.request(cycle, selected)  # on disk before the oracle is waited on
         if pending:
             t0 = time.perf_counter()
             oracle.request(pending)
             answer = oracle.collect()
-            ledger.resolve(list(answer.labels), answer.skipped, cycle + 1)
-            ledger.save(sdir.ledger)
+            series.resolve(cycle, list(answer.labels), answer.skipped)
             seconds["label"] = time.perf_counter() - t0
-
-    return cycle_record(config, label, strategy, seed, cycle, labeled, labels, result, selected, scores, seconds)
-
-
-def cycle_record(
-    config: ExperimentConfig,
-    label: str,
-    strategy,
-    seed: int,
-    cycle: int,
-    labeled: list[ImageId],
-    labels: Mapping[ImageId, Target],
-    result: Mapping[str, Any],
-    selected: list[ImageId],
-    scores: list[float],
-    seconds: Mapping[str, float],
-) -> dict[str, Any]:
-    """The record of a finished cycle, as ``cycles.jsonl`` keeps it and ``mgral report`` reads it
-    (``mAP`` / ``mAP50`` are None where nothing was evaluated)."""
-    num_boxes = sum(len(labels[i]) for i in labeled)
-    return {
-        "strategy": label,
-        "strategy_name": getattr(strategy, "name", "full-data"),
-        "seed": seed,
-        "cycle": cycle,
-        "num_labeled": len(labeled),
-        "num_boxes_labeled": num_boxes,
-        "labeling_cost": len(labeled) + config.oracle.box_cost * num_boxes,
-        "mAP": result["mAP"],
-        "mAP50": result["mAP50"],
-        "per_class": result["per_class"],
-        "selected": selected,
-        "scores": scores,
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def train_and_evaluate(
-    exp, seed, cycle, wdir, view, labeled, seconds, init=None, reference: bool = False
-) -> tuple[Any, dict]:
-    """Train (resuming from ``wdir.last``) and evaluate, or reuse both from ``wdir`` (a :class:`mgral.runs.CycleDir`).
-
-    ``init``: a model file to start from (warm start) instead of the preset's initialisation;
-    ``reference``: the full-data run (``reference_train`` applies)."""
-    from mgral.detectors.torchvision_detector import MODEL_KEYS, RESUME_KEYS, TorchvisionDetector
-    from mgral.detectors.training import load_state
-
-    done, model_file, last = wdir.evaluation, wdir.model, wdir.last
-    if done.exists() and model_file.exists():
-        cached = json.loads(done.read_text(encoding="utf-8"))
-        try:
-            detector = TorchvisionDetector.load(model_file, device=exp.config.detector.device)
-        except CheckpointError as err:
-            # Broken after it was written (a disk fault, a copy cut short): training is
-            # deterministic for a seed, so this cycle is trained again instead of failing the run.
-            exp.log(f"{err}; training cycle {cycle} again")
-            done.unlink()
-        else:
-            seconds.update(cached["seconds"])  # the cost of that training, for the timing tables
-            return detector, cached["result"]
-    if last.exists():
-        try:
-            load_state(last, MODEL_KEYS + RESUME_KEYS)
-        except CheckpointError as err:  # as above: start this cycle's training over
-            exp.log(f"{err}; training cycle {cycle} from the start")
-            last.unlink()
-    wdir.mkdir()
-    t0 = time.perf_counter()
-    detector = exp.detector(seed, cycle, reference=reference)
-    if init is not None:
-        if not init.exists():
-            raise RunError(
-                f"warm start: the previous cycle's model {str(init)!r} is missing; it is kept until the next "
-                "cycle finishes, so it was deleted by hand: re-run without detector.warm_start or restore it"
-            )
-        try:
-            previous = TorchvisionDetector.load(init, device="cpu")
-        except CheckpointError as err:
-            raise RunError(
-                f"warm start: the previous cycle's model is unreadable ({err}); this cycle starts from it, so "
-                "restore the file, or start a new run without detector.warm_start"
-            ) from err
-        detector.model.load_state_dict(previous.model.state_dict())
-    detector.fit(view, labeled, checkpoint_dir=wdir.path, resume=True)
-    detector.save(model_file)
-    last.unlink(missing_ok=True)
-    seconds["train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"mAP": None, "mAP50": None, "per_class": {}}  # no labeled test split (human runs)
-    if exp.test:
-        metrics = detector.evaluate(exp.dataset, exp.test, style=exp.config.evaluation.style)
-        result = {
-            "mAP": _finite(metrics.mAP),
-            "mAP50": _finite(metrics.mAP50),
-            "per_class": {k: _finite(v) for k, v in metrics.per_class.items()},
-        }
-    seconds["evaluate"] = time.perf_counter() - t0
-    atomic_write_json(done, {"result": result, "seconds": {k: seconds[k] for k in ("train", "evaluate")}})
-    return detector, result
-
-
-def select_batch(exp, strategy, seed, cycle, cdir, ledger, view, detector, seconds, shared=False) -> tuple[list, list]:
-    """The selection of ``cycle`` (reused from ``cdir.selection``, a :class:`mgral.runs.CycleDir`, when already made).
-
-    ``shared``: ``detector`` is the seed's shared cycle-0 model, so its pool predictions are
-    cached beside it, once for every strategy of the seed."""
-    from mgral.strategies import SelectionContext
-
-    path = cdir.selection
-    if path.exists():  # made before a crash: never recomputed (JSON keeps int and str ids apart)
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        return saved["image_ids"], saved["scores"]
-    pool, labeled = ledger.unlabeled(), ledger.labeled(cycle)
-    context = SelectionContext(
-        dataset=view,
-        pool_ids=pool,
-        labeled_ids=labeled,
-        rng=np.random.default_rng([seed, cycle, 5]),
-        cycle=cycle,
-        work_dir=cdir.path,
-    )
-    t0 = time.perf_counter()
-    if strategy.requires & {"predictions", "embeddings"}:
-        if shared:  # one model for every strategy of the seed: predict once, for all of them
-            cache, wanted = exp.run.shared_cycle0(seed).predictions, exp.pool
-        else:
-            cache, wanted = cdir.predictions, pool + (labeled if "embeddings" in strategy.requires else [])
-        preds = _cached_predictions(exp, detector, view, cache, wanted)
-        if "predictions" in strategy.requires:
-            context.predictions = {i: preds[i] for i in pool}
-        if "embeddings" in strategy.requires:
-            context.embeddings = {i: preds[i].embedding for i in wanted}
-    if "detector" in strategy.requires:
-        context.detector = detector
-    if "oracle" in strategy.requires:  # research-only reward sources: the true labels of every image
-        context.oracle_dataset = exp.dataset
-    seconds["predict"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    selection = strategy.select(context, exp.config.budget)
-    ids, scores = list(selection.image_ids), [float(s) for s in selection.scores]
-    if exp.config.budget_boxes is not None:
-        ids, scores = _cap_boxes(exp.dataset, ids, scores, exp.config.budget_boxes)
-    seconds["select"] = time.perf_counter() - t0
-    atomic_write_json(path, {"image_ids": ids, "scores": scores, "info": selection.info}, indent=1)
-    return ids, scores
-
-
-def _cached_predictions(exp: Experiment, detector, view: Dataset, cache: Path, wanted: list[ImageId]) -> dict:
-    """The detector's predictions on ``wanted``, read from ``cache`` when it holds them all,
-    else computed and saved there (atomically: a series running beside may read it)."""
-    from mgral.detectors.cache import load_predictions, save_predictions
-
-    preds = load_predictions(cache) if cache.exists() else {}
-    if set(wanted) - set(preds):
-        preds = detector.predict(view, wanted, progress=exp.progress)
-        save_predictions(cache, preds)
-    return preds
-
-
-def _cap_boxes(dataset: Dataset, ids: list, scores: list, budget_boxes: int) -> tuple[list, list]:
-    """Keep the selection's leading images while their boxes fit ``budget_boxes`` (at least
-    one image). Simulation only: it counts the true boxes, known here before labeling."""
-    total, n = 0, 0
-    for i in ids:
-        total += len(dataset[i].target)
-        if n and total > budget_boxes:
-            break
-        n += 1
-    return ids[:n], scores[:n]
-
-
-def _finite(v: float | None) -> float | None:
-    return None if v is None or not np.isfinite(v) else float(v)
+    return series.finish(cycle, result, selected, scores, seconds)

@@ -225,12 +225,10 @@ def _probe(
     config: ExperimentConfig, dataset: Dataset, train_ids: list[ImageId], test_ids: list[ImageId], steps: int
 ) -> tuple[float, float, str]:
     """Training and inference images per second of the configured detector on this device."""
-    from mgral.detectors.torchvision_detector import TorchvisionDetector
+    from mgral.detectors import detector_class
 
     det = config.detector
-    detector = TorchvisionDetector(
-        det.preset, dataset.categories, weights=det.weights, device=det.device, seed=0, train=det.train, **det.params
-    )
+    detector = detector_class(det.kind).from_config(det, dataset.categories, seed=0, train=det.train)
     batch = config.detector.train["batch_size"]
     times = []
     for iterations in (1, 1 + steps):  # the difference is `steps` iterations without the set-up
@@ -289,6 +287,11 @@ def dry_run(
     from mgral.loop import prepare_dataset, run_experiment
     from mgral.runs import RunDir, read_cycle_records
 
+    if config.detector.kind != "torchvision":
+        raise ConfigError(
+            f"a dry run times mgral's own training; detector kind {config.detector.kind!r} trains elsewhere, so "
+            "there is nothing to estimate: run the config itself"
+        )
     if pool_images < 4 or test_images < 1:
         raise ConfigError(f"a dry run needs at least 4 pool and 1 test images, got {pool_images} and {test_images}")
     out = Path(out)

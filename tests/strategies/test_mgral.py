@@ -17,7 +17,6 @@ from mgral.strategies import build_strategy
 from mgral.strategies.mgral.surrogate import (
     SurrogateJob,
     SurrogateShared,
-    consistency_loss,
     job_device,
     ramp_weight,
     run_surrogate,
@@ -68,7 +67,7 @@ def test_flip_consistency_has_gradient_and_names_its_head(preset):
     det = TorchvisionDetector(preset, [Category(1, "a"), Category(2, "b")], device="cpu", pretrained=False)
     det.model.train()
     images = [torch.rand(3, 64, 80), torch.rand(3, 64, 80)]
-    loss, head = consistency_loss(det.model, images)
+    loss, head = det.consistency_loss(images)
     assert head == {"tiny": "FCOS", "mobilenet_v2_fpn": "FasterRCNN-RPN"}[preset]
     assert float(loss.detach()) > 0
     loss.backward()
@@ -82,8 +81,8 @@ def test_mirror_alignment_is_the_closest_one():
     agree far better under that alignment (1 px off: strided convs are not exactly
     flip-equivariant) than under the naive W_l - 1 - j (s - 1 px off)."""
     from mgral.data.records import Category
+    from mgral.detectors.consistency import _levels, _mirror
     from mgral.detectors.torchvision_detector import TorchvisionDetector
-    from mgral.strategies.mgral.surrogate import _levels, _mirror
 
     det = TorchvisionDetector("tiny", [Category(1, "a")], device="cpu", pretrained=False)
     model = det.model.eval()

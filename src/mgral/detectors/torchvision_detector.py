@@ -70,6 +70,8 @@ class TorchvisionDetector:
         params: flat preset parameters (e.g. ``pretrained=False``).
     """
 
+    kind = "torchvision"  # its name in mgral.detectors.KINDS
+
     def __init__(
         self,
         preset: str,
@@ -93,6 +95,34 @@ class TorchvisionDetector:
             )
         self.model.to(self.device)
         self.class_ids = np.array([c.id for c in self.categories], dtype=np.int64)
+
+    # -- the kind's side of the protocol (mgral.detectors.base) ----------------------------------
+    @classmethod
+    def from_config(
+        cls, spec: Any, categories: Sequence[Category], *, seed: int, train: dict[str, Any]
+    ) -> TorchvisionDetector:
+        """A fresh detector from a config's ``detector`` section."""
+        params = spec.params
+        return cls(spec.preset, categories, weights=spec.weights, device=spec.device, seed=seed, train=train, **params)
+
+    @classmethod
+    def check_config(cls, spec: Any, categories: Sequence[Category], trainings: Sequence[dict[str, Any]]) -> None:
+        """Refuse an unknown preset, a bad parameter or weights file, an invalid training
+        setting, an unknown device. Builds the model once, on the CPU, and trains nothing."""
+        preset = PRESETS.get(spec.preset)
+        for overrides in trainings:
+            make_config(preset.train_defaults, overrides)
+        resolve_device(spec.device)
+        with torch.random.fork_rng(devices=[]):  # leaves the global generator as it was
+            build_model(spec.preset, len(categories) + 1, weights=spec.weights, **spec.params)
+
+    @classmethod
+    def capabilities(cls, spec: Any) -> frozenset[str]:
+        return frozenset({"augment", "clone", "self_training"})
+
+    def start_from(self, other: TorchvisionDetector) -> None:
+        """Take ``other``'s weights (same preset and categories)."""
+        self.model.load_state_dict(other.model.state_dict())
 
     @property
     def class_index(self) -> dict[int, int]:
@@ -121,9 +151,7 @@ class TorchvisionDetector:
                 ``on_bad_image='skip'``).
         """
         self._check_categories(dataset)
-        config = make_config(
-            {**PRESETS.get(self.preset).train_defaults, "seed": self.seed}, self.train_overrides, overrides
-        )
+        config = self.train_config(**overrides)
         ids = list(image_ids)
         if config.ignored_boxes == "skip":
             ids = [i for i in ids if not only_ignored_boxes(dataset[i].target)]
@@ -167,6 +195,19 @@ class TorchvisionDetector:
         if len(ids) < len(image_ids):
             summary["images_with_only_ignored_boxes"] = len(image_ids) - len(ids)
         return summary
+
+    def train_config(self, **overrides: Any) -> Any:
+        """The resolved training settings (``TrainConfig``): the preset's defaults, this
+        detector's overrides, then ``overrides``."""
+        defaults = {**PRESETS.get(self.preset).train_defaults, "seed": self.seed}
+        return make_config(defaults, self.train_overrides, overrides)
+
+    def consistency_loss(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
+        """Flip consistency of the model's dense outputs on ``images`` (capability
+        ``self_training``), and which head it used (:mod:`mgral.detectors.consistency`)."""
+        from mgral.detectors.consistency import consistency_loss
+
+        return consistency_loss(self.model, images)
 
     # -- inference --------------------------------------------------------------------------
     @torch.inference_mode()

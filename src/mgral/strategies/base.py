@@ -98,6 +98,9 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()
+    # What the strategy asks of ``context.detector`` beyond the Detector protocol (names of
+    # mgral.detectors.base.CAPABILITIES); a run whose detector lacks one is refused up front.
+    detector_needs: ClassVar[frozenset[str]] = frozenset()
     # Rough cost of one selection, in detector trainings of a cycle (0: negligible). Used only
     # to schedule: parallel runs start the costliest series first, so that a run does not end
     # with one long series running alone on an otherwise idle machine.

@@ -342,6 +342,7 @@ class Cald(Strategy):
 
     name = "cald"
     requires = frozenset({"predictions", "detector"})
+    detector_needs = frozenset({"augment"})
     selection_cost = 1.0  # three passes over the pool: 0.3 (digits) to 1.1 (BCCD) trainings measured
 
     def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:

@@ -81,6 +81,7 @@ class MGRAL(Strategy):
 
     name = "mgral"
     requires: ClassVar[frozenset[str]] = frozenset({"predictions", "embeddings", "detector"})
+    detector_needs: ClassVar[frozenset[str]] = frozenset({"augment", "clone", "self_training"})
     selection_cost = 5.0  # M + 1 surrogate fine-tunes: 1.2 (digits) to 5.8 (BCCD) trainings per cycle measured
     micro_params: ClassVar[Mapping[str, Any]] = {
         "combinations": 2,
@@ -361,8 +362,6 @@ class MGRAL(Strategy):
                     take = [pos[i] for i in ids]
                     return {"ids": list(ids), "stats": z["stats"][take], "embeddings": z["embeddings"][take]}
         detector = context.detector
-        if not hasattr(detector, "predict"):
-            raise ConfigError("mgral needs the trained detector's predict() (a TorchvisionDetector)")
         preds = dict(context.predictions or {})
         known = dict(context.embeddings or {})
         missing = [i for i in ids if i not in preds or (i not in known and preds[i].embedding is None)]
@@ -389,15 +388,10 @@ class MGRAL(Strategy):
 
     def _table(self, context, budget, cand, sim_ids, fit_ids, eval_ids, phi, index, clusters, num_clusters, seed, out):
         """Run the control and the M combinations' fine-tunes; return (rows for the CSV, TableRows)."""
-        from mgral.detectors.models import PRESETS
-        from mgral.detectors.training import make_config, trainable_boxes
+        from mgral.detectors.training import trainable_boxes
 
         detector = context.detector
-        if not hasattr(detector, "to_bytes"):
-            raise ConfigError(
-                "mgral's surrogate table needs a TorchvisionDetector (to_bytes); got " + type(detector).__name__
-            )
-        config = make_config(PRESETS.get(detector.preset).train_defaults, detector.train_overrides)
+        config = detector.train_config()
         train = {
             "optimizer": config.optimizer,
             "lr": self.surrogate_lr or config.lr,
@@ -448,6 +442,7 @@ class MGRAL(Strategy):
             seed=seed,
             device=str(detector.device) if self.device == "auto" else self.device,
             device_fallback=self.device == "auto",
+            kind=detector.kind,
         )
         results = run_jobs(jobs, shared, self.executor, self.workers, self.ray_address, out, self.job_gpus)
         control = results["control"]

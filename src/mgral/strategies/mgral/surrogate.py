@@ -47,7 +47,8 @@ class SurrogateShared:
     """What every job of a cycle shares (sent once per worker).
 
     Attributes:
-        model: the task detector, ``TorchvisionDetector.to_bytes()``.
+        model: the task detector, ``detector.to_bytes()`` (capability ``clone``).
+        kind: its detector kind (``mgral.detectors.KINDS``), which rebuilds it.
         dataset: the visible dataset (labels on labeled images only).
         fit_ids: the labeled images the surrogates train on (``L_fit``).
         eval_ids: the reward set ``E_t`` (never trained on).
@@ -74,6 +75,7 @@ class SurrogateShared:
     seed: int = 0
     device: str = "cpu"
     device_fallback: bool = True
+    kind: str = "torchvision"
 
 
 @dataclass(frozen=True)
@@ -100,62 +102,6 @@ def ramp_weight(step: int, steps: int, w_max: float, ramp: float) -> float:
     length = max(1.0, ramp * steps)
     t = min(1.0, step / length)
     return float(w_max * math.exp(-5.0 * (1.0 - t) ** 2))
-
-
-def _mirror(x: torch.Tensor) -> torch.Tensor:
-    """Columns ``1..W-1`` of a ``[..., W]``-last map, mirrored to align with the original's."""
-    return x[..., 1:].flip(-1)
-
-
-def _levels(flat: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Split a torchvision one-stage head output ``[N, sum(H*W*A), C]`` into per-level
-    ``[N, A, C, H, W]`` maps (torchvision orders each level as H, W, A)."""
-    n, total, c = flat.shape
-    a = total // sum(h * w for h, w in shapes)
-    out, start = [], 0
-    for h, w in shapes:
-        size = h * w * a
-        out.append(flat[:, start : start + size].reshape(n, h, w, a, c).permute(0, 3, 4, 1, 2))
-        start += size
-    return out
-
-
-def consistency_loss(model: nn.Module, images: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
-    """Flip consistency of the dense outputs on ``images`` (and which head it used)."""
-    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-
-    x = model.transform(images)[0].tensors
-    n = x.shape[0]
-    features = model.backbone(torch.cat([x, x.flip(-1)]))
-    maps = list(features.values()) if isinstance(features, dict) else [features]
-    zero = x.new_zeros(())
-    if isinstance(model, FCOS | RetinaNet):
-        out = model.head(maps)
-        shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
-        loss = zero
-        for key, value in out.items():
-            for level in _levels(value, shapes):
-                orig, flip = level[:n, ..., 1:], _mirror(level[n:])
-                if key == "bbox_regression":
-                    if isinstance(model, FCOS):
-                        flip = flip[:, :, [2, 1, 0, 3]]  # (l, t, r, b) -> (r, t, l, b)
-                    else:
-                        flip = flip * flip.new_tensor([-1.0, 1.0, 1.0, 1.0]).view(1, 1, 4, 1, 1)
-                    loss = loss + nn.functional.smooth_l1_loss(orig, flip)
-                else:
-                    loss = loss + nn.functional.mse_loss(orig.sigmoid(), flip.sigmoid()) * orig.shape[2]
-        return loss, type(model).__name__
-    if isinstance(model, FasterRCNN):
-        objectness, deltas = model.rpn.head(maps)
-        loss = zero
-        for obj, dlt in zip(objectness, deltas, strict=True):
-            loss = loss + nn.functional.mse_loss(obj[:n, ..., 1:].sigmoid(), _mirror(obj[n:]).sigmoid())
-            a = dlt.shape[1] // 4
-            d = dlt.reshape(2 * n, a, 4, *dlt.shape[-2:])
-            flip = _mirror(d[n:]) * d.new_tensor([-1.0, 1.0, 1.0, 1.0]).view(1, 1, 4, 1, 1)
-            loss = loss + nn.functional.smooth_l1_loss(d[:n, ..., 1:], flip)
-        return loss, "FasterRCNN-RPN"
-    return zero, "none"
 
 
 def job_device(shared: SurrogateShared) -> torch.device:
@@ -218,7 +164,7 @@ def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
     ``loss_pseudo``, ``loss_cons``, ``consistency`` (the head it used), ``device`` (where it
     ran), ``seconds``.
     """
-    from mgral.detectors.torchvision_detector import TorchvisionDetector
+    from mgral.detectors import detector_class
     from mgral.evaluation import SubsetEvaluator
 
     t0 = time.perf_counter()
@@ -228,7 +174,7 @@ def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(derive_seed(shared.seed, 3))
-            det = TorchvisionDetector.from_bytes(shared.model, device=str(device))
+            det = detector_class(shared.kind).from_bytes(shared.model, device=str(device))
             model, class_index = det.model, det.class_index
             config = make_config(shared.train)
             optimizer = make_optimizer(model, config)
@@ -258,7 +204,7 @@ def run_surrogate(job: SurrogateJob, shared: SurrogateShared) -> dict[str, Any]:
                     pseudo = sum(model(uimages, utargets).values())
                     sums["loss_pseudo"] += float(pseudo.detach())
                     if job.semi:
-                        cons, used = consistency_loss(model, uimages)
+                        cons, used = det.consistency_loss(uimages)
                         sums["loss_cons"] += float(cons.detach())
                         w = ramp_weight(step, shared.steps, shared.unsup_weight, shared.ramp)
                         loss = loss + w * (pseudo + cons)
