@@ -79,21 +79,20 @@ def test_write_links_images_and_reads_back(small_dataset, tmp_path):
 
 def test_flat_names(small_dataset, tmp_path):
     """file_name = the base name (as CVAT names uploaded images); refused when two images share one."""
-    clash = r"image 10 \('train/x.png'\) and image 11 \('val/x.JPG'\)"
-    with pytest.raises(DatasetError, match=r"cannot write flat file names: " + clash):
-        coco.to_coco_dict(small_dataset, flat_names=True)
-    (small_dataset.root / "val/x.JPG").rename(small_dataset.root / "val/w.JPG")
-    small_dataset.images[11].file_name = "val/w.JPG"
     obj = coco.to_coco_dict(small_dataset, flat_names=True)
-    assert [i["file_name"] for i in obj["images"]] == ["x.png", "w.JPG", "y.png", "z.png", "neg.png"]
+    assert [i["file_name"] for i in obj["images"]] == ["x.png", "x.JPG", "y.png", "z.png", "neg.png"]
     out = tmp_path / "out"
     out.mkdir()
     coco.write(small_dataset, out, flat_names=True)
-    back = coco.read(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["annotations.json", "x.png", "w.JPG", "y.png", "z.png", "neg.png"]
+        ["annotations.json", *(i["file_name"] for i in obj["images"])]
     )
-    assert [r.target for r in back] == [r.target for r in small_dataset]
+    assert [r.target for r in coco.read(out)] == [r.target for r in small_dataset]
+    images = [ImageRecord(1, "a/x.png", 4, 4), ImageRecord(2, "b.png", 4, 4), ImageRecord(3, "c/x.png", 4, 4)]
+    with pytest.raises(
+        DatasetError, match=r"cannot write flat file names: image 1 \('a/x.png'\) and image 3 \('c/x.png'\) share"
+    ):
+        coco.to_coco_dict(Dataset(tmp_path, [Category(1, "a")], images), flat_names=True)
 
 
 def test_write_missing_image_names_it(small_dataset, tmp_path):
