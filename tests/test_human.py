@@ -183,7 +183,7 @@ def test_round_trip_coco_then_label_studio(tmp_path, digits, truth, monkeypatch)
     assert [im["file_name"] for im in coco["images"]] == [truth[i].file_name.rsplit("/", 1)[-1] for i in asked]
     tasks = json.loads((package / "label_studio_tasks.json").read_text())
     assert [t["data"]["mgral_id"] for t in tasks] == asked
-    assert [t["data"]["mgral_rank"] for t in tasks] == [1, 2, 3, 4, 5, 6]
+    assert [t["data"]["mgral_rank"] for t in tasks] == [f"{k:06d}" for k in range(1, 7)]
     assert sum(len(t["predictions"][0]["result"]) for t in tasks) == len(coco["annotations"])  # the same boxes
     assert tasks[0]["data"]["image"] == str(digits / truth[asked[0]].file_name)
     prediction = tasks[0]["predictions"][0]

@@ -616,7 +616,7 @@ def write_package(
         f"                         {names}\n"
         "label_studio_tasks.json  the same boxes as Label Studio tasks, for a project whose labeling config is\n"
         "                         label_studio_config.xml (keep data.mgral_id: it finds the image again);\n"
-        "                         sort the Data Manager by data.mgral_rank: 1 is the image to label first\n\n"
+        "                         sort the Data Manager by data.mgral_rank: 000001 is the image to label first\n\n"
         "Label every image (an image with nothing in it: no boxes), export, then:\n"
         f"    mgral import-labels {where}FILE [--format coco|voc|yolo|label-studio]\n"
         "An image you cannot label: Skip it in Label Studio, or leave it out of the file and add --skip-missing.\n"

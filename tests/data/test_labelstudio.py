@@ -34,8 +34,13 @@ def test_tasks_hold_the_detections_above_min_score_in_percent(tmp_path):
     tasks = to_tasks(
         dataset, [7, "b"], {7: dets}, image_ref=lambda r: f"/srv/{r.file_name}", model_version="m1", min_score=0.5
     )
-    assert tasks[0]["data"] == {"image": "/srv/img/a.png", "mgral_id": 7, "mgral_file": "img/a.png", "mgral_rank": 1}
-    assert tasks[1]["data"]["mgral_rank"] == 2  # the selection's order: 1 = label first
+    assert tasks[0]["data"] == {
+        "image": "/srv/img/a.png",
+        "mgral_id": 7,
+        "mgral_file": "img/a.png",
+        "mgral_rank": "000001",
+    }
+    assert tasks[1]["data"]["mgral_rank"] == "000002"  # the selection's order: 1 = label first
     (prediction,) = tasks[0]["predictions"]
     assert prediction["model_version"] == "m1" and prediction["score"] == pytest.approx(0.9)
     (region,) = prediction["result"]

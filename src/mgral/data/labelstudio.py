@@ -6,7 +6,7 @@ Tasks written by :func:`to_tasks`, for a project whose labeling config is
 ``label`` with one ``Label`` per category name)::
 
     [{"data": {"image": "/abs/images/00017.png", "mgral_id": 17, "mgral_file": "images/00017.png",
-               "mgral_rank": 1},
+               "mgral_rank": "000001"},
       "predictions": [{"model_version": "mgral entropy seed-0 cycle-2", "score": 0.83,
                        "result": [{"id": "9f86d081e5_0", "type": "rectanglelabels", "from_name": "label",
                                    "to_name": "image", "original_width": 640, "original_height": 480,
@@ -18,7 +18,7 @@ Tasks written by :func:`to_tasks`, for a project whose labeling config is
 ``original_width`` / ``original_height``. ``data.mgral_id`` is the dataset's image id: Label
 Studio keeps task data in its exports, so the labels find their image again whatever URL
 ``data.image`` had to be for Label Studio to show it. ``data.mgral_rank`` is the selection's
-order (1 = label first): sort the Data Manager by it.
+order (``"000001"`` = label first): sort the Data Manager by it.
 
 The export read by :func:`read_export` is Label Studio's "JSON" export: a list of tasks with
 ``data`` and ``annotations`` (each with ``result``, a list of regions, and ``was_cancelled``).
@@ -140,7 +140,9 @@ def to_tasks(
 
     ``image_ref(record)`` gives ``data.image``: what Label Studio loads the image from (a
     URL, or a path its local-files storage serves). ``data.mgral_rank`` is the image's place
-    in ``image_ids`` (1 = label first): sort the Data Manager by it. Boxes are clipped to the
+    in ``image_ids``, zero-padded to 6 digits (``"000001"`` = label first): Label Studio's Data
+    Manager sorts data fields as text unless the column is typed Number, and the padding sorts
+    right either way. Boxes are clipped to the
     image, then suppressed class-agnostically (torchvision ``nms`` over all classes at IoU
     ``nms_iou``): of boxes overlapping by more, the top-scoring one stays with its label, so an
     object is not offered once per class. 0.7 drops the near-copies a detector emits for one
@@ -156,7 +158,7 @@ def to_tasks(
     tasks = []
     for rank, image_id in enumerate(image_ids, start=1):
         rec = dataset[image_id]
-        data = {"image": image_ref(rec), "mgral_id": image_id, "mgral_file": rec.file_name, "mgral_rank": rank}
+        data = {"image": image_ref(rec), "mgral_id": image_id, "mgral_file": rec.file_name, "mgral_rank": f"{rank:06d}"}
         task: dict[str, Any] = {"data": data}
         det = predictions.get(image_id) if predictions is not None else None
         if det is not None:
