@@ -43,6 +43,19 @@ def test_convert_round_trip_and_refusal_of_non_empty_output(digits, tmp_path, ca
     assert "not empty" in capsys.readouterr().err
 
 
+def test_convert_flat_names(digits, tmp_path, capsys):
+    """--flat-names: the COCO file_name values are base names and the images lie flat beside the json."""
+    out = tmp_path / "flat"
+    assert main(["convert", str(digits), "--to", "coco", "--out", str(out), "--flat-names"]) == 0
+    obj = json.loads((out / "annotations.json").read_text())
+    assert all("/" not in i["file_name"] and (out / i["file_name"]).is_file() for i in obj["images"])
+    assert len(coco.read(out)) == 40
+    capsys.readouterr()
+    assert main(["convert", str(digits), "--to", "yolo", "--out", str(tmp_path / "y"), "--flat-names"]) == 2
+    assert "flat names (--flat-names) are for COCO: yolo always names its images flat" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
 def test_bad_input_exits_2_with_file_image_and_box_and_writes_nothing(digits, tmp_path, capsys):
     obj = json.loads((digits / "annotations.json").read_text())
     ann = obj["annotations"][0]

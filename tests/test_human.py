@@ -179,8 +179,12 @@ def test_round_trip_coco_then_label_studio(tmp_path, digits, truth, monkeypatch)
     assert coco["annotations"], "min_score 0 keeps every detection"
     ann = coco["annotations"][0]
     assert len(ann["bbox"]) == 4 and 0 <= ann["score"] <= 1 and ann["image_id"] in asked
+    assert ann["segmentation"] == [] and ann["iscrowd"] == 0  # CVAT's COCO importer requires both
+    assert [im["file_name"] for im in coco["images"]] == [truth[i].file_name.rsplit("/", 1)[-1] for i in asked]
     tasks = json.loads((package / "label_studio_tasks.json").read_text())
     assert [t["data"]["mgral_id"] for t in tasks] == asked
+    assert [t["data"]["mgral_rank"] for t in tasks] == [f"{k:06d}" for k in range(1, 7)]
+    assert sum(len(t["predictions"][0]["result"]) for t in tasks) == len(coco["annotations"])  # the same boxes
     assert tasks[0]["data"]["image"] == str(digits / truth[asked[0]].file_name)
     prediction = tasks[0]["predictions"][0]
     assert prediction["model_version"] == "mgral random seed-0 cycle-0" and "score" in prediction

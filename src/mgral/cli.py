@@ -22,7 +22,11 @@ LAYOUTS = ["voc0712", "coco2017"]  # read-only: the published data sets' folders
 
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-root", type=Path, help="directory image file names are relative to (COCO)")
+    p.add_argument(
+        "--image-root",
+        type=Path,
+        help="directory image file names are relative to (COCO), or that holds the images of a labels-only YOLO export",
+    )
     p.add_argument("--clip-boxes", action="store_true", help="clip boxes that stick out of their image")
     p.add_argument(
         "--follow-links",
@@ -86,6 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from_=args.from_,
         overwrite=args.overwrite,
         copy_images=not args.no_copy_images,
+        flat_names=args.flat_names,
         **_read_opts(args, check_files=not args.no_copy_images),
     )
     print(f"wrote {args.out} ({args.to}): {dataset.summary()}")
@@ -464,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a non-empty output directory that mgral wrote (.mgral-output)"
     )
     p.add_argument("--no-copy-images", action="store_true", help="write annotations only")
+    p.add_argument(
+        "--flat-names",
+        action="store_true",
+        help="COCO: file_name = the image's base name, images flat in --out (as CVAT names uploaded images); "
+        "refused when two images share a base name",
+    )
     _add_read_options(p)
     p.set_defaults(func=cmd_convert)
 

@@ -46,6 +46,9 @@ def test_to_coco_dict_fields(small_dataset):
     second = obj["annotations"][1]
     assert second["bbox"] == [10.5, 4.25, 20.25, 16.25]
     assert (second["iscrowd"], second["difficult"], second["category_id"]) == (0, 1, 9)
+    # CVAT's COCO importer requires segmentation and iscrowd on every annotation; area is the box's
+    assert (second["segmentation"], second["area"]) == ([], 20.25 * 16.25)
+    assert all({"segmentation", "area", "iscrowd"} <= set(a) for a in obj["annotations"])
     assert [a["id"] for a in obj["annotations"]] == list(range(1, len(obj["annotations"]) + 1))
     json.dumps(obj)  # plain Python types only
 
@@ -72,6 +75,24 @@ def test_write_links_images_and_reads_back(small_dataset, tmp_path):
     assert dst.is_file() and os.path.samefile(src, dst)
     back = coco.read(out)  # a directory with one .json file
     assert back.root == out and len(back) == len(small_dataset)
+
+
+def test_flat_names(small_dataset, tmp_path):
+    """file_name = the base name (as CVAT names uploaded images); refused when two images share one."""
+    obj = coco.to_coco_dict(small_dataset, flat_names=True)
+    assert [i["file_name"] for i in obj["images"]] == ["x.png", "x.JPG", "y.png", "z.png", "neg.png"]
+    out = tmp_path / "out"
+    out.mkdir()
+    coco.write(small_dataset, out, flat_names=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["annotations.json", *(i["file_name"] for i in obj["images"])]
+    )
+    assert [r.target for r in coco.read(out)] == [r.target for r in small_dataset]
+    images = [ImageRecord(1, "a/x.png", 4, 4), ImageRecord(2, "b.png", 4, 4), ImageRecord(3, "c/x.png", 4, 4)]
+    with pytest.raises(
+        DatasetError, match=r"cannot write flat file names: image 1 \('a/x.png'\) and image 3 \('c/x.png'\) share"
+    ):
+        coco.to_coco_dict(Dataset(tmp_path, [Category(1, "a")], images), flat_names=True)
 
 
 def test_write_missing_image_names_it(small_dataset, tmp_path):

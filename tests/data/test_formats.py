@@ -38,7 +38,8 @@ def test_detect_format_local(small_dataset, tmp_path):
     assert detect_format(tmp_path / "c") == "coco"
     assert detect_format(tmp_path / "c" / coco.ANNOTATIONS_FILE) == "coco"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match=r"empty: found no dataset.*pass --from coco\|voc\|yolo"):
+    hint = r"name the format: --from coco\|voc\|yolo.*import-labels: --format coco"
+    with pytest.raises(DatasetError, match=r"empty: found no dataset.*" + hint):
         detect_format(tmp_path / "empty")
     with pytest.raises(DatasetError, match=r"nowhere: no such file or directory"):
         detect_format(tmp_path / "nowhere")

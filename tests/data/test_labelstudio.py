@@ -34,7 +34,13 @@ def test_tasks_hold_the_detections_above_min_score_in_percent(tmp_path):
     tasks = to_tasks(
         dataset, [7, "b"], {7: dets}, image_ref=lambda r: f"/srv/{r.file_name}", model_version="m1", min_score=0.5
     )
-    assert tasks[0]["data"] == {"image": "/srv/img/a.png", "mgral_id": 7, "mgral_file": "img/a.png"}
+    assert tasks[0]["data"] == {
+        "image": "/srv/img/a.png",
+        "mgral_id": 7,
+        "mgral_file": "img/a.png",
+        "mgral_rank": "000001",
+    }
+    assert tasks[1]["data"]["mgral_rank"] == "000002"  # the selection's order: 1 = label first
     (prediction,) = tasks[0]["predictions"]
     assert prediction["model_version"] == "m1" and prediction["score"] == pytest.approx(0.9)
     (region,) = prediction["result"]
@@ -45,6 +51,29 @@ def test_tasks_hold_the_detections_above_min_score_in_percent(tmp_path):
     assert value["rectanglelabels"] == ["cat"]
     assert "predictions" not in tasks[1], "no detections for that image: no prediction"
     assert json.loads(json.dumps(tasks)) == tasks
+
+
+def test_class_agnostic_suppression_and_unique_stable_ids(tmp_path):
+    """One object offered under several labels (the practitioner's 6 labels on one box) becomes
+    one region, the top-scoring label; a box of another class overlapping by IoU <= 0.7 stays;
+    result ids are unique across tasks and the same on every write."""
+    dataset = _dataset(tmp_path)
+    same = [[20, 10, 60, 50]] * 3 + [[21, 10, 60, 50]]
+    overlap = [[40, 10, 80, 50]]  # IoU 1/3 with the first box
+    dets = {
+        7: Detections(boxes=same + overlap, scores=[0.6, 0.9, 0.7, 0.8, 0.5], labels=[1, 2, 1, 1, 1]),
+        "b": Detections(boxes=[[1, 1, 20, 20], [30, 30, 40, 40]], scores=[0.9, 0.8], labels=[1, 2]),
+    }
+    tasks = to_tasks(dataset, [7, "b"], dets, image_ref=str, model_version="m")
+    regions = tasks[0]["predictions"][0]["result"]
+    assert [(r["value"]["rectanglelabels"], r["score"]) for r in regions] == [(['dog "big"'], 0.9), (["cat"], 0.5)]
+    assert tasks[0]["predictions"][0]["score"] == pytest.approx(0.7)
+    ids = [r["id"] for t in tasks for r in t["predictions"][0]["result"]]
+    assert len(ids) == len(set(ids)) == 4
+    again = to_tasks(dataset, [7, "b"], dets, image_ref=str, model_version="m")
+    assert [r["id"] for t in again for r in t["predictions"][0]["result"]] == ids
+    kept = to_tasks(dataset, [7], dets, image_ref=str, model_version="m", nms_iou=1.0)[0]["predictions"][0]["result"]
+    assert len(kept) == 5
 
 
 def test_labeling_config_lists_every_category(tmp_path):

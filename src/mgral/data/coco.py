@@ -14,7 +14,7 @@ fields (segmentation, area, info, licenses) are ignored on read.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -55,18 +55,45 @@ def _coordinate(v: np.floating) -> float:
     return float(str(np.float32(v)))
 
 
-def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
+def flat_name_clash(dataset: Dataset) -> str | None:
+    """Why the images cannot be named by their base names alone (two images share one, named
+    in the message), or None when they can."""
+    seen: dict[str, ImageRecord] = {}
+    for rec in dataset:
+        other = seen.setdefault(PurePosixPath(rec.file_name).name, rec)
+        if other is not rec:
+            return (
+                f"{describe_image(other.id, other.file_name)} and {describe_image(rec.id, rec.file_name)} share the "
+                f"base name {PurePosixPath(rec.file_name).name!r}"
+            )
+    return None
+
+
+def _file_names(dataset: Dataset, flat_names: bool) -> list[str]:
+    if flat_names and (clash := flat_name_clash(dataset)) is not None:
+        raise DatasetError(f"cannot write flat file names: {clash}; rename one of the images, or keep the folders")
+    return [PurePosixPath(r.file_name).name if flat_names else r.file_name for r in dataset]
+
+
+def to_coco_dict(dataset: Dataset, *, flat_names: bool = False) -> dict[str, Any]:
     """The dataset as a COCO detection dict (``images``, ``annotations``, ``categories``).
 
     Integer image ids are kept when every id is an int; otherwise images get ids
     ``1..N`` in dataset order. Annotation ids are ``1..M``. ``split`` is written only for
-    images that have one; ``iscrowd`` and ``difficult`` are written for every annotation.
+    images that have one; ``segmentation`` (``[]``: a box has no mask), ``area`` (the box's),
+    ``iscrowd`` and ``difficult`` are written for every annotation (CVAT's COCO importer
+    requires ``segmentation`` and ``iscrowd``). With ``flat_names`` each ``file_name`` is the
+    image's base name (``images/train/00012.png`` -> ``00012.png``), as CVAT names the images
+    uploaded to a task.
+
+    Raises:
+        DatasetError: ``flat_names`` and two images share a base name (both are named).
     """
     keep_ids = all(isinstance(r.id, int) and not isinstance(r.id, bool) for r in dataset)
     images, annotations = [], []
-    for n, rec in enumerate(dataset, start=1):
+    for n, (rec, file_name) in enumerate(zip(dataset, _file_names(dataset, flat_names), strict=True), start=1):
         image_id = rec.id if keep_ids else n
-        entry: dict[str, Any] = {"id": image_id, "file_name": rec.file_name, "width": rec.width, "height": rec.height}
+        entry: dict[str, Any] = {"id": image_id, "file_name": file_name, "width": rec.width, "height": rec.height}
         if rec.split is not None:
             entry["split"] = rec.split
         images.append(entry)
@@ -80,6 +107,7 @@ def to_coco_dict(dataset: Dataset) -> dict[str, Any]:
                     "image_id": image_id,
                     "category_id": int(label),
                     "bbox": [x1, y1, w, h],
+                    "segmentation": [],
                     "area": w * h,
                     "iscrowd": int(crowd),
                     "difficult": int(difficult),
@@ -98,20 +126,22 @@ def write_json(dataset: Dataset, path: str | os.PathLike[str]) -> None:
     atomic_write_json(path, to_coco_dict(dataset))
 
 
-def write(dataset: Dataset, out_dir: Path, *, copy_images: bool = True) -> None:
+def write(dataset: Dataset, out_dir: Path, *, copy_images: bool = True, flat_names: bool = False) -> None:
     """Write ``annotations.json`` into the existing empty ``out_dir``, and the images
-    at their ``file_name`` below it when ``copy_images``.
+    at their ``file_name`` below it when ``copy_images``. With ``flat_names`` the images lie
+    flat in ``out_dir`` under their base names (see :func:`to_coco_dict`).
 
     Raises:
-        DatasetError: a source image is missing.
+        DatasetError: a source image is missing; ``flat_names`` and two images share a base name.
     """
     out_dir = Path(out_dir)
+    obj = to_coco_dict(dataset, flat_names=flat_names)
     if copy_images:
-        for rec in dataset:
+        for rec, entry in zip(dataset, obj["images"], strict=True):
             link_or_copy(
-                dataset.root / rec.file_name, out_dir / rec.file_name, what=describe_image(rec.id, rec.file_name)
+                dataset.root / rec.file_name, out_dir / entry["file_name"], what=describe_image(rec.id, rec.file_name)
             )
-    write_json(dataset, out_dir / ANNOTATIONS_FILE)
+    atomic_write_json(out_dir / ANNOTATIONS_FILE, obj)
 
 
 # -- reading ---------------------------------------------------------------------------------

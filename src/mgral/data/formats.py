@@ -46,7 +46,7 @@ def _register(module: ModuleType, summary: str) -> None:
 
 _register(coco, "COCO detection JSON (a .json file, or a directory with one); keeps split, iscrowd, difficult")
 _register(voc, "Pascal VOC XML (Annotations/ + JPEGImages/, or LabelImg XML beside images); keeps difficult")
-_register(yolo, "YOLO txt labels (images/ + labels/ + data.yaml, Ultralytics layout); no flags")
+_register(yolo, "YOLO txt labels (Ultralytics images/ + labels/, CVAT YOLO 1.1, Roboflow; labels only too); no flags")
 _register(voc0712, "layout (read-only): VOCdevkit/VOC2007 + VOC2012; splits 2007-trainval, 2012-trainval, 2007-test")
 _register(coco2017, "layout (read-only): COCO annotations/instances_*2017.json; splits train2017, val2017")
 
@@ -56,7 +56,10 @@ LAYOUT_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
 }
 """Layout name -> (its split names, the AL papers' pool splits, their test split)."""
 
-_HINT = "pass --from coco|voc|yolo|voc0712|coco2017"
+# The flag is --from, except in import-labels (which reads Label Studio exports too), where it is --format.
+_HINT = (
+    "name the format: --from coco|voc|yolo|voc0712|coco2017 (mgral import-labels: --format coco|voc|yolo|label-studio)"
+)
 
 
 def writable_format(name: str) -> Format:
@@ -96,8 +99,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if not found:
         raise DatasetError(
             f"{path}: found no dataset: expected a COCO .json file, VOC Annotations/ or XML files, YOLO "
-            f"images/ and labels/, a VOCdevkit with VOC2007/ and VOC2012/, or COCO's annotations/instances_*2017.json; "
-            f"{hint}"
+            "images/ and labels/ (or obj_train_data/, train/labels/), a VOCdevkit with VOC2007/ and VOC2012/, or "
+            f"COCO's annotations/instances_*2017.json; {hint}"
         )
     what = " and ".join(f"{name.upper()} ({reason})" for name, reason in found)
     raise DatasetError(f"{path}: found {what}; {hint}")
@@ -142,6 +145,7 @@ def write_dataset(
     overwrite: bool = False,
     copy_images: bool = True,
     follow_links: bool = False,
+    flat_names: bool = False,
 ) -> Path:
     """Write ``dataset`` as a ``format`` directory at ``out``, all or nothing.
 
@@ -149,14 +153,17 @@ def write_dataset(
     a ``.mgral-output`` marker, and ``overwrite`` replaces only a directory that holds one
     (see :func:`mgral._io.atomic_directory`). ``out`` may not be or contain the dataset's
     image root. With ``copy_images`` an image that a symbolic link leads out of the image
-    root is refused unless ``follow_links``.
+    root is refused unless ``follow_links``. ``flat_names`` (COCO only) names each image by
+    its base name (:func:`mgral.data.coco.to_coco_dict`); VOC and YOLO always write flat names.
 
     Raises:
-        ConfigError: an unknown format name, or a read-only layout.
+        ConfigError: an unknown format name, a read-only layout, or ``flat_names`` for VOC or YOLO.
         DatasetError: ``out`` is a file, is not empty (without ``overwrite``, or not written by
-            mgral), holds the image root, or the writer refuses the dataset (e.g. a missing image).
+            mgral), holds the image root, or the writer refuses the dataset (e.g. a missing image,
+            or with ``flat_names`` two images sharing a base name).
     """
     fmt = writable_format(format)
+    write_opts = _write_opts(fmt, flat_names)
     out = Path(out)
     _check_apart(out, [("image root", dataset.root, False)])
     check_writable(dataset)
@@ -176,8 +183,16 @@ def write_dataset(
             tmp = stack.enter_context(atomic_directory(out, overwrite=overwrite, what=f"a {fmt.name} dataset"))
         except FileExistsError as err:
             raise OutputExistsError(str(err)) from err
-        fmt.write(dataset, tmp, copy_images=copy_images)
+        fmt.write(dataset, tmp, copy_images=copy_images, **write_opts)
     return out
+
+
+def _write_opts(fmt: Format, flat_names: bool) -> dict[str, bool]:
+    if not flat_names:
+        return {}
+    if fmt.name != "coco":
+        raise ConfigError(f"flat names (--flat-names) are for COCO: {fmt.name} always names its images flat")
+    return {"flat_names": True}
 
 
 def convert(
@@ -188,18 +203,21 @@ def convert(
     from_: str | None = None,
     overwrite: bool = False,
     copy_images: bool = True,
+    flat_names: bool = False,
     **read_opts: object,
 ) -> Dataset:
     """Read ``src`` (format ``from_``, detected when ``None``) and write it to ``dst`` as ``to``.
 
     The whole source is validated before anything is written. ``dst`` may not be, contain or
-    lie inside ``src`` (nor contain the image root). Returns the dataset read.
+    lie inside ``src`` (nor contain the image root). ``flat_names``: see :func:`write_dataset`.
+    Returns the dataset read.
 
     Raises:
-        ConfigError: an unknown format name, or a read-only target layout.
+        ConfigError: an unknown format name, a read-only target layout, or ``flat_names`` for
+            VOC or YOLO.
         DatasetError: as :func:`read_dataset` and :func:`write_dataset`.
     """
-    writable_format(to)  # an unknown or read-only target fails before the source is read
+    _write_opts(writable_format(to), flat_names)  # a target that cannot be written fails before the source is read
     src, dst = Path(src), Path(dst)
     inputs = [("source", src, src.is_dir())]
     if read_opts.get("image_root") is not None:
@@ -213,5 +231,6 @@ def convert(
         overwrite=overwrite,
         copy_images=copy_images,
         follow_links=bool(read_opts.get("follow_links", False)),
+        flat_names=flat_names,
     )
     return dataset

@@ -1,12 +1,22 @@
 """YOLO txt labels (Ultralytics / darknet layout): read, validate, write.
 
-Layout: images under ``images/`` (``images/{train,val,test}/`` give splits, a flat
-``images/`` gives split ``None``), one ``labels/<same relative path>.txt`` per image with
-lines ``class cx cy w h`` normalized to ``[0, 1]`` by the image's width and height. An
-image without a label file is a negative image; a label file without an image is an
-error. Class names come from ``data.yaml`` ``names`` (a list, or an ``{index: name}``
-dict) or ``classes.txt`` / ``obj.names``; class index ``i`` is category id ``i + 1``. Other
-``data.yaml`` keys (``path``, ``train``, ...) are not followed: the layout above is read.
+Label files hold one line ``class cx cy w h`` per box, normalized to ``[0, 1]`` by the
+image's width and height, and sit beside or opposite their image (same relative path, suffix
+``.txt``). Three layouts are read:
+
+* **Ultralytics**: images under ``images/`` (``images/{train,val,test}/`` give splits, a flat
+  ``images/`` gives split ``None``), one ``labels/<same relative path>.txt`` per image.
+* **CVAT YOLO 1.1**: ``obj_<subset>_data/`` holding each subset's images and label files side
+  by side, with ``obj.names`` (``obj.data`` and ``<subset>.txt`` are not needed).
+* **Roboflow**: ``<split>/images/`` and ``<split>/labels/`` with ``data.yaml``.
+
+Split folder names go through :func:`~mgral.data.records.canonical_split` (``valid`` ->
+``val``; other names: no split). An image without a label file is a negative image; a label
+file without an image is an error, except in a *labels-only* export (no image in it at all),
+whose images are found below an image root (:func:`read`). Class names come from
+``data.yaml`` ``names`` (a list, or an ``{index: name}`` dict) or ``classes.txt`` /
+``obj.names``; class index ``i`` is category id ``i + 1``. Other ``data.yaml`` keys
+(``path``, ``train``, ...) are not followed: the layouts above are read.
 
 Image sizes are read from each image's header with PIL (EXIF orientation is not applied).
 YOLO cannot store ``difficult`` or ``iscrowd``: they are dropped on write and False on read.
@@ -14,9 +24,11 @@ YOLO cannot store ``difficult`` or ``iscrowd``: they are dropped on write and Fa
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -40,6 +52,7 @@ from mgral.data.records import (
     Dataset,
     ImageRecord,
     Target,
+    canonical_split,
     check_box,
     check_box_count,
     check_identical_boxes,
@@ -49,6 +62,8 @@ from mgral.errors import DatasetError
 
 YAML_FILES = ("data.yaml", "data.yml", "dataset.yaml")
 NAMES_FILES = ("classes.txt", "obj.names")
+UNASSIGNED_LIST = "unassigned.txt"
+"""The writer's list of the images without a split, beside split folders (see :func:`write`)."""
 # Normalized values may stick out of [0, 1] by this much (rounding in exporters).
 _TOLERANCE = 1e-3
 _MAX_CLASS_INDEX = (1 << 31) - 2  # category id = index + 1 stays an int32
@@ -178,6 +193,122 @@ def _files(directory: Path, suffixes: tuple[str, ...]) -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One folder of label files in an export's layout."""
+
+    labels: str
+    """The folder of the label files, relative to the export root."""
+    images: str
+    """The folder of their images (the same relative paths with an image suffix), relative to the image root."""
+    split: str | None
+    """The split of its images; None: the first folder below (``images/train/...``), through
+    :func:`~mgral.data.records.canonical_split`."""
+
+    def split_of(self, rel: str) -> str | None:
+        if self.split is not None:
+            return self.split
+        parts = PurePosixPath(rel).parts
+        return canonical_split(parts[0]) if len(parts) > 1 else None
+
+
+def _layout(root: Path) -> tuple[list[_Part], str] | None:
+    """The export's label folders and the layout's name, or None for no YOLO layout."""
+    if (root / "images").is_dir():
+        return [_Part("labels", "images", None)], "images/ and labels/"
+    if (root / "labels").is_dir():
+        return [_Part("labels", "images", None)], "labels/ (Ultralytics, labels only)"
+    cvat = sorted(p.name for p in root.glob("obj_*_data") if p.is_dir())
+    if cvat:  # CVAT's YOLO 1.1: obj_<subset>_data/ holds each subset's images and label files side by side
+        return [_Part(n, n, canonical_split(n[4:-5])) for n in cvat], f"{', '.join(cvat)} (CVAT YOLO 1.1)"
+    splits = sorted(
+        p.name
+        for p in root.iterdir()
+        if canonical_split(p.name) is not None and ((p / "labels").is_dir() or (p / "images").is_dir())
+    )
+    if splits:  # Roboflow: <split>/images/ and <split>/labels/
+        return [_Part(f"{s}/labels", f"{s}/images", canonical_split(s)) for s in splits], (
+            f"{', '.join(f'{s}/labels' for s in splits)} (Roboflow YOLO)"
+        )
+    return None
+
+
+_LAYOUTS = (
+    "images/ and labels/ (Ultralytics), obj_<subset>_data/ with obj.names (CVAT YOLO 1.1), or "
+    "<split>/images/ and <split>/labels/ with data.yaml (Roboflow)"
+)
+
+
+def _label_files(root: Path, part: _Part) -> list[str]:
+    folder = root / part.labels
+    # LabelImg's YOLO mode saves its classes.txt among the labels: not a label file
+    return [f for f in _files(folder, (".txt",)) if PurePosixPath(f).name != "classes.txt"] if folder.is_dir() else []
+
+
+def _with_images(root: Path, parts: list[_Part]) -> list[tuple[str, str, str | None]]:
+    """(image file name, label file, split) of every image of an export that holds images (an
+    image without a label file has no boxes); empty for an export without any image."""
+    images = {p: _files(root / p.images, IMAGE_SUFFIXES) if (root / p.images).is_dir() else [] for p in parts}
+    if not any(images.values()):
+        return []
+    found = []
+    for part in parts:
+        by_label = {str(PurePosixPath(f).with_suffix(".txt")): f for f in images[part]}
+        if len(by_label) != len(images[part]):
+            raise DatasetError(
+                f"{root / part.images}: two images share a stem in one folder; their labels would be the same file"
+            )
+        for label in _label_files(root, part):
+            if label not in by_label:
+                raise DatasetError(
+                    f"{root / part.labels / label}: label file without an image; expected an image "
+                    f"{part.images}/{PurePosixPath(label).with_suffix('.<jpg|png|...>')} (remove the label file or "
+                    "add the image)"
+                )
+        found += [
+            (f"{part.images}/{rel}", f"{part.labels}/{label}", part.split_of(rel)) for label, rel in by_label.items()
+        ]
+    return found
+
+
+def _labels_only(root: Path, parts: list[_Part], image_root: Path) -> list[tuple[str, str, str | None]]:
+    """(image file name relative to ``image_root``, label file, split) of every label file of an
+    export without images: its image is the one file below ``image_root`` with the label's stem
+    (where several have it, the one whose path ends like the label's)."""
+    images = _files(image_root, IMAGE_SUFFIXES) if image_root.is_dir() else []
+    by_stem: dict[str, list[str]] = {}
+    for f in images:
+        by_stem.setdefault(PurePosixPath(f).stem, []).append(f)
+    found, taken = [], {}
+    for part in parts:
+        for label in _label_files(root, part):
+            stem = str(PurePosixPath(label).with_suffix(""))
+            candidates = by_stem.get(PurePosixPath(label).stem, [])
+            if len(candidates) > 1:
+                candidates = [c for c in candidates if f"/{PurePosixPath(c).with_suffix('')}".endswith(f"/{stem}")]
+            source = root / part.labels / label
+            if not candidates:
+                raise DatasetError(
+                    f"{source}: no image for this label file: the export holds no images (labels only), and no image "
+                    f"file {PurePosixPath(label).stem}.<jpg|png|...> lies below {str(image_root)!r}; pass the folder "
+                    "that holds the images as the image root (--image-root DIR)"
+                )
+            if len(candidates) > 1:
+                raise DatasetError(
+                    f"{source}: the images {', '.join(map(repr, candidates[:4]))} below {str(image_root)!r} all fit "
+                    "this label file; expected one image per label file (pass a narrower --image-root)"
+                )
+            image = candidates[0]
+            if image in taken:
+                raise DatasetError(
+                    f"{source}: its image {image!r} is also the image of {taken[image]}; expected one label file "
+                    "per image"
+                )
+            taken[image] = source
+            found.append((image, f"{part.labels}/{label}", part.split_of(label)))
+    return found
+
+
 def read(
     path: str | os.PathLike[str],
     *,
@@ -188,47 +319,46 @@ def read(
 ) -> Dataset:
     """Read a YOLO dataset directory into a validated :class:`Dataset`.
 
-    Labels are read from ``path/labels``; images are listed from ``image_root/images``
-    (``image_root`` defaults to ``path``). Images are always opened for their size, so
-    ``check_files`` has no effect. Image ids follow :func:`mgral.data.voc.path_ids`. A file
-    that a symbolic link leads out of ``path`` (labels, names) or ``image_root`` (images) is
-    refused unless ``follow_links``.
+    Three layouts are read (see the module docstring): Ultralytics (``images/`` and
+    ``labels/``), CVAT's YOLO 1.1 (``obj_<subset>_data/``) and Roboflow
+    (``<split>/images/`` and ``<split>/labels/``). An export that holds its images is read
+    with them (an image without a label file has no boxes). A *labels-only* export (no
+    image file in it) has one image per label file, found below ``image_root`` (default:
+    ``path``; e.g. the dataset the images came from): the file with the label's stem, or
+    where several have it, the one whose path ends like the label's (``train/a.txt`` ->
+    ``images/train/a.png``). Image file names are relative to ``path`` or, labels-only,
+    ``image_root``. Images are always opened for their size, so ``check_files`` has no effect.
+    Image ids follow :func:`mgral.data.voc.path_ids`. A file that a symbolic link leads out
+    of ``path`` (labels, names) or the image root (images) is refused unless ``follow_links``.
 
     Raises:
-        DatasetError: no ``images/`` folder, no class names (or a name twice), an unreadable
-            image, a label file without an image, a FIFO or device where a file is expected, a
-            malformed line, a class index out of range, a box outside its image (unless
-            ``clip_boxes``), too many boxes or copies of one box in an image, one image file in
-            two splits, or a link out of the root.
+        DatasetError: no YOLO layout, no class names (or a name twice), an unreadable image, a
+            label file without an image (labels-only: none or several below ``image_root``), a
+            FIFO or device where a file is expected, a malformed line, a class index out of
+            range, a box outside its image (unless ``clip_boxes``), too many boxes or copies of
+            one box in an image, one image file in two splits, or a link out of the root.
     """
     root = Path(path)
-    image_dir_root = Path(image_root) if image_root is not None else root
-    images_dir, labels_dir = image_dir_root / "images", root / "labels"
-    if not images_dir.is_dir():
-        raise DatasetError(f"{root}: expected a YOLO dataset directory with images/ and labels/, found no {images_dir}")
+    found = _layout(root) if root.is_dir() else None
+    if found is None:
+        raise DatasetError(f"{root}: expected a YOLO dataset directory with {_LAYOUTS}; found none of them")
+    parts = found[0]
     guard = RootGuard(root, follow_links=follow_links)
-    image_guard = RootGuard(image_dir_root, follow_links=follow_links)
     classes, names_source = _class_names(root, guard)
-    image_files = _files(images_dir, IMAGE_SUFFIXES)
-    by_label = {str(PurePosixPath(f).with_suffix(".txt")): f for f in image_files}
-    if len(by_label) != len(image_files):
-        raise DatasetError(f"{images_dir}: two images share a stem in one folder; their labels would be the same file")
-    for label in _files(labels_dir, (".txt",)) if labels_dir.is_dir() else []:
-        # LabelImg's YOLO mode saves its classes.txt among the labels: not a label file
-        if label not in by_label and PurePosixPath(label).name != "classes.txt":
-            raise DatasetError(
-                f"{labels_dir / label}: label file without an image; expected an image "
-                f"images/{PurePosixPath(label).with_suffix('.<jpg|png|...>')} (remove the label file or add the image)"
-            )
+    entries = _with_images(root, parts)
+    image_dir_root = root
+    if not entries:
+        image_dir_root = Path(image_root) if image_root is not None else root
+        entries = _labels_only(root, parts, image_dir_root)
+    image_guard = RootGuard(image_dir_root, follow_links=follow_links)
 
     records = []
     files: dict[tuple[int, int], ImageRecord] = {}
-    for rel, image_id in zip(image_files, path_ids([f"images/{f}" for f in image_files]), strict=True):
-        file_name = f"images/{rel}"
+    for (file_name, label, split), image_id in zip(entries, path_ids([e[0] for e in entries]), strict=True):
         where = describe_image(image_id, file_name)
-        image_guard.check(image_dir_root / file_name, source=str(images_dir), where=where)
+        image_guard.check(image_dir_root / file_name, source=str(image_dir_root), where=where)
         width, height = _image_size(image_dir_root / file_name, where=where)
-        label_file = labels_dir / PurePosixPath(rel).with_suffix(".txt")
+        label_file = root / label
         target = Target()
         if os.path.lexists(label_file):
             text = read_text(label_file, what="YOLO label lines 'class cx cy w h'", guard=guard)
@@ -242,8 +372,6 @@ def read(
                 names_source=names_source,
                 clip=clip_boxes,
             )
-        top = PurePosixPath(rel).parts[0]
-        split = top if top in SPLITS and len(PurePosixPath(rel).parts) > 1 else None
         rec = ImageRecord(image_id, file_name, width, height, split, target)
         st = os.stat(image_dir_root / file_name)
         other = files.setdefault((st.st_dev, st.st_ino), rec)
@@ -257,7 +385,10 @@ def read(
             )
         records.append(rec)
     if not records:
-        raise DatasetError(f"{images_dir}: no image files found (expected {', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(
+            f"{root}: no image files and no label files found in {found[1]} (expected images "
+            f"{', '.join(IMAGE_SUFFIXES)} and labels .txt)"
+        )
     categories = [Category(i + 1, name) for i, name in classes.items()]
     return Dataset(image_dir_root, categories, records)
 
@@ -330,7 +461,8 @@ def write(dataset: Dataset, out_dir: Path, *, copy_images: bool = True) -> None:
     names = [c.name for c in dataset.categories]
     _check_writable(dataset)
     write_names_file(out_dir / "classes.txt", names)
-    for rec, base in zip(dataset, output_names(dataset).values(), strict=True):
+    bases = output_names(dataset)
+    for rec, base in zip(dataset, bases.values(), strict=True):
         folder = PurePosixPath(rec.split) if rec.split else PurePosixPath()
         if copy_images:
             dst = out_dir / "images" / folder / (base + PurePosixPath(rec.file_name).suffix)
@@ -348,22 +480,47 @@ def write(dataset: Dataset, out_dir: Path, *, copy_images: bool = True) -> None:
         label_file.parent.mkdir(parents=True, exist_ok=True)
         label_file.write_text("".join(lines), encoding="utf-8")
     present = {r.split for r in dataset}
-    config: dict[str, object] = {"path": "."}
-    for split in SPLITS:
-        if split in present:
-            config[split] = f"images/{split}"
-    if None in present:
-        config.setdefault("train", "images")
-    config["names"] = names
+    if None in present and len(present) > 1:
+        unassigned = [f"./images/{bases[r.id]}{PurePosixPath(r.file_name).suffix}\n" for r in dataset if not r.split]
+        (out_dir / UNASSIGNED_LIST).write_text("".join(unassigned), encoding="utf-8")
+    config, comment = _data_yaml(present, names)
     text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     if yaml.safe_load(text)["names"] != names:  # PyYAML mangles a few characters (NEL) when it writes them raw
         text = yaml.safe_dump(config, sort_keys=False, allow_unicode=False)
-    (out_dir / "data.yaml").write_text(text, encoding="utf-8")
+    (out_dir / "data.yaml").write_text(comment + text, encoding="utf-8")
+
+
+def _data_yaml(present: set[str | None], names: list[str]) -> tuple[dict[str, object], str]:
+    """The ``data.yaml`` of an export holding images of the splits ``present`` (None:
+    unassigned), and the comment lines above it.
+
+    It has no ``path``: Ultralytics' ``check_det_dataset`` then resolves ``train`` / ``val`` /
+    ``test`` against the yaml's own folder, from any working directory (``path: .`` would
+    be the working directory). Unassigned images go with ``train``: as ``images`` where there
+    is no split folder, else listed in ``unassigned.txt`` (``images`` would take in the split
+    folders too: Ultralytics reads folders recursively). Ultralytics needs ``train`` and
+    ``val``; without a val split, ``val`` repeats ``train`` and the comment says so.
+    """
+    config: dict[str, object] = {s: f"images/{s}" for s in SPLITS if s in present}
+    if None in present:
+        unassigned = "images" if present == {None} else UNASSIGNED_LIST
+        config["train"] = [config["train"], unassigned] if "train" in config else unassigned
+    comment = "# Ultralytics YOLO dataset written by mgral; paths are relative to this file's folder.\n"
+    if "train" in config and "val" not in config:
+        config["val"] = copy.copy(config["train"])  # not the same list: PyYAML would write an alias
+        comment += "# No val split: val repeats train (Ultralytics needs one); point it at held-out images.\n"
+    return {k: config[k] for k in SPLITS if k in config} | {"names": names}, comment
 
 
 def sniff(path: Path) -> str | None:
-    """A reason string if ``path`` is a directory with ``images/`` and ``labels/``."""
+    """A reason string if ``path`` is a directory in a YOLO layout (:func:`read`) with class
+    names (``data.yaml``, ``classes.txt``, ``obj.names``), or with both ``images/`` and ``labels/``."""
     path = Path(path)
+    found = _layout(path) if path.is_dir() else None
+    if found is None:
+        return None
+    if any(os.path.lexists(path / n) for n in YAML_FILES + NAMES_FILES):
+        return f"contains {found[1]}"
     if (path / "images").is_dir() and (path / "labels").is_dir():
         return "contains images/ and labels/"
     return None

@@ -123,7 +123,9 @@ def read_answers(path: Path, fmt: str, dataset: Dataset, *, clip: bool) -> tuple
     else:
         from mgral.data.formats import read_dataset
 
-        result = read_dataset(path, fmt, check_files=False, clip_boxes=clip)
+        # a labels-only YOLO export finds its images under the dataset's image root
+        root = {"image_root": dataset.root} if fmt == "yolo" else {}
+        result = read_dataset(path, fmt, check_files=False, clip_boxes=clip, **root)
         names = result.category_names
         ours = {c.name: c.id for c in dataset.categories}
         for rec in result:

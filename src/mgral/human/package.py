@@ -24,22 +24,21 @@ def write_package(
     series: tuple[str, int] | None = None,
 ) -> Path:
     """Write the labeling package of ``ids`` into ``out``, replacing it whole (never half-written)."""
-    from mgral.data.coco import to_coco_dict
+    from mgral.data.coco import flat_name_clash, to_coco_dict
 
     records, scores = [], []
     for i in ids:
         rec = dataset[i]
         det = predictions.get(i) if predictions is not None else None
         target = Target()
-        if det is not None:
-            boxes = det.boxes.copy()
-            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, rec.width)
-            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, rec.height)
-            keep = (det.scores >= min_score) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if det is not None:  # the same boxes as the Label Studio tasks' (class-agnostic suppression included)
+            boxes, keep = labelstudio.pre_annotations(det, rec.width, rec.height, min_score=min_score)
             target = Target(boxes[keep], det.labels[keep])
             scores += det.scores[keep].tolist()
         records.append(ImageRecord(rec.id, rec.file_name, rec.width, rec.height, target=target))
-    coco = to_coco_dict(Dataset(dataset.root, dataset.categories, records))
+    chosen = Dataset(dataset.root, dataset.categories, records)
+    clash = flat_name_clash(chosen)  # CVAT names uploaded images by their base names: use them where unambiguous
+    coco = to_coco_dict(chosen, flat_names=clash is None)
     for ann, score in zip(coco["annotations"], scores, strict=True):
         ann["score"] = round(score, 4)
     for entry, i in zip(coco["images"], ids, strict=True):
@@ -57,12 +56,19 @@ def write_package(
     where = f"--run {run_dir} " if run_dir is not None else ""
     if series is not None:
         where += f"--strategy {series[0]} --seed {series[1]} "
+    names = (
+        "file_name is the image's base name, as CVAT names the files of images.txt uploaded to a task"
+        if clash is None
+        else f"file_name is the path below the dataset root (upload the images in their folders: {clash})"
+    )
     readme = (
         f"{len(ids)} images to label ({model_version}).\n\n"
         "images.txt               the image files, one absolute path a line\n"
         f"predictions_coco.json    the model's boxes scoring >= {min_score:g}, as pre-annotations (COCO: CVAT, ...)\n"
-        "label_studio_tasks.json  the same as Label Studio tasks, for a project whose labeling config is\n"
-        "                         label_studio_config.xml (keep data.mgral_id: it finds the image again)\n\n"
+        f"                         {names}\n"
+        "label_studio_tasks.json  the same boxes as Label Studio tasks, for a project whose labeling config is\n"
+        "                         label_studio_config.xml (keep data.mgral_id: it finds the image again);\n"
+        "                         sort the Data Manager by data.mgral_rank: 000001 is the image to label first\n\n"
         "Label every image (an image with nothing in it: no boxes), export, then:\n"
         f"    mgral import-labels {where}FILE [--format coco|voc|yolo|label-studio]\n"
         "An image you cannot label: Skip it in Label Studio, or leave it out of the file and add --skip-missing.\n"
