@@ -104,28 +104,23 @@ class Tracker:
             for sdir in self.run.list_series():
                 key = f"{sdir.label}/seed-{sdir.seed}"
                 records = read_cycle_records(sdir.records)
-                entry = s.state["series"].get(key)
-                if entry is None:
-                    if not records:
-                        continue
-                    entry = s.state["series"][key] = {"run_id": self._child(s, parent, sdir, config), "cycle": -1}
-                    s.save()
+                if key not in s.state["series"] and not records:
+                    continue
+                entry = s.state["series"].setdefault(key, {"cycle": -1})
+                tags = {"mlflow.parentRunId": parent, "mgral.strategy": sdir.label, "mgral.seed": str(sdir.seed)}
+                run_id = self._run(s, entry, f"{sdir.label} seed {sdir.seed}", tags, config, sdir.label, sdir.seed)
                 new = [r for r in records if r["cycle"] > entry["cycle"]]
                 if new:
-                    s.client.log_batch(entry["run_id"], [m for r in new for m in _metrics(sdir, r)])
+                    s.client.log_batch(run_id, [m for r in new for m in _metrics(sdir, r)])
                     entry["cycle"] = new[-1]["cycle"]
                     s.save()
                     logged += len(new)
                 if not entry.get("finished") and entry["cycle"] >= _last_cycle(config, sdir.label):
-                    s.client.set_terminated(entry["run_id"])
-                    entry["finished"] = True
-                    s.save()
-            if not s.state.get("finished") and all(
+                    self._finish(s, entry)
+            if not s.state["run"].get("finished") and all(
                 s.state["series"].get(key, {}).get("finished") for key in _planned(config)
             ):
-                s.client.set_terminated(parent)
-                s.state["finished"] = True
-                s.save()
+                self._finish(s, s.state["run"])
         return logged
 
     def log_report(self, path: str | os.PathLike[str]) -> None:
@@ -137,7 +132,7 @@ class Tracker:
         """
         self.sync()
         with self._session() as s:
-            s.client.log_artifacts(s.state["parent"], str(path), "report")
+            s.client.log_artifacts(s.state["run"]["run_id"], str(path), "report")
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[_Session]:
@@ -157,35 +152,40 @@ class Tracker:
                 ) from err
 
     def _parent(self, s: _Session, config: Mapping[str, Any]) -> str:
-        """The parent run's id (created, with the config as params, if the store has none yet)."""
-        from mlflow.entities import Param
-
-        if "parent" in s.state:
-            return s.state["parent"]
-        name = self.experiment or config["name"]
-        found = s.client.get_experiment_by_name(name)
-        if found is not None:
-            s.state["experiment_id"] = found.experiment_id
-        else:
-            artifacts = (self.run.tracking / "artifacts").resolve().as_uri() if self.key == LOCAL_STORE else None
-            s.state["experiment_id"] = s.client.create_experiment(name, artifact_location=artifacts)
+        """The parent run's id (its experiment found or created first)."""
+        if "experiment_id" not in s.state:
+            name = self.experiment or config["name"]
+            found = s.client.get_experiment_by_name(name)
+            if found is not None:
+                s.state["experiment_id"] = found.experiment_id
+            else:
+                artifacts = (self.run.tracking / "artifacts").resolve().as_uri() if self.key == LOCAL_STORE else None
+                s.state["experiment_id"] = s.client.create_experiment(name, artifact_location=artifacts)
         tags = {"mgral.run_dir": str(self.run.path.resolve()), "mgral.version": __version__}
-        run = s.client.create_run(s.state["experiment_id"], run_name=self.run.path.resolve().name, tags=tags)
-        s.state["parent"] = run.info.run_id
-        s.save()  # before the params: a kill now leaves this run to be completed, not a second one made
-        s.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in config_params(config).items()])
-        return run.info.run_id
+        return self._run(s, s.state.setdefault("run", {}), self.run.path.resolve().name, tags, config)
 
-    def _child(self, s: _Session, parent: str, sdir: SeriesDir, config: Mapping[str, Any]) -> str:
-        """A new run for the series ``sdir``, nested in ``parent``, with its config as params."""
+    def _run(
+        self, s: _Session, entry: dict[str, Any], name: str, tags: dict[str, str], config: Mapping, *series: Any
+    ) -> str:
+        """The MLflow run of a state ``entry``: created if it has none, its params
+        (:func:`config_params` of ``config`` and ``series``) logged if they are not yet."""
         from mlflow.entities import Param
 
-        tags = {"mlflow.parentRunId": parent, "mgral.strategy": sdir.label, "mgral.seed": str(sdir.seed)}
-        run = s.client.create_run(s.state["experiment_id"], run_name=f"{sdir.label} seed {sdir.seed}", tags=tags)
-        params = config_params(config, sdir.label, sdir.seed)
-        s.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        return run.info.run_id
+        if "run_id" not in entry:
+            entry["run_id"] = s.client.create_run(s.state["experiment_id"], run_name=name, tags=tags).info.run_id
+            s.save()  # a kill before this leaves an empty MLflow run behind; after it, one the next sync completes
+        if not entry.get("params"):
+            params = [Param(k, v) for k, v in config_params(config, *series).items()]
+            s.client.log_batch(entry["run_id"], params=params)
+            entry["params"] = True
+            s.save()
+        return entry["run_id"]
 
+    @staticmethod
+    def _finish(s: _Session, entry: dict[str, Any]) -> None:
+        s.client.set_terminated(entry["run_id"])
+        entry["finished"] = True
+        s.save()
 
 
 class _Session:
@@ -193,11 +193,11 @@ class _Session:
 
     def __init__(self, path: Path, key: str, client: Any) -> None:
         self.path, self.client = path, client
-        self.all = _read_state(path)
-        self.state = self.all["stores"].setdefault(key, {"series": {}})
+        self.whole = _read_state(path)
+        self.state = self.whole["stores"].setdefault(key, {"series": {}})
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.all, indent=1)
+        atomic_write_json(self.path, self.whole, indent=1)
 
 
 def _metrics(sdir: SeriesDir, record: Mapping[str, Any]) -> list[Any]:
