@@ -193,7 +193,7 @@ def test_missing_mlflow_is_a_config_error_with_the_install_command(tmp_path, mon
         open_tracker(cfg, tmp_path / "run")
     assert main(["track", str(tmp_path / "run")]) == 2
     assert "pip install 'mgral[mlflow]'" in capsys.readouterr().err
-    monkeypatch.delitem(sys.modules, "mlflow")
+    monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # mlflow-skinny alone: no SQLite store
     with pytest.raises(ConfigError, match=r"needs sqlalchemy, .*pip install 'mgral\[mlflow\]'"):
         Tracker(tmp_path / "run")
@@ -217,3 +217,14 @@ def test_tracking_config_is_off_by_default_and_an_execution_setting(tmp_path):
     root = Path(__file__).resolve().parents[1]
     for published in glob.glob(str(root / "configs" / "*.yaml")) + glob.glob(str(root / "benchmarks/**/*.yaml")):
         assert "tracking" not in config_to_dict(load_config(published)), published
+
+
+def test_a_corrupt_state_file_is_refused_before_the_store_is_touched(tmp_path, capsys):
+    run = tmp_path / "run"
+    RunDir(run).create(config_to_dict(config_from_dict(_config(tmp_path))))
+    (run / "_tracking").mkdir()
+    (run / "_tracking" / "state.json").write_text("{")
+    assert main(["track", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "state.json: cannot read the tracking state" in err and "delete it to log the whole run again" in err
+    assert not (run / "_tracking" / "mlflow.db").exists()

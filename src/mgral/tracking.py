@@ -144,7 +144,8 @@ class Tracker:
         with open(self.run.tracking / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
             try:
-                yield _Session(self.run.tracking / STATE_FILE, self.key, MlflowClient(self.uri))
+                state = _read_state(self.run.tracking / STATE_FILE)  # a corrupt one stops us before the store opens
+                yield _Session(self.run.tracking / STATE_FILE, state, self.key, MlflowClient(self.uri))
             except MlflowException as err:
                 raise TrackingError(
                     f"{self.uri}: logging run {self.run.path} failed ({err.message}); the run's own files are "
@@ -191,10 +192,9 @@ class Tracker:
 class _Session:
     """``state.json`` read under the lock, this store's entry of it, and a client of the store."""
 
-    def __init__(self, path: Path, key: str, client: Any) -> None:
-        self.path, self.client = path, client
-        self.whole = _read_state(path)
-        self.state = self.whole["stores"].setdefault(key, {"series": {}})
+    def __init__(self, path: Path, whole: dict[str, Any], key: str, client: Any) -> None:
+        self.path, self.whole, self.client = path, whole, client
+        self.state = whole["stores"].setdefault(key, {"series": {}})
 
     def save(self) -> None:
         atomic_write_json(self.path, self.whole, indent=1)
@@ -315,7 +315,8 @@ def _import_mlflow(uri: str) -> None:
             import alembic  # noqa: F401
             import sqlalchemy  # noqa: F401
     except ImportError as err:
+        missing = (err.name or "mlflow").partition(".")[0]
         raise ConfigError(
-            f"tracking: logging to MLflow ({uri}) needs {err.name or 'mlflow'}, which is not installed "
-            f"({err}); install it with: {INSTALL_HINT}"
+            f"tracking: logging to MLflow ({uri}) needs {missing}, which is not installed ({err}); install it "
+            f"with: {INSTALL_HINT}"
         ) from err
