@@ -412,11 +412,31 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mgral.report import write_report
+    from mgral.tracking import trackers_of
 
     out = args.out or args.runs[0] / "report"
     path = write_report(args.runs, out)
     print(path.read_text())
     print(f"report written to {out}")
+    for run in args.runs:
+        for tracker in trackers_of(run):  # the stores the run was logged to (tracking, mgral track)
+            tracker.log_report(out)
+            print(f"report logged to {tracker.uri} (the run of {run})")
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from mgral.config import config_from_dict
+    from mgral.runs import RunDir
+    from mgral.tracking import Tracker
+
+    run = RunDir(args.run)
+    tracking = config_from_dict(run.config(), source=str(run.config_file)).tracking
+    uri = args.uri or (tracking.uri if tracking else None)
+    experiment = args.experiment or (tracking.experiment if tracking else None)
+    tracker = Tracker(args.run, uri=uri, experiment=experiment)
+    logged = tracker.sync()
+    print(f"{args.run}: {logged} new cycle record(s) logged to {tracker.uri}")
     return 0
 
 
@@ -633,6 +653,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", type=Path, nargs="+", help="run directories to report together")
     p.add_argument("--out", type=Path, help="output directory (default: RUN/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "track",
+        help="log a run (finished or not) to MLflow: its config, every cycle's metrics",
+        description=(
+            "Logs the run's config and every finished cycle not logged yet to MLflow: one run for the mgral run, "
+            "one nested run per strategy and seed, metrics at step = labeled images. Safe to repeat, and beside a "
+            "running mgral run: nothing is logged twice. The store: --uri, else the config's tracking.uri, else "
+            "RUN/_tracking/mlflow.db (mlflow ui --backend-store-uri sqlite:///RUN/_tracking/mlflow.db). Needs "
+            "pip install 'mgral[mlflow]'."
+        ),
+    )
+    p.add_argument("run", type=Path, help="the run directory")
+    p.add_argument("--uri", help="MLflow tracking server or database URI (default: the run's own SQLite store)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the config's tracking.experiment or name)")
+    p.set_defaults(func=cmd_track)
 
     p = sub.add_parser("list", help="what is registered")
     p.add_argument("what", choices=["formats", "detectors", "strategies"], help="which registry to list")

@@ -240,6 +240,20 @@ class OracleConfig(_Section):
     drop_boxes: float = Field(default=0.0, ge=0, lt=1)
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking (:mod:`mgral.tracking`): the run's config, every finished cycle's
+    metrics and its report logged to MLflow (``pip install 'mgral[mlflow]'``).
+
+    ``uri``: the MLflow tracking server or database (default: a SQLite store inside the run
+    directory, ``RUN/_tracking/mlflow.db``). ``experiment``: the MLflow experiment's name
+    (default: the config's ``name``). ``tracking: mlflow`` is short for ``tracking: {kind: mlflow}``.
+    """
+
+    kind: Literal["mlflow"] = "mlflow"
+    uri: str | None = Field(default=None, min_length=1)
+    experiment: str | None = Field(default=None, min_length=1)
+
+
 class ExperimentConfig(_Section):
     """One experiment: every (strategy, seed) series runs ``cycles`` query rounds of ``budget`` images."""
 
@@ -265,11 +279,18 @@ class ExperimentConfig(_Section):
     gpus: float = Field(default=0, ge=0)
     """GPUs each series reserves under ``executor: ray`` (e.g. 1: one series per GPU of the
     cluster, each seeing only its own as ``cuda``). 0: CPU series."""
+    tracking: TrackingConfig | None = None
+    """Off by default (see :class:`TrackingConfig`)."""
     full_data_reference: bool = False
     reference_train: dict[str, Any] = {}
     """Training overrides for the full-data reference run, on top of ``detector.train`` (e.g.
     ``{iterations: 720}``: with ``warm_start`` a series' last model has trained for
     ``(cycles + 1) x`` the per-cycle iterations, so the reference should train as long)."""
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracking_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
@@ -369,9 +390,10 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Expe
         raise ConfigError("\n".join(_describe(e, source) for e in err.errors())) from err
 
 
-EXECUTION_KEYS = ("executor", "ray_address", "workers", "threads", "gpus")
-"""Where and how parallel a run executes: not part of what it computes, so a run may be
-resumed with other values (e.g. started inline, continued on a Ray cluster)."""
+EXECUTION_KEYS = ("executor", "ray_address", "workers", "threads", "gpus", "tracking")
+"""Where and how parallel a run executes, and where it is tracked: not part of what it computes,
+so a run may be resumed with other values (e.g. started inline, continued on a Ray cluster
+with tracking switched on)."""
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
@@ -388,6 +410,8 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
         del data["detector"]["kind"]  # likewise
     if not data["dataset"]["follow_links"]:
         del data["dataset"]["follow_links"]  # likewise
+    if data["tracking"] is None:
+        del data["tracking"]  # likewise
     return data
 
 

@@ -29,6 +29,11 @@ class RunError(MgralError):
     """A run directory that is in use, corrupt, or was started with another config."""
 
 
+class TrackingError(MgralError):
+    """An experiment-tracking store (MLflow) that refused a write or could not be reached; the
+    run's own files are intact, and the next sync logs what this one did not."""
+
+
 class DiskFullError(MgralError):
     """No space (or quota) left on the file system an output goes to. Raised by the atomic
     writers, so the file being written is left as it was before."""

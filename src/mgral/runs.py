@@ -12,6 +12,8 @@ Layout (:class:`RunDir`, :class:`SeriesDir`, :class:`CycleDir`, :class:`MgralDir
           labels.json             a human run: the labels imported so far (mgral.human)
           cycle-<c>/              per-cycle artifacts: model.pt, selection.json, predictions.npz, ...
       _shared/seed-<s>/cycle-0/   the seed's cycle-0 model, shared by its strategies (mgral.loop)
+      _tracking/                  what experiment tracking keeps (mgral.tracking): which records
+                                  were logged to which MLflow runs, the default local store
 
 Every state file is written atomically (:mod:`mgral._io`), except ``cycles.jsonl``, which
 is appended to durably (write, flush, fsync). A crash mid-append leaves a torn last line
@@ -50,6 +52,7 @@ LOCK_FILE = "run.lock"
 CYCLES_FILE = "cycles.jsonl"
 REFERENCE_LABEL = "reference"  # the label of the full-data reference series
 SHARED_DIR = "_shared"  # each seed's shared cycle 0; labels start with a letter or digit, so no series is named so
+TRACKING_DIR = "_tracking"  # mgral.tracking's state and default MLflow store (a label cannot name it either)
 
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 """What a strategy label must look like: it names a directory."""
@@ -66,6 +69,7 @@ class RunDir:
     """A run directory (see the module docstring). Take :meth:`lock` before changing it."""
 
     config_file = _entry(CONFIG_FILE)
+    tracking = _entry(TRACKING_DIR)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -97,7 +101,7 @@ class RunDir:
         recorded = self.config()
         if config is None:
             return self
-        given, old = _flatten(_plain(config)), _flatten(recorded)
+        given, old = flatten(_plain(config)), flatten(recorded)
         keys = {k for k in set(given) | set(old) if k.split(".", 1)[0] not in ignore}
         diffs = [k for k in sorted(keys) if given.get(k, _MISSING) != old.get(k, _MISSING)]
         if diffs:
@@ -226,12 +230,14 @@ def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config))
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level, keys joined with ``sep`` (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``);
+    an empty mapping and every other value (lists too) are kept as leaves."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, sep, key + sep))
         else:
             out[key] = v
     return out
