@@ -82,7 +82,7 @@ def _duration(seconds: float | None) -> str:
 
 def _rate(task: Task) -> float | None:
     """Steps per second since the bar started (None before the first step)."""
-    done = task.completed - task.fields["first"]
+    done = task.completed - task.fields["initial"]
     return done / task.elapsed if done > 0 and task.elapsed else None
 
 
@@ -169,7 +169,7 @@ def bar(
         get_time=clock,
         redirect_stdout=_stdout_shares_screen(),
     )
-    task = progress.add_task(description, total=total, completed=completed, info="", first=completed)
+    task = progress.add_task(description, total=total, completed=completed, info="", initial=completed)
     steps = Bar(progress, task, console if enabled and not live else None, clock)
     with progress:
         yield steps
@@ -304,9 +304,9 @@ class RunProgress:
     def _count(self, record: Mapping[str, Any]) -> None:
         self._done += 1
         self._per_series[(record["strategy"], record["seed"])] += 1
-        if record.get("seconds"):
+        if record.get("seconds"):  # a new Counter, not an update: the live display's thread reads the old one
             self._timed += 1
-            self._seconds.update(record["seconds"])
+            self._seconds = self._seconds + Counter(record["seconds"])
         if record.get("mAP") is not None and math.isfinite(record["mAP"]):
             self._last_map = float(record["mAP"])
 
