@@ -292,3 +292,13 @@ def test_images_with_only_ignored_boxes_are_not_trained_as_background(squares):
         _det("tiny", all_crowd, pretrained=False).fit(all_crowd, ids, iterations=1)
     summary = _det("tiny", all_crowd, pretrained=False).fit(all_crowd, ids, iterations=1, ignored_boxes="train")
     assert "images_with_only_ignored_boxes" not in summary
+
+
+def test_training_and_prediction_bars_print_timestamped_lines_off_a_terminal(squares, capsys):
+    det = _det("tiny", squares, pretrained=False)
+    det.fit(squares, squares.image_ids("train"), iterations=2, progress=True)
+    det.predict(squares, squares.image_ids("test"), progress="CALD view 1/1 (flip)")
+    err = capsys.readouterr().err.splitlines()
+    assert any(" train epoch 1/" in line and "1/2 (50%)" in line and ", loss " in line for line in err), err
+    assert any(" CALD view 1/1 (flip): " in line and "(100%)" in line for line in err), err
+    assert not any("nan" in line for line in err), err

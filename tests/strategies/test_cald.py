@@ -197,6 +197,17 @@ def test_runs_with_the_real_detector(make_context, for_strategy):
     assert 0.0 <= sel.info["mean_consistency"] <= 2.0
 
 
+def test_each_view_pass_shows_a_named_bar_when_the_context_asks(make_context, for_strategy, capsys):
+    strategy = build_strategy("cald", views=["flip", "scale"])
+    ctx = for_strategy(make_context(num_pool=6, num_labeled=3), strategy)
+    strategy.select(ctx, 3)
+    assert capsys.readouterr().err == ""  # a library call is silent unless asked
+    ctx.progress = True
+    strategy.select(ctx, 3)
+    err = capsys.readouterr().err  # not a terminal here: timestamped lines
+    assert "CALD view 1/2 (flip): 6/6 (100%)" in err and "CALD view 2/2 (scale): 6/6 (100%)" in err
+
+
 def test_probs_of_the_wrong_width_name_the_image():
     truth = {"a": det(BOX, [1]), "b": Detections(BOX, [0.9], [1], probs=np.full((1, 3), 1 / 3))}
     with pytest.raises(ConfigError, match=r"image 'b': probs has 3 columns, expected 4"):

@@ -178,6 +178,17 @@ def test_cycle_writes_its_diagnostics(make_context, for_strategy, tmp_path):
     assert again.image_ids == sel.image_ids
 
 
+def test_features_table_and_agent_show_bars_when_the_context_asks(make_context, for_strategy, tmp_path, capsys):
+    strategy = build_strategy("mgral", **MICRO)
+    ctx = _context(make_context, for_strategy, strategy, tmp_path)
+    ctx.progress = True
+    strategy.select(ctx, 4)
+    err = capsys.readouterr().err  # not a terminal here: timestamped lines
+    assert "MGRAL mirrored: " in err
+    assert f"MGRAL table: {MICRO['combinations'] + 1}/{MICRO['combinations'] + 1} (100%)" in err
+    assert f"MGRAL agent: {MICRO['updates']}/{MICRO['updates']} (100%)" in err and ", reward " in err
+
+
 @pytest.mark.parametrize(
     "params",
     [

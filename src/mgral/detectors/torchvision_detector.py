@@ -29,11 +29,11 @@ from mgral.detectors.training import (
     make_config,
     maybe_init_distributed,
     only_ignored_boxes,
-    progress_bar,
     save_state,
     train,
 )
 from mgral.errors import CheckpointError, ConfigError, DatasetError
+from mgral.progress import bar
 
 CHECKPOINT_FORMAT = 1
 MODEL_KEYS = ("model", "format", "preset", "params", "categories")
@@ -219,10 +219,13 @@ class TorchvisionDetector:
         batch_size: int = 8,
         embeddings: bool = True,
         on_bad_image: str = "raise",
-        progress: bool = False,
+        progress: bool | str = False,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[ImageId, Detections]:
         """Detections (with class distributions and, if asked, embeddings) per image id.
+
+        ``progress``: show a bar (:func:`mgral.progress.bar`) named ``predict``, or named by
+        the string given (e.g. a strategy's ``CALD view flip``).
 
         ``augment`` maps each loaded image (float ``[3, H, W]`` in ``[0, 1]``) to the view the
         model sees (a flip, a rescale, a colour change); boxes are then in that view's pixel
@@ -239,28 +242,26 @@ class TorchvisionDetector:
         pooled: list[torch.Tensor] = []
         hook = self.model.backbone.register_forward_hook(lambda m, a, out: pooled.append(_pool(out)))
         out: dict[ImageId, Detections] = {}
-        bar = progress_bar(progress and rank == 0)
-        task = bar.add_task("predict", total=len(mine))
+        name = progress if isinstance(progress, str) else "predict"
         try:
-            bar.start()
-            for start in range(0, len(mine), batch_size):
-                batch_ids, images = [], []
-                for i in mine[start : start + batch_size]:
-                    try:
-                        image = load_image(dataset, i)
-                        images.append((augment(image) if augment is not None else image).to(self.device))
-                        batch_ids.append(i)
-                    except DatasetError:
-                        if on_bad_image == "raise":
-                            raise
-                pooled.clear()
-                results = self.model(images) if images else []
-                emb = pooled[0].cpu().numpy() if pooled else None
-                for k, (i, res) in enumerate(zip(batch_ids, results, strict=True)):
-                    out[i] = self._to_detections(res, emb[k] if (embeddings and emb is not None) else None)
-                bar.update(task, advance=len(mine[start : start + batch_size]))
+            with bar(name, len(mine), enabled=bool(progress) and rank == 0) as steps:
+                for start in range(0, len(mine), batch_size):
+                    batch_ids, images = [], []
+                    for i in mine[start : start + batch_size]:
+                        try:
+                            image = load_image(dataset, i)
+                            images.append((augment(image) if augment is not None else image).to(self.device))
+                            batch_ids.append(i)
+                        except DatasetError:
+                            if on_bad_image == "raise":
+                                raise
+                    pooled.clear()
+                    results = self.model(images) if images else []
+                    emb = pooled[0].cpu().numpy() if pooled else None
+                    for k, (i, res) in enumerate(zip(batch_ids, results, strict=True)):
+                        out[i] = self._to_detections(res, emb[k] if (embeddings and emb is not None) else None)
+                    steps.advance(len(mine[start : start + batch_size]))
         finally:
-            bar.stop()
             hook.remove()
         if world > 1:
             gathered: list[dict] = [None] * world  # type: ignore[list-item]

@@ -27,6 +27,7 @@ from torch import nn
 from mgral._io import atomic_write_bytes
 from mgral.data.records import Dataset, ImageId, Target, describe_image
 from mgral.errors import CheckpointError, ConfigError, DatasetError
+from mgral.progress import bar
 
 
 class TrainConfig(BaseModel):
@@ -390,9 +391,7 @@ def train(
         start_epoch, iteration = int(resume_state["epoch"]) + 1, int(resume_state["iteration"])
         losses = list(resume_state.get("losses", []))
 
-    progress = progress_bar(config.progress and rank == 0, loss=True)
-    with progress:
-        task = progress.add_task("train", total=total, completed=iteration, loss=float("nan"))
+    with bar("train", total, enabled=config.progress and rank == 0, completed=iteration) as progress:
         for epoch in range(start_epoch, epochs):
             if iteration >= total:
                 break
@@ -433,12 +432,11 @@ def train(
                 scaler.update()
                 scheduler.step()
                 iteration += 1
-                epoch_loss += float(loss.detach())
+                value = float(loss.detach())
+                epoch_loss += value
                 batches += 1
                 seen += len(images)
-                progress.update(
-                    task, advance=1, loss=float(loss.detach()), description=f"train epoch {epoch + 1}/{epochs}"
-                )
+                progress.advance(description=f"train epoch {epoch + 1}/{epochs}", info=f"loss {value:.3f}")
             losses.append(epoch_loss / max(batches, 1))
             if checkpoint is not None and rank == 0:
                 checkpoint(
@@ -466,13 +464,3 @@ def train(
         "images_seen": seen,  # by this rank, in this call (not before a resume)
         "bad_images": list(data.bad),
     }
-
-
-def progress_bar(enabled: bool, *, loss: bool = False):
-    """A rich progress bar (transient: it leaves the one-line summaries readable)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
-    if loss:
-        columns.append(TextColumn("loss {task.fields[loss]:.3f}"))
-    return Progress(*columns, TimeElapsedColumn(), disable=not enabled, transient=True)

@@ -53,6 +53,8 @@ class SelectionContext:
         work_dir: a per-cycle directory a strategy may write diagnostics to.
         oracle_dataset: the dataset with every image's true labels (``"oracle"``; research
             ablations only).
+        progress: whether a slow strategy shows bars for its stages
+            (:func:`mgral.progress.bar`); the loop sets it from its own ``progress``.
     """
 
     dataset: Dataset
@@ -65,6 +67,7 @@ class SelectionContext:
     detector: Any | None = None
     work_dir: Path | None = None
     oracle_dataset: Dataset | None = None
+    progress: bool = False
 
     @property
     def num_classes(self) -> int:

@@ -392,7 +392,10 @@ class Cald(Strategy):
         nothing = Detections()
         for v, view_name in enumerate(self.views):
             view = VIEWS[view_name]
-            outs = context.detector.predict(dataset, pool, embeddings=False, augment=view.augment)
+            name = f"CALD view {v + 1}/{len(self.views)} ({view_name})"
+            outs = context.detector.predict(
+                dataset, pool, embeddings=False, augment=view.augment, progress=context.progress and name
+            )
             aug = flatten_detections([outs.get(i, nothing) for i in pool], pool, columns)
             vectors = vectors + class_vectors(aug, len(columns), self.min_score)
             consistency[:, v] = view_consistencies(kept, _unmapped(aug, view, sizes), self.base_point)

@@ -158,9 +158,11 @@ def train_agent(
     settings: AgentSettings,
     *,
     seed: int,
+    on_update: Callable[[dict[str, float]], object] | None = None,
 ) -> list[dict[str, float]]:
     """REINFORCE on ``reward_fn(batches [G, B] of row indices) -> [G]``; returns one record
-    per update (``update``, ``reward_mean``, ``reward_max``, ``baseline``, ``entropy``)."""
+    per update (``update``, ``reward_mean``, ``reward_max``, ``baseline``, ``entropy``),
+    each also passed to ``on_update`` as it is made (e.g. to advance a progress bar)."""
     x = torch.as_tensor(features, dtype=torch.float32)
     n = x.shape[0]
     b = min(budget, n)
@@ -218,6 +220,8 @@ def train_agent(
                 "entropy": float(entropy.detach()),
             }
         )
+        if on_update is not None:
+            on_update(curve[-1])
     return curve
 
 

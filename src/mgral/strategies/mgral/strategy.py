@@ -41,6 +41,7 @@ from mgral._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mgral.data.records import Dataset, ImageId
 from mgral.errors import ConfigError
 from mgral.executors import EXECUTORS, make_executor
+from mgral.progress import bar
 from mgral.runs import CycleDir, MgralDir
 from mgral.strategies._detection_math import hflip
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
@@ -323,7 +324,7 @@ class MGRAL(Strategy):
                 chunk=self.chunk,
                 sampling=self.sampling,
             )
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), bar("MGRAL agent", self.updates, enabled=context.progress) as steps:
                 torch.manual_seed(seed)
                 curve = agent_mod.train_agent(
                     agent,
@@ -332,6 +333,7 @@ class MGRAL(Strategy):
                     lambda b: model.batch_rewards(credits, cand_clusters, b),
                     settings,
                     seed=seed,
+                    on_update=lambda u: steps.advance(info=f"reward {u['reward_mean']:.4f}"),
                 )
             seconds["agent"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -366,8 +368,10 @@ class MGRAL(Strategy):
         known = dict(context.embeddings or {})
         missing = [i for i in ids if i not in preds or (i not in known and preds[i].embedding is None)]
         if missing:  # labeled-simulation candidates are not in the pool's cached predictions
-            preds.update(detector.predict(context.dataset, missing))
-        mirrored = detector.predict(context.dataset, ids, embeddings=False, augment=hflip)
+            preds.update(detector.predict(context.dataset, missing, progress=context.progress and "MGRAL features"))
+        mirrored = detector.predict(
+            context.dataset, ids, embeddings=False, augment=hflip, progress=context.progress and "MGRAL mirrored"
+        )
         stats = raw_features(context.dataset, ids, preds, mirrored)
         emb = [np.asarray(known[i] if i in known else preds[i].embedding, dtype=np.float64) for i in ids]
         embeddings = np.stack(emb)
@@ -444,7 +448,9 @@ class MGRAL(Strategy):
             device_fallback=self.device == "auto",
             kind=detector.kind,
         )
-        results = run_jobs(jobs, shared, self.executor, self.workers, self.ray_address, out, self.job_gpus)
+        results = run_jobs(
+            jobs, shared, self.executor, self.workers, self.ray_address, out, self.job_gpus, progress=context.progress
+        )
         control = results["control"]
         names = [c.name for c in context.dataset.categories]
         table, combos, dmap = [], [], []
@@ -640,11 +646,20 @@ def split_labeled(
 
 
 def run_jobs(
-    jobs, shared, executor: str, workers, ray_address, out: MgralDir | None, gpus_per_job: float = 0
+    jobs,
+    shared,
+    executor: str,
+    workers,
+    ray_address,
+    out: MgralDir | None,
+    gpus_per_job: float = 0,
+    *,
+    progress: bool = False,
 ) -> dict[str, dict]:
     """Run the fine-tunes through the executor; each result is saved as it finishes
     (``jobs/<name>.json``) and reused on a re-run, so a killed cycle resumes its table.
-    A Ray job reserves ``shared.threads`` CPUs and ``gpus_per_job`` GPUs."""
+    A Ray job reserves ``shared.threads`` CPUs and ``gpus_per_job`` GPUs; ``progress``: a
+    bar over the table's rows."""
     results: dict[str, dict] = {}
     todo = []
     jobs_dir = out.jobs if out is not None else None
@@ -659,14 +674,22 @@ def run_jobs(
                 continue
         todo.append(job)
     if todo:
-        with make_executor(
-            executor, workers=workers, ray_address=ray_address, cpus_per_job=shared.threads, gpus_per_job=gpus_per_job
-        ) as ex:
+        with (
+            make_executor(
+                executor,
+                workers=workers,
+                ray_address=ray_address,
+                cpus_per_job=shared.threads,
+                gpus_per_job=gpus_per_job,
+            ) as ex,
+            bar("MGRAL table", len(jobs), completed=len(jobs) - len(todo), enabled=progress) as steps,
+        ):
             for k, result in ex.map(run_surrogate, todo, shared):
                 result["extra_ids"] = list(todo[k].extra_ids)
                 results[todo[k].name] = result
                 if jobs_dir is not None:
                     atomic_write_json(jobs_dir / f"{todo[k].name}.json", _jsonable(result))
+                steps.advance(info=f"{todo[k].name}: mAP {result['mAP']:.4f}")
     return results
 
 
