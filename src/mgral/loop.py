@@ -47,6 +47,7 @@ from mgral.config import EXECUTION_KEYS, ExperimentConfig, config_from_dict, con
 from mgral.data.records import Dataset, ImageId, read_id_list
 from mgral.errors import ConfigError, MgralError, RunError
 from mgral.oracles import SimulatedOracle
+from mgral.progress import RunProgress
 from mgral.runs import REFERENCE_LABEL, RunDir, read_cycle_records, remove_stale_temp_files
 from mgral.series import (
     Experiment,
@@ -57,6 +58,7 @@ from mgral.series import (
     train_settings,
     visible_dataset,
 )
+from mgral.tracking import open_tracker
 
 
 def prepare_dataset(config: ExperimentConfig) -> Dataset:
@@ -179,6 +181,7 @@ def run_experiment(
     exp = open_experiment(config, run, log, progress)
     check_detector(config, exp.dataset, strategies.values())
     initials = {seed: initial_ids(config, exp.dataset, exp.pool, seed) for seed in config.seeds}
+    exp.tracker = open_tracker(config, run.path)  # a missing MLflow install is refused here, before any write
     resolved = config_to_dict(config)
     with run.lock():
         if resume and run.config_file.exists():
@@ -186,16 +189,25 @@ def run_experiment(
         else:
             run.create(resolved)
         remove_stale_temp_files(run.path, recursive=True)  # nothing else writes here while we hold the lock
-        if config.executor != "inline":
-            _run_parallel(exp)
-            return Path(out)
-        with _torch_threads(config.threads):
-            for seed in config.seeds:
-                initial = initials[seed]
-                if config.full_data_reference:  # first: a run stopped part-way still has its ceiling
-                    run_series(exp, REFERENCE_LABEL, None, seed, exp.pool)
-                for label, strategy in strategies.items():
-                    run_series(exp, label, strategy, seed, initial)
+        references = len(config.seeds) if config.full_data_reference else 0
+        with RunProgress(
+            len(config.seeds) * len(strategies) + references,
+            config.cycles,
+            references=references,
+            records=[r for s in run.list_series() for r in read_cycle_records(s.records)],
+            workers=1 if config.executor == "inline" else (config.workers or 1),
+            enabled=progress,
+        ) as exp.display:
+            if config.executor != "inline":
+                _run_parallel(exp)
+                return Path(out)
+            with _torch_threads(config.threads):
+                for seed in config.seeds:
+                    initial = initials[seed]
+                    if config.full_data_reference:  # first: a run stopped part-way still has its ceiling
+                        run_series(exp, REFERENCE_LABEL, None, seed, exp.pool)
+                    for label, strategy in strategies.items():
+                        run_series(exp, label, strategy, seed, initial)
     return Path(out)
 
 
@@ -307,6 +319,7 @@ def _run_parallel(exp: Experiment) -> None:
     first, series = plan_tasks(exp)
     shared = (config_to_dict(config), str(exp.run.path), threads)
     failures: dict[tuple, str] = {}
+    shown = {(s.label, s.seed): len(read_cycle_records(s.records)) for s in exp.run.list_series()}
     exp.log(
         f"running {len(series)} series ({len(first)} shared cycle-0 models first) with the {config.executor} "
         f"executor, {threads} torch thread(s) each"
@@ -323,6 +336,8 @@ def _run_parallel(exp: Experiment) -> None:
             for index, error in executor.map(_run_task, phase, shared):
                 kind, label, seed = phase[index]
                 name = f"seed {seed} shared cycle 0" if kind == _CYCLE0 else f"{label} seed {seed}"
+                if kind == _SERIES:
+                    _show_series(exp, label, seed, shown)
                 if error is None:
                     exp.log(f"{name}: done")
                 else:
@@ -335,6 +350,20 @@ def _run_parallel(exp: Experiment) -> None:
             f"{len(failures)} task(s) failed: {', '.join(names)} (last error: {last}); the other series are "
             "saved: fix the cause and continue with --resume"
         )
+
+
+def _show_series(exp: Experiment, label: str, seed: int, shown: dict[tuple[str, int], int]) -> None:
+    """Show the cycles a worker finished for series (label, seed) and log them to the tracker
+    (the parent learns of them when the series' task ends)."""
+    records = read_cycle_records(exp.run.series(label, seed).records)
+    exp.series_started(label, seed, 0 if label == REFERENCE_LABEL else exp.config.cycles)
+    new = records[shown.get((label, seed), 0) :]
+    shown[(label, seed)] = len(records)
+    for record in new[:-1]:
+        if exp.display is not None:
+            exp.display.cycle_done(record)
+    if new:
+        exp.recorded(new[-1])  # and one tracker sync for them all
 
 
 _WORKER_EXPERIMENTS: dict[str, Experiment] = {}  # one per run, per worker process: read once
@@ -393,6 +422,7 @@ def run_series(exp: Experiment, label: str, strategy, seed: int, initial: list[I
     oracle = seed_oracle(exp, seed)
     series = Series.open(exp, label, strategy, seed, initial, lambda ids: {i: oracle.labels_for(i) for i in ids})
     last = 0 if strategy is None else exp.config.cycles
+    exp.series_started(label, seed, last)
     for cycle in range(series.finished, last + 1):
         record = run_cycle(series, oracle, cycle, cycle == last)
         exp.log(
@@ -411,6 +441,7 @@ def run_cycle(series: Series, oracle: SimulatedOracle, cycle: int, is_last: bool
         selected, scores = series.select(cycle, detector, view, seconds)
         pending = series.request(cycle, selected)  # on disk before the oracle is waited on
         if pending:
+            series.exp.phase("label")
             t0 = time.perf_counter()
             oracle.request(pending)
             answer = oracle.collect()

@@ -218,6 +218,7 @@ def _micro_config(
     data.update(initial={"size": initial}, budget=budget, budget_boxes=None, cycles=1, seeds=config.seeds[:1])
     data.update(executor="inline", ray_address=None, workers=None, full_data_reference=False)
     data.pop("reference_train", None)
+    data.pop("tracking", None)  # a dry run logs nothing
     return config_from_dict(data, source=f"{config.name} (dry run)")
 
 

@@ -52,6 +52,35 @@ class Experiment:
     log: Callable[[str], None] = print
     progress: bool = True
     share_cycle0: bool = True
+    display: Any = None
+    """The run display (:class:`mgral.progress.RunProgress`) where this process shows one."""
+    tracker: Any = None
+    """The experiment tracker (:class:`mgral.tracking.Tracker`) when ``tracking`` is set."""
+    _started: int = 0
+
+    def series_started(self, label: str, seed: int, cycles: int) -> None:
+        """A series (re)starts: the next of the run display's N."""
+        self._started += 1
+        if self.display is not None:
+            self.display.series_started(label, seed, self._started, cycles=cycles)
+
+    def phase(self, name: str) -> None:
+        """The cycle in progress enters phase ``name`` (see :data:`mgral.progress.PHASES`)."""
+        if self.display is not None:
+            self.display.phase(name)
+
+    def recorded(self, record: Mapping[str, Any]) -> None:
+        """A cycle's record was appended: show it, and log it to the tracker. A tracking store
+        that refuses is reported and the run goes on: the next sync logs what this one missed."""
+        from mgral.errors import TrackingError
+
+        if self.display is not None:
+            self.display.cycle_done(record)
+        if self.tracker is not None:
+            try:
+                self.tracker.sync()
+            except TrackingError as err:
+                self.log(f"warning: {err}; the run goes on, and the next sync logs what this one could not")
 
     def detector(self, seed: int, cycle: int, *, reference: bool = False):
         """A fresh detector for ``cycle`` of a series (``reference``: the full-data run,
@@ -239,6 +268,7 @@ class Series:
         append_cycle_record(self.dir.records, record)
         if cycle and (previous := self.dir.cycle(cycle - 1).model).exists():
             previous.unlink()
+        self.exp.recorded(record)
         return record
 
 
@@ -277,6 +307,7 @@ def train_and_evaluate(
             seconds.update(cached["seconds"])  # the cost of that training, for the timing tables
             return detector, cached["result"]
     wdir.mkdir()
+    exp.phase("train")
     t0 = time.perf_counter()
     start = _warm_start(exp, init) if init is not None else None
     detector = exp.detector(seed, cycle, reference=reference)
@@ -296,6 +327,7 @@ def train_and_evaluate(
     detector.save(model_file)
     wdir.last.unlink(missing_ok=True)
     seconds["train"] = time.perf_counter() - t0
+    exp.phase("evaluate")
     t0 = time.perf_counter()
     result: dict[str, Any] = dict(NO_RESULT)
     if exp.test:
@@ -356,7 +388,9 @@ def select_batch(
         rng=np.random.default_rng([seed, cycle, 5]),
         cycle=cycle,
         work_dir=cdir.path,
+        progress=exp.progress,
     )
+    exp.phase("predict")
     t0 = time.perf_counter()
     if strategy.requires & {"predictions", "embeddings"}:
         if shared:  # one model for every strategy of the seed: predict once, for all of them
@@ -374,6 +408,7 @@ def select_batch(
         context.oracle_dataset = exp.dataset
     seconds["predict"] = time.perf_counter() - t0
 
+    exp.phase("select")
     t0 = time.perf_counter()
     selection = strategy.select(context, exp.config.budget)
     ids, scores = list(selection.image_ids), [float(s) for s in selection.scores]

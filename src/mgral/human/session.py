@@ -21,6 +21,7 @@ from mgral.human.package import write_package
 from mgral.loop import check_detector, initial_ids, prepare_dataset
 from mgral.runs import CONFIG_FILE, RunDir, read_cycle_records, remove_stale_temp_files
 from mgral.series import NO_RESULT, Experiment, Series, describe_result
+from mgral.tracking import open_tracker
 
 DEFAULT_MIN_SCORE = 0.5
 
@@ -152,6 +153,7 @@ def _prepare(
     if not dataset.num_boxes(test):
         test = []  # no labeled test split: the models are not evaluated (mAP null in the records)
     exp = Experiment(config, run, dataset, pool, test, log, progress, share_cycle0=False)
+    exp.tracker = open_tracker(config, run.path)
     return _Prepared(spec.label, seed, built, exp)
 
 
