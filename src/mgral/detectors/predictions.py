@@ -95,7 +95,7 @@ class PredictionsDetector:
 
     kind = "predictions"
 
-    def __init__(self, categories: Sequence[Category], **params: Any) -> None:
+    def __init__(self, categories: Sequence[Category], /, **params: Any) -> None:
         self.categories = list(categories)
         self.params = _check_params(params)
         self.files: dict[str, str] = {}  # "results" / "embeddings" -> the file this cycle uses
