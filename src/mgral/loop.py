@@ -439,7 +439,7 @@ def run_cycle(series: Series, oracle: SimulatedOracle, cycle: int, is_last: bool
     scores: list[float] = []
     if not is_last and series.strategy is not None and series.ledger.unlabeled():
         selected, scores = series.select(cycle, detector, view, seconds)
-        pending = series.request(cycle, selected)  # on disk before the oracle is waited on
+        _, pending = series.request(cycle, selected)  # on disk before the oracle is waited on
         if pending:
             series.exp.phase("label")
             t0 = time.perf_counter()

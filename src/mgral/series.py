@@ -218,16 +218,16 @@ class Series:
         exp, ledger = self.exp, self.ledger
         return select_batch(exp, self.strategy, self.seed, cycle, cdir, ledger, view, detector, seconds, shared)
 
-    def request(self, cycle: int, ids: Sequence[ImageId]) -> list[ImageId]:
+    def request(self, cycle: int, ids: Sequence[ImageId]) -> tuple[list[ImageId], list[ImageId]]:
         """Request the ids not asked yet for cycle ``cycle + 1`` and save the ledger (before
-        anyone is asked); return the ids of ``ids`` still pending."""
+        anyone is asked); return those ids, and the ids of ``ids`` still pending."""
         ledger = self.ledger
         asked = ledger.labeled_in.keys() | ledger.skipped.keys() | ledger.pending.keys()  # or answered
         new = [i for i in ids if i not in asked]
         if new:
             ledger.request(new, cycle + 1)
             ledger.save(self.dir.ledger)
-        return [i for i in ids if ledger.pending.get(i) == cycle + 1]
+        return new, [i for i in ids if ledger.pending.get(i) == cycle + 1]
 
     def resolve(self, cycle: int, labeled: Sequence[ImageId], skipped: Sequence[ImageId]) -> None:
         """Record the answers to the request of cycle ``cycle + 1`` and save the ledger."""

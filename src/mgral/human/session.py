@@ -223,18 +223,12 @@ def query(
             if selection is None:
                 break
             # asked before: request what a crash left unrequested, then wait for or finish the round
-            fresh = bool(_unasked(s, selection["image_ids"]))
-            pending = s.request(cycle, selection["image_ids"])
+            new, pending = s.request(cycle, selection["image_ids"])
             if pending:
-                return _package(s, cycle, pending, fresh, min_score, image_url_prefix)
+                return _package(s, cycle, pending, bool(new), min_score, image_url_prefix)
             if not _finish(s, cycle):  # every asked image is answered: the round is over
                 raise RunError(f"{s.dir.records}: cannot record cycle {cycle}; the run directory is inconsistent")
         return _new_round(s, cycle, min_score, image_url_prefix)
-
-
-def _unasked(s: Series, ids: list[ImageId]) -> list[ImageId]:
-    ledger = s.ledger
-    return [i for i in ids if i not in ledger.labeled_in and i not in ledger.skipped and i not in ledger.pending]
 
 
 def _check_pending(s: Series, cycle: int) -> None:
