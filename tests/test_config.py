@@ -58,7 +58,7 @@ def test_relative_paths_follow_the_file_and_set_values_follow_the_cwd(tmp_path, 
     [
         ((), "the top level", "name, dataset, detector, strategies, initial, budget, budget_boxes, cycles, seeds"),
         (("dataset",), "dataset", "path, format, image_root, pool_splits, test_split, clip_boxes, follow_links, synth"),
-        (("detector",), "detector", "preset, weights, params, train, device"),
+        (("detector",), "detector", "kind, preset, weights, params, train, device"),
         (("strategies", 0), "strategies[0]", "name, params, label"),
         (("initial",), "initial", "size, fraction, ids_file"),
         (("oracle",), "oracle", "kind, box_cost, label_noise, drop_boxes"),
@@ -115,7 +115,7 @@ def test_set_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("detector.epochs=3", "unknown key 'epochs' in detector; valid keys: preset, weights, params, train, device"),
+        ("detector.epochs=3", "unknown key 'epochs' in detector; valid keys: kind, preset, weights, params, train, device"),
         ("cycle=3", "unknown key 'cycle' in the top level; valid keys: name, dataset"),
         ("cycles.x=3", "cycles is a value, not a section"),
         ("strategies.name=x", "strategies is a list; index it"),
