@@ -167,11 +167,10 @@ def _answer(run: Path, digits: Path, out: Path) -> Path:
     package = json.loads(next(run.glob("random/seed-0/cycle-*/labeling/predictions_coco.json")).read_text())
     asked = {im["mgral_id"] for im in package["images"]}
     truth = json.loads((digits / "annotations.json").read_text())
-    names = {im["id"]: im["file_name"] for im in truth["images"]}
     images = [im for im in package["images"] if im["mgral_id"] in asked]
-    by_name = {im["file_name"]: im["id"] for im in images}
+    by_id = {im["mgral_id"]: im["id"] for im in images}  # the package's COCO ids of the dataset's images
     annotations = [
-        {**a, "image_id": by_name[names[a["image_id"]]], "id": n}
+        {**a, "image_id": by_id[a["image_id"]], "id": n}
         for n, a in enumerate(truth["annotations"])
         if a["image_id"] in asked
     ]
