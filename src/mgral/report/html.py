@@ -38,7 +38,7 @@ from mgral.report.load import (
 )
 from mgral.report.metrics import by_label
 from mgral.report.plots import diagnostic_series
-from mgral.report.tables import FRACTIONS, Table, results_table
+from mgral.report.tables import FRACTIONS, Table, mean_std, results_table, vs_random_text
 from mgral.runs import REFERENCE_LABEL, RunDir, SeriesDir, read_cycle_records
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,11 @@ def _results(table: Table) -> dict[str, Any]:
     rows = []
     width = len(table.num_labeled)
     for r in table.rows:
-        maps = [f"{r.map_mean[c]:.4f} ± {r.map_std[c]:.4f}" if c < r.cycles else "" for c in range(width)]
+        maps = [mean_std(r.map_mean[c], r.map_std[c]) if c < r.cycles else "" for c in range(width)]
         reach = []
         for f in FRACTIONS:
             value, k = r.reach[f]
             reach.append("—" if value is None else f"{value:.1f}" + ("" if k == r.seeds else f" ({k}/{r.seeds})"))
-        v = r.vs_random
         rows.append(
             {
                 "label": r.label,
@@ -127,8 +126,8 @@ def _results(table: Table) -> dict[str, Any]:
                 "max_cycles": r.max_cycles,
                 "seeds": r.seeds,
                 "maps": maps,
-                "auc": f"{r.auc_mean:.4f} ± {r.auc_std:.4f}",
-                "vs_random": "—" if v is None else f"{v[0]:+.4f} ± {v[1]:.4f} ({v[2]}/{v[3]})",
+                "auc": mean_std(r.auc_mean, r.auc_std),
+                "vs_random": vs_random_text(r.vs_random),
                 "reach": reach,
             }
         )
