@@ -30,6 +30,7 @@ from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import MgralError
 from mgral.report.load import (
     MGRAL_STAGES,
+    REWARD_WINDOW,
     DatasetCache,
     MgralCycle,
     Series,
@@ -70,8 +71,9 @@ _PALETTE = (
     (23, 190, 207),
 )
 MGRAL_CAPTION = (
-    "Left: the agent's mean reward per update, one line per cycle. Right: the reward model's leave-one-out "
-    "Spearman correlation per cycle."
+    f"Left: the agent's mean reward per update (faint) and its running mean over {REWARD_WINDOW} updates (solid; "
+    "over half the updates when there are fewer than twice that), one colour per cycle: the solid line starts and "
+    "ends at the table's first → last. Right: the reward model's leave-one-out Spearman correlation per cycle."
 )
 _MIME = {".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -399,6 +401,7 @@ def render_html(
         "gallery_per_cycle": gallery_per_cycle,
         "gallery_max": GALLERY_MAX_IMAGES,
         "box_score": f"{BOX_SCORE:g}",
+        "reward_window": REWARD_WINDOW,
         "thumbnail_size": THUMBNAIL_SIZE,
     }
     return _template().render(**context)
