@@ -34,6 +34,7 @@ from mgral.report.load import (
     DatasetCache,
     MgralCycle,
     Series,
+    predictions_dir,
     run_dataset,
     run_title,
 )
@@ -269,15 +270,15 @@ def _selections(sdir: SeriesDir) -> list[tuple[int, list[ImageId]]]:
 
 
 def _gallery_cycle(
-    sdir: SeriesDir, cycle: int, ids: list[ImageId], dataset: Dataset, per_cycle: int, budget: _Budget
+    cache: Path, cycle: int, ids: list[ImageId], dataset: Dataset, per_cycle: int, budget: _Budget
 ) -> dict[str, Any]:
+    """One cycle's thumbnails with the boxes predicted in ``cache`` (the cycle model's ``predictions.npz``)."""
     from PIL import Image
 
     from mgral.detectors.cache import load_predictions
 
     colours = {c.id: _PALETTE[k % len(_PALETTE)] for k, c in enumerate(dataset.categories)}
     names = dataset.category_names
-    cache = sdir.cycle(cycle).predictions
     preds: dict[ImageId, Detections] | None = None
     note = "no predictions cached"
     if cache.is_file():
@@ -341,7 +342,8 @@ def _gallery(series: Sequence[Series], per_cycle: int, datasets: DatasetCache) -
             if budget.left <= 0:
                 cut = True
                 break
-            entry["cycles"].append(_gallery_cycle(sdir, cycle, ids, dataset, per_cycle, budget))
+            cache = predictions_dir(s.run_dir, sdir, cycle).predictions
+            entry["cycles"].append(_gallery_cycle(cache, cycle, ids, dataset, per_cycle, budget))
     return out, cut
 
 

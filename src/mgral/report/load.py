@@ -16,7 +16,16 @@ import numpy as np
 
 from mgral.data.records import Dataset
 from mgral.errors import MgralError, RunError
-from mgral.runs import CONFIG_FILE, CYCLES_FILE, REFERENCE_LABEL, MgralDir, RunDir, SeriesDir, read_cycle_records
+from mgral.runs import (
+    CONFIG_FILE,
+    CYCLES_FILE,
+    REFERENCE_LABEL,
+    CycleDir,
+    MgralDir,
+    RunDir,
+    SeriesDir,
+    read_cycle_records,
+)
 
 METRIC_NAMES = {"coco": "mAP@[.5:.95]", "voc07": "VOC07 AP@0.5", "voc12": "VOC12 AP@0.5"}
 """What a record's ``mAP`` is, by the run's ``evaluation.style`` (config.yaml; absent: ``coco``)."""
@@ -388,6 +397,15 @@ def load_mgral_diagnostics(run_dirs: str | Path | Sequence[str | Path]) -> list[
                 if (item := _mgral_cycle(run_dir, sdir.label, sdir.seed, cycle, cdir.mgral.path)) is not None:
                     found.append(item)
     return sorted(found, key=lambda d: (d.label, d.seed, d.cycle, str(d.run_dir)))
+
+
+def predictions_dir(run_dir: Path, sdir: SeriesDir, cycle: int) -> CycleDir:
+    """The directory whose ``predictions.npz`` holds the pool predictions of ``cycle``'s model:
+    the cycle's own, except for a cycle 0 without one, whose model is the seed's shared one
+    (``RUN/_shared/seed-<s>/cycle-0/``, :meth:`~mgral.runs.RunDir.shared_cycle0`), cached there
+    once for every strategy of the seed."""
+    own = sdir.cycle(cycle)
+    return RunDir(run_dir).shared_cycle0(sdir.seed) if cycle == 0 and not own.predictions.is_file() else own
 
 
 DatasetCache = dict[Path, tuple[Dataset | None, str]]
