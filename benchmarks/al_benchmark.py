@@ -317,6 +317,12 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
     random, labels to reach 90% of the full-data mAP, and what it cost; read from each
     published ``results.csv`` so the summary always matches the tables."""
     import csv
+    import math
+
+    from mgral.report.tables import mean_std, vs_random_text
+
+    def num(text: str) -> float:  # an empty cell is a missing value (a std over one seed)
+        return math.nan if text == "" else float(text)
 
     def f(text: str, fmt: str) -> str:
         return "—" if text == "" else format(float(text), fmt)
@@ -349,18 +355,23 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
         ]
         for r in rows:
             partial = "*" if r["in_progress"] == "1" else ""
-            vs = (
-                "—"
+            vs = vs_random_text(
+                None
                 if r["nauc_vs_random_mean"] == ""
-                else f"{float(r['nauc_vs_random_mean']):+.4f} ± {float(r['nauc_vs_random_std']):.4f} "
-                f"({r['wins_vs_random']}/{r['paired_seeds']})"
+                else (
+                    num(r["nauc_vs_random_mean"]),
+                    num(r["nauc_vs_random_std"]),
+                    int(r["wins_vs_random"]),
+                    int(r["paired_seeds"]),
+                )
             )
             reach = f(r["labels_to_90pct"], ".0f")
             if reach != "—" and r["labels_to_90pct_seeds"] != r["seeds"]:
                 reach += f" ({r['labels_to_90pct_seeds']}/{r['seeds']})"
+            nauc = mean_std(num(r["nauc_mean"]), num(r["nauc_std"]))
             parts.append(
-                f"| {r['label']}{partial} | {r['seeds']} | {r['cycles']} | {float(r['nauc_mean']):.4f} ± "
-                f"{float(r['nauc_std']):.4f} | {vs} | {reach} | {f(r['seconds_select'], '.1f')} |"
+                f"| {r['label']}{partial} | {r['seeds']} | {r['cycles']} | {nauc} | {vs} | {reach} | "
+                f"{f(r['seconds_select'], '.1f')} |"
             )
         parts.append("")
     if not parts:

@@ -88,6 +88,7 @@ def test_summary_reads_the_published_tables(tmp_path):
         header
         + "random,random,3,6,6,0,0.25,0.01,,,,,120.0,3,0.0\n"
         + "mgral,mgral,3,4,6,1,0.3,0.02,0.05,0.01,3,3,90.5,2,30.0\n"
+        + "entropy,entropy,1,6,6,0,0.28,,0.03,,1,1,,0,1.0\n"  # one seed: no std
     )
     facts = {
         "metric": "mAP@[.5:.95]",
@@ -100,7 +101,8 @@ def test_summary_reads_the_published_tables(tmp_path):
     text = driver.summary_markdown(tmp_path / "out", ["d", "missing"])
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
     assert lines[1] == "| mgral* | 3 | 4 | 0.3000 ± 0.0200 | +0.0500 ± 0.0100 (3/3) | 90 (2/3) | 30.0 |"
-    assert lines[2] == "| random | 3 | 6 | 0.2500 ± 0.0100 | — | 120 | 0.0 |"
+    assert lines[2] == "| entropy | 1 | 6 | 0.2800 | +0.0300 (1/1) | — | 1.0 |"
+    assert lines[3] == "| random | 3 | 6 | 0.2500 ± 0.0100 | — | 120 | 0.0 |"
     assert "test mAP@[.5:.95] 0.5000 (mean over 3 seed(s)). Wall time: 1.50 h." in text
     assert text.startswith("Machine: box A; box B.\n")
 

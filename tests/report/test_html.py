@@ -18,10 +18,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from mgral.config import config_from_dict
 from mgral.data import coco
 from mgral.data.records import Category, Dataset, Detections, ImageRecord, Target
 from mgral.detectors.cache import save_predictions
+from mgral.loop import run_experiment
 from mgral.report import load_mgral_diagnostics, load_series, plot_mgral_diagnostics, render_html, write_report
+from mgral.report.load import reward_trend
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVIL = '<script>alert("x")</script>'
@@ -305,7 +308,8 @@ def test_report_html_results_and_timings(report):
     assert by_label["random"][1:5] == ["2", "0.1000 ± 0.0141", "0.3000 ± 0.0141", "0.4000 ± 0.0141"]
     assert by_label["random"][5] == "0.2750 ± 0.0141"
     assert by_label["random"][6:] == ["—", "—", "—"]  # no pair with itself, no full-data reference
-    assert by_label["mgral"][6] == "+0.0475 ± 0.0000 (1/1)"  # mgral has seed 0 only: one pair
+    # mgral has seed 0 only: its values alone, no fake "± 0.0000"; one pair with random
+    assert by_label["mgral"][1:7] == ["1", "0.1200", "0.3300", "0.4700", "0.3125", "+0.0475 (1/1)"]
     head, *rows = page.tables["timings"]
     assert head == ["strategy", "train", "evaluate", "predict", "select", "label", "total"]
     assert dict((r[0], r[1:]) for r in rows)["random"] == ["10.50", "1.00", "2.00", "0.50", "0.25", "14.25"]
@@ -319,7 +323,7 @@ def test_report_html_mgral_section_and_escaping(report):
         "LOO Spearman",
         "table rows",
         "agent updates",
-        "reward first → last",
+        "mean reward, first 10 → last 10 updates",
         "mean pairwise distance",
         "class histogram",
     ]
@@ -391,3 +395,65 @@ def test_report_html_without_mgral_has_no_mgral_section(tmp_path):
     assert "mgral" not in page.ids and "mgral-summary" not in page.tables
     assert not (tmp_path / "out" / "mgral_diagnostics.png").exists()
     assert re.search(r"Strategies: entropy-max \(entropy\), random; seeds: 0, 1", page.body_text())
+
+
+def test_reward_first_to_last_is_the_plotted_running_mean_at_both_ends(tmp_path):
+    """The table's "first → last" are the ends of the running mean the plot draws: the mean of
+    the first 10 updates and of the last 10 (not the first raw update against a mean)."""
+    rewards = [0.5] + [0.01 * k for k in range(1, 30)]  # 30 updates; a first update far off the rest
+    run = make_run(tmp_path)
+    write_mgral(run / "mgral" / "seed-0" / "cycle-0", loo=0.5, rewards=rewards)
+    first, last = np.mean(rewards[:10]), np.mean(rewards[-10:])
+    (d, _) = load_mgral_diagnostics(run)
+    assert (d.reward_first, d.reward_last) == (pytest.approx(first), pytest.approx(last))
+    updates, trend = reward_trend(d.agent["update"], d.agent["reward_mean"])
+    np.testing.assert_array_equal(updates, np.arange(9, 30))  # a point at the end of each full window
+    assert (trend[0], trend[-1]) == (pytest.approx(first), pytest.approx(last))
+    page = Page(render_html([run], load_series([run]), diagnostics=[d]))
+    head, row = page.tables["mgral-summary"]
+    assert row[4] == f"{first:.4f} → {last:.4f}" == "0.0950 → 0.2450"
+    assert "the first 10 and the last 10 updates" in page.body_text()
+    (svg,) = plot_mgral_diagnostics([d], tmp_path / "out", formats=("svg",))
+    assert "running mean of 10 updates" in svg.read_text()
+    # fewer than 20 updates: the first and last half; 3: the first and last update
+    _, trend = reward_trend(np.arange(7), np.array([1.0, 2, 3, 4, 5, 6, 7]))
+    np.testing.assert_allclose(trend[[0, -1]], [2.0, 6.0])
+    assert (load_mgral_diagnostics(make_run(tmp_path / "b"))[0].reward_last) == 0.05
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A tiny real run (mgral's own loop): one seed of entropy, one selecting cycle, reported."""
+    tmp = tmp_path_factory.mktemp("real")
+    config = {
+        "name": "tiny",
+        "dataset": {"path": str(tmp / "digits"), "synth": {"images": 24, "image_size": 48, "max_digit_size": 20}},
+        "detector": {"preset": "tiny", "params": {"pretrained": False}, "train": {"iterations": 1, "batch_size": 4}},
+        "strategies": [{"name": "entropy"}],
+        "initial": {"size": 8},
+        "budget": 4,
+        "cycles": 1,
+        "seeds": [0],
+    }
+    run_experiment(config_from_dict(config), tmp / "run", log=lambda _: None)
+    write_report([tmp / "run"], tmp / "out")
+    return tmp / "run", tmp / "out"
+
+
+def test_a_real_runs_cycle0_gallery_reads_the_shared_models_predictions(real_run):
+    run, out = real_run
+    assert (run / "_shared" / "seed-0" / "cycle-0" / "predictions.npz").is_file()  # where the loop caches them
+    assert not (run / "entropy" / "seed-0" / "cycle-0" / "predictions.npz").exists()
+    text = Page((out / "report.html").read_text()).body_text()
+    assert "cycle 0: 4 images selected" in text and "no predictions cached" not in text
+    # every thumbnail says how many boxes the cycle-0 model predicted on it
+    assert len(re.findall(r"\d+ box(?:es)? ≥ 0\.3", text)) == 4
+
+
+def test_a_real_one_seed_report_prints_no_spread(real_run):
+    _, out = real_run
+    for name in ("results.md", "report.html"):
+        assert "± 0.0000" not in (out / name).read_text()
+    with open(out / "results.csv", newline="") as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["c0_mAP_std"] == row["c1_mAP_std"] == row["nauc_std"] == "" and row["c1_mAP_mean"] != ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import matplotlib
 import numpy as np
@@ -199,7 +200,7 @@ def test_single_seed_single_cycle_without_reference(tmp_path):
     write_series(tmp_path / "run", "random", 0, [0.25])
     md = write_report([tmp_path / "run"], tmp_path / "out")
     row = read_csv(tmp_path / "out" / "results.csv")["random"]
-    assert float(row["nauc_mean"]) == 0.25 and float(row["nauc_std"]) == 0.0
+    assert float(row["nauc_mean"]) == 0.25 and row["nauc_std"] == ""  # one seed: no spread
     assert row["labels_to_90pct"] == ""
     assert "Full-data reference: none" in md.read_text()
     assert "full data" not in (tmp_path / "out" / "curves_images.svg").read_text()
@@ -291,8 +292,8 @@ def test_vs_random_uses_only_common_seeds_and_cycles(tmp_path):
     group = [s for s in series if s.label == "mgral"]
     rnd = [s for s in series if s.label == "random"]
     mean, std, wins, paired = paired_vs_random(group, rnd)
-    # seed 1 only, on cycles 0-1: (0.1 + 0.3) / 2 - (0.1 + 0.2) / 2
-    assert (mean, std, wins, paired) == (pytest.approx(0.05), 0.0, 1, 1)
+    # seed 1 only, on cycles 0-1: (0.1 + 0.3) / 2 - (0.1 + 0.2) / 2; one pair: no spread
+    assert (mean, wins, paired) == (pytest.approx(0.05), 1, 1) and math.isnan(std)
     assert paired_vs_random([s for s in group if s.seed == 2], rnd) is None
 
 
@@ -329,3 +330,23 @@ def test_a_series_short_of_the_planned_cycles_is_in_progress(tmp_path):
     assert "| mgral* | 1 |" in text and "| cald* | 1 |" in text and "| random | 2 |" in text
     assert "cald: 1 of 2 seeds; mgral: 2 of 6 cycles, 1 of 2 seeds" in text
     assert read_csv(tmp_path / "out" / "results.csv")["random"]["in_progress"] == "0"
+
+
+def test_one_seed_shows_the_value_alone_and_several_keep_mean_and_std(tmp_path):
+    """With one seed (or one seed paired with random) there is no spread: no fake "± 0.0000"."""
+    run = tmp_path / "run"
+    write_series(run, "random", 0, [0.1, 0.3])
+    write_series(run, "entropy", 0, [0.1, 0.35])
+    write_series(run, "entropy", 1, [0.12, 0.37])  # no random seed 1: one pair
+    md = write_report([run], tmp_path / "out").read_text()
+    assert "± 0.0000" not in md
+    assert "| random | 1 | 0.1000 | 0.3000 | 0.2000 | — |" in md
+    assert "| entropy | 2 | 0.1100 ± 0.0141 | 0.3600 ± 0.0141 | 0.2350 ± 0.0141 | +0.0250 (1/1) |" in md
+    assert "the mean alone with 1 seed" in md
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    rnd, ent = rows["random"], rows["entropy"]
+    assert (rnd["c0_mAP_std"], rnd["c1_mAP_std"], rnd["nauc_std"]) == ("", "", "")  # missing, not 0
+    assert float(rnd["c1_mAP_mean"]) == 0.3 and float(rnd["nauc_mean"]) == pytest.approx(0.2)
+    assert float(ent["c0_mAP_std"]) == pytest.approx(0.0141421, abs=1e-6) and float(ent["nauc_std"]) > 0
+    assert float(ent["nauc_vs_random_mean"]) == pytest.approx(0.025) and ent["nauc_vs_random_std"] == ""
+    assert (ent["wins_vs_random"], ent["paired_seeds"]) == ("1", "1")

@@ -30,7 +30,7 @@ from scipy.spatial.distance import pdist
 
 from mgral.detectors.cache import load_predictions
 from mgral.errors import MgralError
-from mgral.report.load import Series
+from mgral.report.load import Series, predictions_dir
 from mgral.runs import CycleDir, RunDir, read_cycle_records
 
 
@@ -63,9 +63,7 @@ def series_figures(run_dir: str | Path, label: str, seed: int) -> dict[int, dict
     own = any(c.predictions.exists() for c in sdir.cycles().values())  # it read predictions (random does not)
     out: dict[int, dict[str, float]] = {}
     for r in read_cycle_records(sdir.records):
-        cdir = sdir.cycle(r["cycle"])
-        if r["cycle"] == 0 and own and not cdir.predictions.is_file():  # the seed's shared model chose it
-            cdir = RunDir(run_dir).shared_cycle0(seed)
+        cdir = predictions_dir(Path(run_dir), sdir, r["cycle"]) if own else sdir.cycle(r["cycle"])
         fig = batch_figures(cdir.path, r.get("selected"))
         fig = fig if fig is not None else saved.get(r["cycle"])
         if fig is not None:

@@ -30,15 +30,17 @@ from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import MgralError
 from mgral.report.load import (
     MGRAL_STAGES,
+    REWARD_WINDOW,
     DatasetCache,
     MgralCycle,
     Series,
+    predictions_dir,
     run_dataset,
     run_title,
 )
 from mgral.report.metrics import by_label
 from mgral.report.plots import diagnostic_series
-from mgral.report.tables import FRACTIONS, Table, results_table
+from mgral.report.tables import FRACTIONS, Table, mean_std, results_table, vs_random_text
 from mgral.runs import REFERENCE_LABEL, RunDir, SeriesDir, read_cycle_records
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,9 @@ _PALETTE = (
     (23, 190, 207),
 )
 MGRAL_CAPTION = (
-    "Left: the agent's mean reward per update, one line per cycle. Right: the reward model's leave-one-out "
-    "Spearman correlation per cycle."
+    f"Left: the agent's mean reward per update (faint) and its running mean over {REWARD_WINDOW} updates (solid; "
+    "over half the updates when there are fewer than twice that), one colour per cycle: the solid line starts and "
+    "ends at the table's first → last. Right: the reward model's leave-one-out Spearman correlation per cycle."
 )
 _MIME = {".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -111,12 +114,11 @@ def _results(table: Table) -> dict[str, Any]:
     rows = []
     width = len(table.num_labeled)
     for r in table.rows:
-        maps = [f"{r.map_mean[c]:.4f} ± {r.map_std[c]:.4f}" if c < r.cycles else "" for c in range(width)]
+        maps = [mean_std(r.map_mean[c], r.map_std[c]) if c < r.cycles else "" for c in range(width)]
         reach = []
         for f in FRACTIONS:
             value, k = r.reach[f]
             reach.append("—" if value is None else f"{value:.1f}" + ("" if k == r.seeds else f" ({k}/{r.seeds})"))
-        v = r.vs_random
         rows.append(
             {
                 "label": r.label,
@@ -127,8 +129,8 @@ def _results(table: Table) -> dict[str, Any]:
                 "max_cycles": r.max_cycles,
                 "seeds": r.seeds,
                 "maps": maps,
-                "auc": f"{r.auc_mean:.4f} ± {r.auc_std:.4f}",
-                "vs_random": "—" if v is None else f"{v[0]:+.4f} ± {v[1]:.4f} ({v[2]}/{v[3]})",
+                "auc": mean_std(r.auc_mean, r.auc_std),
+                "vs_random": vs_random_text(r.vs_random),
                 "reach": reach,
             }
         )
@@ -268,15 +270,15 @@ def _selections(sdir: SeriesDir) -> list[tuple[int, list[ImageId]]]:
 
 
 def _gallery_cycle(
-    sdir: SeriesDir, cycle: int, ids: list[ImageId], dataset: Dataset, per_cycle: int, budget: _Budget
+    cache: Path, cycle: int, ids: list[ImageId], dataset: Dataset, per_cycle: int, budget: _Budget
 ) -> dict[str, Any]:
+    """One cycle's thumbnails with the boxes predicted in ``cache`` (the cycle model's ``predictions.npz``)."""
     from PIL import Image
 
     from mgral.detectors.cache import load_predictions
 
     colours = {c.id: _PALETTE[k % len(_PALETTE)] for k, c in enumerate(dataset.categories)}
     names = dataset.category_names
-    cache = sdir.cycle(cycle).predictions
     preds: dict[ImageId, Detections] | None = None
     note = "no predictions cached"
     if cache.is_file():
@@ -340,7 +342,8 @@ def _gallery(series: Sequence[Series], per_cycle: int, datasets: DatasetCache) -
             if budget.left <= 0:
                 cut = True
                 break
-            entry["cycles"].append(_gallery_cycle(sdir, cycle, ids, dataset, per_cycle, budget))
+            cache = predictions_dir(s.run_dir, sdir, cycle).predictions
+            entry["cycles"].append(_gallery_cycle(cache, cycle, ids, dataset, per_cycle, budget))
     return out, cut
 
 
@@ -400,6 +403,7 @@ def render_html(
         "gallery_per_cycle": gallery_per_cycle,
         "gallery_max": GALLERY_MAX_IMAGES,
         "box_score": f"{BOX_SCORE:g}",
+        "reward_window": REWARD_WINDOW,
         "thumbnail_size": THUMBNAIL_SIZE,
     }
     return _template().render(**context)

@@ -16,7 +16,16 @@ import numpy as np
 
 from mgral.data.records import Dataset
 from mgral.errors import MgralError, RunError
-from mgral.runs import CONFIG_FILE, CYCLES_FILE, REFERENCE_LABEL, MgralDir, RunDir, SeriesDir, read_cycle_records
+from mgral.runs import (
+    CONFIG_FILE,
+    CYCLES_FILE,
+    REFERENCE_LABEL,
+    CycleDir,
+    MgralDir,
+    RunDir,
+    SeriesDir,
+    read_cycle_records,
+)
 
 METRIC_NAMES = {"coco": "mAP@[.5:.95]", "voc07": "VOC07 AP@0.5", "voc12": "VOC12 AP@0.5"}
 """What a record's ``mAP`` is, by the run's ``evaluation.style`` (config.yaml; absent: ``coco``)."""
@@ -215,6 +224,22 @@ def run_title(run_dirs: Sequence[str | Path]) -> str:
 
 AGENT_COLUMNS = ("update", "reward_mean", "reward_max", "baseline", "entropy")
 MGRAL_STAGES = ("features", "table", "reward_model", "agent", "selection")
+REWARD_WINDOW = 10
+"""The agent's reward is shown as a running mean over this many updates (the table and the plot)."""
+
+
+def reward_trend(updates: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The agent's mean reward per update as a running mean over ``w`` updates: ``w`` is
+    :data:`REWARD_WINDOW`, or ``n // 2`` (at least 1) when the agent made ``n`` < 2 ×
+    :data:`REWARD_WINDOW` updates; NaN rewards are left out. Returns (the update ending each
+    full window, the window's mean): the first value is the mean of the first ``w`` updates,
+    the last the mean of the last ``w``; both empty without a reward."""
+    keep = np.isfinite(rewards)
+    updates, rewards = updates[keep], rewards[keep]
+    if not len(rewards):
+        return updates, rewards
+    w = min(REWARD_WINDOW, max(1, len(rewards) // 2))
+    return updates[w - 1 :], np.convolve(rewards, np.ones(w) / w, mode="valid")
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,7 +266,9 @@ class MgralCycle:
     (how well it ranks combinations). ``seconds``: wall seconds per MGRAL stage.
     ``mean_pairwise_distance``, ``class_histogram``: the diversity of the chosen batch.
     ``agent``: the columns of ``agent_rewards.csv`` (:data:`AGENT_COLUMNS`), one entry per
-    agent update. ``table``: the rows of ``table.csv``; ``categories`` its AP columns.
+    agent update; ``reward_first``, ``reward_last``: the ends of its :func:`reward_trend` (the
+    mean reward of the first and of the last 10 updates). ``table``: the rows of ``table.csv``;
+    ``categories`` its AP columns.
     """
 
     label: str
@@ -287,8 +314,6 @@ def _read_summary(path: Path, values: dict[str, Any]) -> None:
     values["mean_pairwise_distance"] = _optional(diversity.get("mean_pairwise_distance"))
     histogram = diversity.get("class_histogram") if isinstance(diversity.get("class_histogram"), dict) else {}
     values["class_histogram"] = {str(k): int(v) for k, v in histogram.items() if _optional(v) is not None}
-    reward = data.get("reward") if isinstance(data.get("reward"), dict) else {}
-    values["reward_first"], values["reward_last"] = _optional(reward.get("first")), _optional(reward.get("last"))
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -300,7 +325,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def _read_agent(path: Path, values: dict[str, Any]) -> None:
     header, rows = _read_csv(path)
-    values["agent"] = {k: np.array([_cell(r.get(k)) for r in rows]) for k in AGENT_COLUMNS if k in header}
+    agent = values["agent"] = {k: np.array([_cell(r.get(k)) for r in rows]) for k in AGENT_COLUMNS if k in header}
+    if "reward_mean" in agent:
+        _, trend = reward_trend(agent.get("update", np.arange(len(rows))), agent["reward_mean"])
+        if len(trend):  # summary.json's "reward" compares the first update with a mean: not shown
+            values["reward_first"], values["reward_last"] = float(trend[0]), float(trend[-1])
 
 
 def _combination(text: str) -> tuple[list[Any], bool]:
@@ -368,6 +397,15 @@ def load_mgral_diagnostics(run_dirs: str | Path | Sequence[str | Path]) -> list[
                 if (item := _mgral_cycle(run_dir, sdir.label, sdir.seed, cycle, cdir.mgral.path)) is not None:
                     found.append(item)
     return sorted(found, key=lambda d: (d.label, d.seed, d.cycle, str(d.run_dir)))
+
+
+def predictions_dir(run_dir: Path, sdir: SeriesDir, cycle: int) -> CycleDir:
+    """The directory whose ``predictions.npz`` holds the pool predictions of ``cycle``'s model:
+    the cycle's own, except for a cycle 0 without one, whose model is the seed's shared one
+    (``RUN/_shared/seed-<s>/cycle-0/``, :meth:`~mgral.runs.RunDir.shared_cycle0`), cached there
+    once for every strategy of the seed."""
+    own = sdir.cycle(cycle)
+    return RunDir(run_dir).shared_cycle0(sdir.seed) if cycle == 0 and not own.predictions.is_file() else own
 
 
 DatasetCache = dict[Path, tuple[Dataset | None, str]]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mgral._io import atomic_write_bytes
-from mgral.report.load import X_KEYS, Y_KEYS, MgralCycle, Series, reference_map
+from mgral.report.load import REWARD_WINDOW, X_KEYS, Y_KEYS, MgralCycle, Series, reference_map, reward_trend
 from mgral.report.metrics import aggregate
 
 X_LABELS = {"num_labeled": "labeled images", "num_boxes_labeled": "labeled boxes", "labeling_cost": "labeling cost"}
@@ -121,10 +121,11 @@ def plot_mgral_diagnostics(
     """Draw MGRAL's diagnostics and write ``mgral_diagnostics.<format>`` to ``out_dir``.
 
     One row per (label, seed) series (:func:`diagnostic_series`; the first
-    :data:`MAX_DIAGNOSTIC_SERIES`): on the left the agent's mean reward per update, one
-    line per cycle (lighter = later); on the right the reward model's leave-one-out
-    Spearman correlation per cycle (its accuracy at ranking the table's combinations,
-    -1..1). Same conventions as :func:`plot_curves` (reproducible SVG, no pyplot state).
+    :data:`MAX_DIAGNOSTIC_SERIES`): on the left the agent's mean reward per update (faint)
+    and its :func:`~mgral.report.load.reward_trend` (solid, starting and ending at the
+    diagnostics table's "first → last"), one colour per cycle (lighter = later); on the right
+    the reward model's leave-one-out Spearman correlation per cycle (its accuracy at ranking
+    the table's combinations, -1..1). Same conventions as :func:`plot_curves` (reproducible SVG, no pyplot state).
 
     Returns:
         The written paths, in ``formats`` order.
@@ -158,7 +159,9 @@ def plot_mgral_diagnostics(
                 if rewards is None or not len(rewards):
                     continue
                 updates = d.agent.get("update", np.arange(len(rewards)))
-                left.plot(updates, rewards, color=cmap(0.9 * d.cycle / last), linewidth=1.2, label=f"cycle {d.cycle}")
+                colour = cmap(0.9 * d.cycle / last)
+                left.plot(updates, rewards, color=colour, linewidth=0.8, alpha=0.3)
+                left.plot(*reward_trend(updates, rewards), color=colour, linewidth=1.6, label=f"cycle {d.cycle}")
                 drawn += 1
             if drawn:
                 left.legend(fontsize="x-small", ncols=2 if drawn > 6 else 1, loc="best")
@@ -167,7 +170,7 @@ def plot_mgral_diagnostics(
             left.xaxis.set_major_locator(MaxNLocator(integer=True))
             left.set_title(f"{name}: agent reward", fontsize="medium")
             left.set_xlabel("agent update")
-            left.set_ylabel("mean reward")
+            left.set_ylabel(f"mean reward\n(solid: running mean of {REWARD_WINDOW} updates)", fontsize="small")
             left.grid(True, alpha=0.3)
             points = [(d.cycle, d.loo_spearman) for d in cycles if d.loo_spearman is not None]
             if points:

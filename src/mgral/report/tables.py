@@ -33,7 +33,7 @@ class Row:
     """One strategy label. Every number uses only the ``cycles`` cycles all its seeds finished.
 
     ``num_labeled``, ``map_mean``, ``map_std``: per cycle, mean labeled images and test
-    mAP@[.5:.95] mean and sample std (ddof=1; 0 with one seed) over seeds. ``auc_*``:
+    mAP@[.5:.95] mean and sample std (ddof=1; NaN with one seed: no spread) over seeds. ``auc_*``:
     :func:`normalized_auc` of mAP vs labeled images per seed, mean and std over seeds.
     ``reach[f]``: (mean over the seeds that reach it of :func:`labels_to_reach` at
     ``f`` × full-data mAP, how many seeds reach it); ``(None, 0)`` without a reference.
@@ -45,8 +45,8 @@ class Row:
     or seeds are still to come.
     ``vs_random``: the nAUC minus the ``random`` label's nAUC on the same seed (same initial
     set, so the pairs share their cycle-0 model), over the seeds both have on the cycles both
-    finished: (mean, sample std, seeds where it is higher, seeds paired); None without a
-    random row, for the random row itself, or with no seed in common.
+    finished: (mean, sample std (NaN with one pair), seeds where it is higher, seeds paired); None
+    without a random row, for the random row itself, or with no seed in common.
     """
 
     label: str
@@ -91,6 +91,16 @@ class Table:
     """What ``mAP`` is (:func:`~mgral.report.load.metric_name`)."""
 
 
+def _spread(values: np.ndarray) -> np.ndarray:
+    """Sample std over seeds (axis 0, ddof=1); NaN with one seed, where there is no spread."""
+    return std_over_seeds(values) if len(values) > 1 else np.full(values.shape[1:], math.nan)
+
+
+def mean_std(mean: float, std: float, fmt: str = ".4f") -> str:
+    """``mean ± std`` as the tables print it; the mean alone where ``std`` is NaN (one seed)."""
+    return format(mean, fmt) + ("" if math.isnan(std) else f" ± {std:.4f}")
+
+
 def _mean_finite(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else math.nan
@@ -117,9 +127,9 @@ def _row(group: list[Series], full: float | None) -> Row:
         max_cycles=max(len(s) for s in group),
         num_labeled=labeled.mean(axis=0),
         map_mean=maps.mean(axis=0),
-        map_std=std_over_seeds(maps),
+        map_std=_spread(maps),
         auc_mean=float(aucs.mean()),
-        auc_std=float(std_over_seeds(aucs[:, None])[0]),
+        auc_std=float(_spread(aucs[:, None])[0]),
         reach=reach,
         seconds=seconds,
     )
@@ -131,7 +141,8 @@ RANDOM_LABEL = "random"
 
 def paired_vs_random(group: list[Series], random: list[Series]) -> tuple[float, float, int, int] | None:
     """nAUC(group) - nAUC(random), paired by seed on the cycles both series of a seed finished:
-    (mean, sample std, seeds where ``group`` is higher, seeds paired), or None with no common seed."""
+    (mean, sample std (NaN with one pair), seeds where ``group`` is higher, seeds paired), or None
+    with no common seed."""
     baseline = {s.seed: s for s in random}
     diffs = []
     for s in group:
@@ -143,7 +154,7 @@ def paired_vs_random(group: list[Series], random: list[Series]) -> tuple[float, 
     if not diffs:
         return None
     d = np.array(diffs)
-    return float(d.mean()), float(std_over_seeds(d[:, None])[0]), int((d > 0).sum()), len(d)
+    return float(d.mean()), float(_spread(d[:, None])[0]), int((d > 0).sum()), len(d)
 
 
 def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, Any]] | None = None) -> Table:
@@ -188,7 +199,7 @@ def _pct(f: float) -> str:
 
 def write_csv(table: Table, path: str | Path) -> None:
     """Write ``table`` as CSV: plain numbers at full precision, mean and std in separate
-    columns, an empty cell for a missing value; cycle columns ``c<k>_num_labeled``,
+    columns, an empty cell for a missing value (a std over one seed among them); cycle columns ``c<k>_num_labeled``,
     ``c<k>_mAP_mean``, ``c<k>_mAP_std``; ``nauc_vs_random_*`` (paired by seed, see :class:`Row`);
     ``labels_to_<p>pct`` with ``..._seeds`` (how many reached)."""
     width = len(table.num_labeled)
@@ -217,6 +228,11 @@ def write_csv(table: Table, path: str | Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def vs_random_text(v: tuple[float, float, int, int] | None) -> str:
+    """:attr:`Row.vs_random` as the tables print it, e.g. ``+0.0450 ± 0.0100 (3/3)``; — without one."""
+    return "—" if v is None else f"{mean_std(v[0], v[1], '+.4f')} ({v[2]}/{v[3]})"
+
+
 def markdown_text(table: Table) -> str:
     partial = [r for r in table.rows if r.in_progress]
     runs = ", ".join(f"`{d}`" for d in table.run_dirs)
@@ -231,11 +247,12 @@ def markdown_text(table: Table) -> str:
         f"- Strategies: {names}; seeds: {', '.join(map(str, table.seed_list))}",
         f"- Full-data reference: {full}",
         f"- `cK (N imgs)`: test {table.metric} after cycle K (N labeled images, mean), as mean ± sample std "
-        "over seeds (ddof=1; 0 with one seed).",
+        "over seeds (ddof=1); the mean alone with 1 seed (no spread).",
         "- nAUC: normalized area under the curve of mAP vs labeled images: trapezoid area divided by "
-        "(last - first labeled count), i.e. the mean mAP over the labeling range (0..1); mean ± std over seeds.",
-        "- vs random: nAUC minus random's nAUC on the same seed (same initial set), mean ± std over seeds, "
-        "and on how many seeds it is higher.",
+        "(last - first labeled count), i.e. the mean mAP over the labeling range (0..1); mean ± std over seeds "
+        "(the value alone with 1 seed).",
+        "- vs random: nAUC minus random's nAUC on the same seed (same initial set), mean ± std over the paired "
+        "seeds (the value alone with 1 pair), and on how many seeds it is higher.",
         "- imgs to P%: labeled images at which a seed's curve (linear between cycles) first reaches P% of the "
         "full-data mAP; mean over the seeds that reach it ((k/n) when only k of n do); — if none or no reference.",
         "- Timings: mean wall seconds per cycle.",
@@ -252,12 +269,8 @@ def markdown_text(table: Table) -> str:
     lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
     for r in table.rows:
         cells = [r.label + ("*" if r.in_progress else ""), str(r.seeds)]
-        cells += [
-            f"{r.map_mean[c]:.4f} ± {r.map_std[c]:.4f}" if c < r.cycles else "" for c in range(len(table.num_labeled))
-        ]
-        cells.append(f"{r.auc_mean:.4f} ± {r.auc_std:.4f}")
-        v = r.vs_random
-        cells.append("—" if v is None else f"{v[0]:+.4f} ± {v[1]:.4f} ({v[2]}/{v[3]})")
+        cells += [mean_std(r.map_mean[c], r.map_std[c]) if c < r.cycles else "" for c in range(len(table.num_labeled))]
+        cells += [mean_std(r.auc_mean, r.auc_std), vs_random_text(r.vs_random)]
         for f in FRACTIONS:
             value, k = r.reach[f]
             cells.append("—" if value is None else f"{value:.1f}" + ("" if k == r.seeds else f" ({k}/{r.seeds})"))
