@@ -246,7 +246,7 @@ def _prepare(
             f"strategy {spec.label!r} ({spec.name}) reads the true labels of the pool, a research ablation; it "
             "cannot choose images for people to label: use another strategy"
         )
-    dataset = prepare_dataset(config)
+    dataset = prepare_dataset(config, run)
     pool = dataset.image_ids(config.dataset.pool_splits)
     if not pool:
         raise ConfigError(f"the pool splits {config.dataset.pool_splits} hold no image; nothing to label")

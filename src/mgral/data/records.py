@@ -37,6 +37,15 @@ ImageId = int | str
 """A dataset's own image id: an int (COCO) or a string (VOC / YOLO file stem)."""
 
 SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+def canonical_split(name: str | None) -> str | None:
+    """``train`` / ``val`` / ``test`` for a split name or a common alias of one (``valid``,
+    ``validation``, ``training``, ``testing``; any case); None for None or any other name."""
+    return SPLIT_ALIASES.get(name.lower()) if isinstance(name, str) else None
+
 
 MAX_IMAGE_SIDE = 1 << 31
 """The largest width or height a reader accepts, in pixels."""

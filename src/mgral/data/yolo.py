@@ -40,6 +40,7 @@ from mgral.data.records import (
     Dataset,
     ImageRecord,
     Target,
+    canonical_split,
     check_box,
     check_box_count,
     check_identical_boxes,
@@ -243,7 +244,7 @@ def read(
                 clip=clip_boxes,
             )
         top = PurePosixPath(rel).parts[0]
-        split = top if top in SPLITS and len(PurePosixPath(rel).parts) > 1 else None
+        split = canonical_split(top) if len(PurePosixPath(rel).parts) > 1 else None
         rec = ImageRecord(image_id, file_name, width, height, split, target)
         st = os.stat(image_dir_root / file_name)
         other = files.setdefault((st.st_dev, st.st_ino), rec)
