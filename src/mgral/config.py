@@ -385,7 +385,8 @@ _PATH_KEYS = (("dataset", "path"), ("dataset", "image_root"), ("detector", "weig
 
 
 def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read a YAML config, apply ``--set KEY=VALUE`` overrides, resolve paths, validate.
+    """Read a YAML config, apply ``--set KEY=VALUE`` overrides, resolve paths, validate. A
+    config without ``name`` is named after the file (``cards.yaml``: ``cards``).
 
     Raises:
         ConfigError: unreadable file, invalid YAML, a bad override, or invalid values,

@@ -211,10 +211,8 @@ def split_file_ids(path: Path, *, guard: RootGuard | None = None) -> list[tuple[
 def _devkit_splits(root: Path, ids: set[str], guard: RootGuard) -> dict[str, str]:
     splits: dict[str, str] = {}
     listed_in: dict[str, str] = {}
-    for path in sorted((root / "ImageSets" / "Main").glob("*.txt")):
-        split = canonical_split(path.stem)
-        if split is None:
-            continue
+    files = [(canonical_split(p.stem), p) for p in (root / "ImageSets" / "Main").glob("*.txt")]
+    for split, path in sorted(((s, p) for s, p in files if s), key=lambda sp: (SPLITS.index(sp[0]), sp[1].name)):
         for n, image_id in split_file_ids(path, guard=guard):
             if image_id not in ids:
                 raise DatasetError(
