@@ -115,7 +115,10 @@ def test_set_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("detector.epochs=3", "unknown key 'epochs' in detector; valid keys: kind, preset, weights, params, train, device"),
+        (
+            "detector.epochs=3",
+            "unknown key 'epochs' in detector; valid keys: kind, preset, weights, params, train, device",
+        ),
         ("cycle=3", "unknown key 'cycle' in the top level; valid keys: name, dataset"),
         ("cycles.x=3", "cycles is a value, not a section"),
         ("strategies.name=x", "strategies is a list; index it"),

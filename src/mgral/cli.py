@@ -104,6 +104,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     opts = _read_opts(args, check_files=not args.no_check_files)
     dataset = read_dataset(args.path, fmt, **opts)
     print(f"{args.path} ({fmt}): {dataset.summary()}")
+    _print_split_assignment(dataset, args.path)
     counts: dict[int, int] = {}
     for rec in dataset:
         for label in rec.target.labels.tolist():
@@ -111,6 +112,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     for cat in dataset.categories:
         print(f"  {cat.id:>4}  {cat.name:<24} {counts.get(cat.id, 0):>8} boxes")
     return 0
+
+
+def _print_split_assignment(dataset, path: Path) -> None:
+    """What a run (default pool and test splits, a simulation) does with the images without a split."""
+    from collections import Counter
+
+    from mgral.config import DatasetConfig
+    from mgral.data.splits import assign_splits
+
+    unassigned = sum(r.split is None for r in dataset)
+    if not unassigned:
+        return
+    setting = DatasetConfig(path=str(path)).split_setting(dataset, human=False)
+    if setting is None:
+        print(f"  {unassigned} images have no split: a run leaves them out (set dataset.split to assign them)")
+        return
+    counts = Counter(assign_splits(dataset, **setting.model_dump()).values())
+    shown = ", ".join(f"{s} {counts[s]}" for s in ("train", "val", "test") if counts[s])
+    print(
+        f"  {unassigned} images have no split: a run assigns them: {shown} (the default dataset.split: "
+        f"{{val: {setting.val:g}, test: {setting.test:g}, seed: {setting.seed}}}; stratified by rarest class)"
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

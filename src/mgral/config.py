@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import types
 import typing
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -46,6 +47,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class SplitConfig(_Section):
+    """How the images a dataset leaves without a split get one: ``val`` and ``test`` are the
+    fractions of those images that go to each, the rest to ``train``; ``seed`` makes the draw
+    repeatable (see :func:`mgral.data.splits.assign_splits`: seeded, stratified by each image's
+    rarest class). mgral's loop never reads ``val``; the default keeps none."""
+
+    val: float = Field(default=0.0, ge=0, lt=1)
+    test: float = Field(default=0.2, ge=0, lt=1)
+    seed: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _leave_train(self) -> SplitConfig:
+        if self.val + self.test >= 1:
+            raise ValueError(f"val {self.val:g} + test {self.test:g} leave no image for train; expected val + test < 1")
+        return self
+
+
 class DatasetConfig(_Section):
     """Where the pool and the test images come from.
 
@@ -60,6 +78,13 @@ class DatasetConfig(_Section):
 
     ``follow_links``: read image and annotation files that symbolic links lead to outside the
     dataset's root (refused by default, as ``../`` names are).
+
+    ``split`` (:class:`SplitConfig`, e.g. ``{test: 0.2, seed: 0}``): give the images without a
+    split one (a COCO export without ``split`` fields has none). Left out, it is the default
+    :class:`SplitConfig` (test 0.2, seed 0) exactly when images have no split and the pool
+    splits, or (in a simulation) the test split, would otherwise hold no image; a run labeled
+    by people then puts them all in the pool (it needs no test split). Images that have a
+    split keep it. A run records what it assigned (:meth:`mgral.runs.RunDir.recorded_splits`).
     """
 
     path: str = Field(min_length=1)
@@ -70,6 +95,7 @@ class DatasetConfig(_Section):
     clip_boxes: bool = False
     follow_links: bool = False
     synth: dict[str, Any] | None = None
+    split: SplitConfig | None = None
 
     @field_validator("synth")
     @classmethod
@@ -115,6 +141,41 @@ class DatasetConfig(_Section):
             raise ValueError(f"synth generates a COCO dataset but format is {self.format!r}; remove format")
         return self
 
+    def split_setting(self, dataset: Any, *, human: bool) -> SplitConfig | None:
+        """How this config assigns the unassigned images of ``dataset`` (a
+        :class:`mgral.data.Dataset`; ``human``: a run labeled by people), or None: not at all
+        (see the class docstring)."""
+        if not any(r.split is None for r in dataset):
+            return None
+        if self.split is not None:
+            return self.split
+        if dataset.image_ids(self.pool_splits) and (human or dataset.image_ids(self.test_split)):
+            return None
+        return SplitConfig(test=0.0) if human else SplitConfig()
+
+    def check_splits(self, dataset: Any, *, human: bool) -> None:
+        """Refuse a dataset whose pool splits (or, unless ``human``, test split) hold no image,
+        saying which splits it has and what to set.
+
+        Raises:
+            ConfigError: naming the empty split, the dataset's splits and the fix.
+        """
+        counts = Counter(r.split or "unassigned" for r in dataset)
+        others = [k for k in counts if k not in ("unassigned", self.test_split, *self.pool_splits)]
+        if not dataset.image_ids(self.pool_splits):
+            empty = f"the pool splits {self.pool_splits} hold"
+            fix = f"set dataset.pool_splits: [{others[0]}]" if others else "give the pool images the split train"
+        elif not human and not dataset.image_ids(self.test_split):
+            empty = f"the test split {self.test_split!r} holds"
+            fix = f"set dataset.test_split: {others[0]}" if others else f"give some images the split {self.test_split}"
+        else:
+            return
+        has = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no image"
+        raise ConfigError(
+            f"{self.path}: {empty} no image (the dataset has {has}); {fix}, or remove the images' split so that "
+            "mgral assigns one (dataset.split)"
+        )
+
     def synth_config(self) -> Any:
         """The :class:`mgral.data.synth.SynthConfig` to generate with, or None."""
         from mgral.data.synth import SynthConfig
@@ -129,6 +190,10 @@ def _layout_splits(layout: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
     from mgral.data.formats import LAYOUT_SPLITS  # the readers: only when a config names a layout
 
     return LAYOUT_SPLITS[layout]
+
+
+DEFAULT_PRESET = "mobilenet_v2_fpn"
+"""The detector of a config that names none: Faster R-CNN that trains on a CPU."""
 
 
 class DetectorConfig(_Section):
@@ -153,7 +218,7 @@ class DetectorConfig(_Section):
         if self.kind not in KINDS:
             raise ValueError(f"kind {self.kind!r} is not a detector kind; valid kinds: {', '.join(KINDS.names())}")
         if self.kind == "torchvision" and self.preset is None:
-            raise ValueError("kind torchvision needs a preset (mgral list detectors), e.g. preset: tiny")
+            self.preset = DEFAULT_PRESET
         if self.kind != "torchvision" and (self.preset is not None or self.train or self.weights or self.warm_start):
             raise ValueError(
                 f"kind {self.kind!r}: your own model trains elsewhere, so preset, weights, train and warm_start do "
@@ -255,17 +320,24 @@ class TrackingConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    """One experiment: every (strategy, seed) series runs ``cycles`` query rounds of ``budget`` images."""
+    """One experiment: every (strategy, seed) series runs ``cycles`` query rounds of ``budget`` images.
+
+    Only ``dataset``, ``strategies`` and ``budget`` are required (``name`` too, which
+    :func:`load_config` takes from the file's name). The defaults: ``cycles`` 5, ``seeds``
+    ``[0]``, the ``mobilenet_v2_fpn`` detector (Faster R-CNN that trains on a CPU), and an
+    initial set of ``budget`` images (``initial: {size: budget}``; a run labeled by people:
+    ``initial: {from_dataset: true}``, the labels the dataset file already has).
+    """
 
     name: str = Field(min_length=1)
     dataset: DatasetConfig
-    detector: DetectorConfig
+    detector: DetectorConfig = DetectorConfig()
     strategies: list[StrategySpec] = Field(min_length=1)
-    initial: InitialConfig
+    initial: InitialConfig | None = None
     budget: int = Field(ge=1)
     budget_boxes: int | None = Field(default=None, ge=1)
-    cycles: int = Field(ge=0)
-    seeds: list[NonNegInt] = Field(min_length=1)
+    cycles: int = Field(default=5, ge=0)
+    seeds: list[NonNegInt] = Field(default=[0], min_length=1)
     oracle: OracleConfig = OracleConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     executor: Literal["inline", "process", "ray"] = "inline"
@@ -294,6 +366,9 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
+        if self.initial is None:
+            human = self.oracle.kind == "human"
+            self.initial = InitialConfig(from_dataset=True) if human else InitialConfig(size=self.budget)
         labels = [s.label for s in self.strategies]
         for n, label in enumerate(labels):
             if label in labels[:n]:
@@ -353,7 +428,8 @@ _PATH_KEYS = (("dataset", "path"), ("dataset", "image_root"), ("detector", "weig
 
 
 def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read a YAML config, apply ``--set KEY=VALUE`` overrides, resolve paths, validate.
+    """Read a YAML config, apply ``--set KEY=VALUE`` overrides, resolve paths, validate. A
+    config without ``name`` is named after the file (``cards.yaml``: ``cards``).
 
     Raises:
         ConfigError: unreadable file, invalid YAML, a bad override, or invalid values,
@@ -371,6 +447,7 @@ def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> 
     if not isinstance(data, dict):
         valid = ", ".join(ExperimentConfig.model_fields)
         raise ConfigError(f"{source}: expected a mapping with the keys {valid}; got {type(data).__name__}")
+    data.setdefault("name", Path(path).stem)
     _resolve_paths(data, Path(path).parent)
     for text in overrides:
         _apply_override(data, text)
@@ -412,6 +489,8 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
         del data["dataset"]["follow_links"]  # likewise
     if data["tracking"] is None:
         del data["tracking"]  # likewise
+    if data["dataset"]["split"] is None:
+        del data["dataset"]["split"]  # likewise
     return data
 
 

@@ -61,18 +61,42 @@ from mgral.series import (
 from mgral.tracking import open_tracker
 
 
-def prepare_dataset(config: ExperimentConfig) -> Dataset:
-    """Read the configured dataset (generating the built-in scenes first if asked)."""
+def prepare_dataset(config: ExperimentConfig, run: RunDir | None = None) -> Dataset:
+    """Read the configured dataset (generating the built-in scenes first if asked) and give
+    the images without a split one, as ``dataset.split`` says
+    (:meth:`~mgral.config.DatasetConfig.split_setting`).
+
+    ``run``: a run that exists keeps the splits it recorded (``RUN/splits.json``; one without
+    the file assigned none, as runs did before it existed); a new one records them when it is
+    created (:meth:`~mgral.runs.RunDir.stage_splits`).
+
+    Raises:
+        ConfigError: the pool splits, or (simulated) the test split, hold no image.
+        RunError: the images without a split are not those the run recorded.
+    """
     from mgral.data.formats import read_dataset
+    from mgral.data.splits import assign_splits, with_splits
     from mgral.data.synth import generate
 
     ds = config.dataset
     path = Path(ds.path)
     if ds.synth is not None and not path.exists():
         generate(path, ds.synth_config())
-    return read_dataset(
+    dataset = read_dataset(
         path, ds.format, image_root=ds.image_root, clip_boxes=ds.clip_boxes, follow_links=ds.follow_links
     )
+    human = config.oracle.kind == "human"
+    if run is not None and run.config_file.exists():
+        recorded = run.recorded_splits()
+        if recorded is not None:
+            dataset = with_splits(dataset, recorded["images"], source=str(run.splits_file))
+    elif (setting := ds.split_setting(dataset, human=human)) is not None:
+        assigned = assign_splits(dataset, **setting.model_dump())
+        dataset = with_splits(dataset, assigned)
+        if run is not None:
+            run.stage_splits(setting.model_dump(), assigned)
+    ds.check_splits(dataset, human=human)
+    return dataset
 
 
 def initial_ids(config: ExperimentConfig, dataset: Dataset, pool: list[ImageId], seed: int) -> list[ImageId]:
@@ -135,16 +159,11 @@ def open_experiment(config: ExperimentConfig, run: RunDir, log=print, progress: 
     """Read the dataset and split it into pool and test.
 
     Raises:
-        ConfigError: an empty pool or test split.
+        ConfigError: an empty pool or test split (:func:`prepare_dataset`).
     """
-    dataset = prepare_dataset(config)
+    dataset = prepare_dataset(config, run)
     pool = dataset.image_ids(config.dataset.pool_splits)
     test = dataset.image_ids(config.dataset.test_split)
-    if not pool or not test:
-        raise ConfigError(
-            f"the pool splits {config.dataset.pool_splits} hold {len(pool)} images and the test split "
-            f"{config.dataset.test_split!r} {len(test)}; both must be non-empty"
-        )
     # one cycle-0 model per seed, shared by its strategies, where mgral trains it
     share = config.detector.kind == "torchvision"
     return Experiment(config, run, dataset, pool, test, log, progress, share_cycle0=share)

@@ -5,6 +5,8 @@ Layout (:class:`RunDir`, :class:`SeriesDir`, :class:`CycleDir`, :class:`MgralDir
     RUN/
       config.yaml                 the resolved config the run was started with; resuming
                                   with a different one is refused, naming the differing keys
+      splits.json                 the splits the run gave the images the dataset left without
+                                  one (mgral.data.splits), if it gave any; absent in older runs
       run.lock                    flock()ed while a process works in RUN (holder's pid inside)
       <label>/seed-<s>/           one series per (strategy label, seed); ``reference``: the full-data run
           ledger.json             the pool ledger (mgral.pool)
@@ -43,11 +45,12 @@ from typing import Any
 
 import yaml
 
-from mgral._io import atomic_write_text, fsync_dir
+from mgral._io import atomic_write_json, atomic_write_text, fsync_dir
 from mgral._untrusted import load_yaml, read_regular_file
 from mgral.errors import RunError
 
 CONFIG_FILE = "config.yaml"
+SPLITS_FILE = "splits.json"
 LOCK_FILE = "run.lock"
 CYCLES_FILE = "cycles.jsonl"
 REFERENCE_LABEL = "reference"  # the label of the full-data reference series
@@ -70,12 +73,20 @@ class RunDir:
 
     config_file = _entry(CONFIG_FILE)
     tracking = _entry(TRACKING_DIR)
+    splits_file = _entry(SPLITS_FILE)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._splits: dict[str, Any] | None = None
+
+    def stage_splits(self, setting: Mapping[str, Any], assigned: Mapping[Any, str]) -> None:
+        """Have :meth:`create` record the splits given to the images without one (image id ->
+        split) and the ``setting`` that gave them (see :meth:`recorded_splits`)."""
+        self._splits = {"setting": dict(setting), "images": [[i, s] for i, s in assigned.items()]}
 
     def create(self, config: Mapping[str, Any]) -> RunDir:
-        """Start a new run: write ``config.yaml``. ``config`` is the resolved config dict.
+        """Start a new run: write ``splits.json`` when splits are staged (:meth:`stage_splits`),
+        then ``config.yaml`` (its presence makes the run). ``config`` is the resolved config dict.
 
         Raises:
             RunError: ``RUN`` already holds a run or other files.
@@ -85,10 +96,40 @@ class RunDir:
                 f"{self.path} already holds a run (it has {CONFIG_FILE}); resume it "
                 "(--resume) or choose a new run directory"
             )
-        if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
+        if self.path.exists() and any(p.name not in (LOCK_FILE, SPLITS_FILE) for p in self.path.iterdir()):
             raise RunError(f"{self.path} exists and is not empty; choose a new run directory")
+        if self._splits is not None:
+            atomic_write_json(self.splits_file, self._splits, indent=1)
+        else:
+            self.splits_file.unlink(missing_ok=True)  # a creation cut short before config.yaml
         atomic_write_text(self.config_file, yaml.safe_dump(_plain(config), sort_keys=False))
         return self
+
+    def recorded_splits(self) -> dict[str, Any] | None:
+        """What ``splits.json`` records, or None where the run assigned no split (and in runs
+        older than the file): ``{"setting": {"val", "test", "seed"}, "images": [[image id,
+        split], ...]}``.
+
+        Raises:
+            RunError: an unreadable or malformed file.
+        """
+        path = self.splits_file
+        try:
+            data = json.loads(read_regular_file(path, expected="the run's split assignment", error=RunError))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise RunError(f"{path}: cannot read the run's split assignment ({err}); restore the file") from err
+        images = data.get("images") if isinstance(data, dict) else None
+        if not isinstance(images, list) or not all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], (int, str)) and e[1] in ("train", "val", "test")
+            for e in images
+        ):
+            raise RunError(
+                f'{path}: expected {{"setting": {{...}}, "images": [[image id, "train" | "val" | "test"], '
+                "...]}; the file was changed by hand: restore it"
+            )
+        return data
 
     def open(self, config: Mapping[str, Any] | None = None, *, ignore: tuple[str, ...] = ()) -> RunDir:
         """Open an existing run to resume it; if ``config`` is given it must equal the recorded one

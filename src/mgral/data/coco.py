@@ -6,14 +6,19 @@ Boxes are COCO ``[x, y, width, height]`` in the same continuous pixel frame as
 :mod:`mgral.data.records`, so ``[x, y, w, h] <-> [x, y, x + w, y + h]`` is exact.
 
 Besides the standard fields this reads and writes each image's ``split`` (``"train"``,
-``"val"``, ``"test"``; any other string, such as the ``"all"`` of some exports, reads as
-unassigned) and each annotation's ``difficult`` flag, as ``../shared/data`` does; other
-fields (segmentation, area, info, licenses) are ignored on read.
+``"val"``, ``"test"``, or an alias such as ``"valid"``, see
+:func:`~mgral.data.records.canonical_split`; any other string, such as the ``"all"`` of some
+exports, reads as unassigned) and each annotation's ``difficult`` flag, as ``../shared/data``
+does; other fields (segmentation, area, info, licenses) are ignored on read.
+
+A directory of split folders (Roboflow's COCO export: ``train/``, ``valid/``, ``test/``, each
+with ``_annotations.coco.json`` and its images) reads as one dataset: see :func:`read`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,7 +27,7 @@ import numpy as np
 from mgral._io import atomic_write_json
 from mgral._untrusted import short_repr
 from mgral.data._files import RootGuard
-from mgral.data._layout import link_or_copy, read_json
+from mgral.data._layout import link_or_copy, path_ids, read_json
 from mgral.data.records import (
     MAX_BOXES_PER_IMAGE,
     SPLITS,
@@ -30,6 +35,7 @@ from mgral.data.records import (
     Dataset,
     ImageRecord,
     Target,
+    canonical_split,
     check_box,
     check_box_count,
     check_identical_boxes,
@@ -44,6 +50,7 @@ from mgral.data.records import (
 from mgral.errors import DatasetError
 
 ANNOTATIONS_FILE = "annotations.json"
+ROBOFLOW_FILE = "_annotations.coco.json"
 _SNIFF_BYTES = 1 << 20
 
 
@@ -215,7 +222,7 @@ def _read_images(obj: dict, *, source: str) -> list[ImageRecord]:
                 f"{source}: {where}: duplicate image id {image_id} (also {records[image_id].file_name!r}); "
                 "image ids must be unique"
             )
-        rec = records[image_id] = ImageRecord(image_id, file_name, width, height, split if split in SPLITS else None)
+        rec = records[image_id] = ImageRecord(image_id, file_name, width, height, canonical_split(split))
         other = by_file.setdefault(file_name, rec)
         if other.split != rec.split:
             raise split_conflict(source, where, file_name, f"image {other.id}", other.split, rec.split)
@@ -329,18 +336,91 @@ def from_coco_dict(
     return dataset
 
 
-def _json_file(path: Path) -> Path:
-    if not path.is_dir():
-        return path
+def _json_files(path: Path) -> list[Path]:
+    """The COCO .json files at the top of the directory ``path``: ``annotations.json`` where it
+    stands beside other .json files."""
     candidates = sorted(path.glob("*.json"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if os.path.lexists(path / ANNOTATIONS_FILE):
-        return path / ANNOTATIONS_FILE
-    found = ", ".join(c.name for c in candidates) or "none"
-    raise DatasetError(
-        f"{path}: expected exactly one COCO .json file in the directory, found {found} (pass the .json file itself)"
+    if len(candidates) > 1 and os.path.lexists(path / ANNOTATIONS_FILE):
+        return [path / ANNOTATIONS_FILE]
+    return candidates
+
+
+def split_folders(path: Path) -> list[tuple[str, Path]]:
+    """``(split, its .json file)`` of each split folder of the directory ``path``, train first:
+    a subfolder named as a split or an alias of one (``train``, ``valid``, ``test``, ... see
+    :func:`~mgral.data.records.canonical_split`) holding :data:`ROBOFLOW_FILE` or exactly one
+    .json file (Roboflow's COCO export); folders without a .json file are left out.
+
+    Raises:
+        DatasetError: a split folder with several .json files and no :data:`ROBOFLOW_FILE`.
+    """
+    found = []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and canonical_split(p.name)):
+        candidates = sorted(folder.glob("*.json"))
+        if os.path.lexists(folder / ROBOFLOW_FILE):
+            candidates = [folder / ROBOFLOW_FILE]
+        if len(candidates) > 1:
+            raise DatasetError(
+                f"{folder}: expected one COCO .json file in the split folder, found "
+                f"{', '.join(c.name for c in candidates)} (keep one, or name it {ROBOFLOW_FILE})"
+            )
+        found += [(canonical_split(folder.name), candidates[0])] if candidates else []
+    return sorted(found, key=lambda sf: SPLITS.index(sf[0]))
+
+
+def _merge_split_folders(
+    path: Path, files: list[tuple[str, Path]], *, clip_boxes: bool, check_files: bool, follow_links: bool
+) -> Dataset:
+    """One dataset of a directory of split folders (see :func:`read`), rooted at ``path``."""
+    guard = RootGuard(path, follow_links=follow_links)
+    parts = []
+    for split, file in files:
+        obj = read_json(file, expected="a COCO JSON object", guard=guard)
+        part = from_coco_dict(obj, source=str(file), image_root=file.parent, check_files=False, clip_boxes=clip_boxes)
+        _check_same_categories(part, file, parts[0][1] if parts else None, files[0][1])
+        parts.append((split, part, file, obj))
+    first = parts[0][1]
+    dropped = _supercategory_entry(first.categories, parts[0][3]["categories"], [p[1] for p in parts])
+    records = []
+    for split, part, file, _ in parts:
+        folder = file.parent.relative_to(path).as_posix()
+        records += [replace(r, file_name=f"{folder}/{r.file_name}", split=split) for r in part]
+    ids = path_ids([r.file_name for r in records])
+    dataset = Dataset(
+        path,
+        [c for c in first.categories if c.id != dropped],
+        (replace(r, id=image_id) for r, image_id in zip(records, ids, strict=True)),
     )
+    if check_files:
+        check_images_exist(dataset, source=str(path), follow_links=follow_links)
+    return dataset
+
+
+def _check_same_categories(part: Dataset, file: Path, first: Dataset | None, first_file: Path) -> None:
+    if first is None:
+        return
+    mine, theirs = part.category_names, first.category_names
+    for cid in [*mine, *(c for c in theirs if c not in mine)]:
+        if mine.get(cid) != theirs.get(cid):
+            here = f"categories[{list(mine).index(cid)}], id {cid} {mine[cid]!r}" if cid in mine else f"no id {cid}"
+            there = repr(theirs[cid]) if cid in theirs else "no such id"
+            raise DatasetError(
+                f"{file}: {here}; {first_file} has {there} for id {cid}: expected the split files of one export to "
+                "have the same categories (export every split from one dataset version)"
+            )
+
+
+def _supercategory_entry(categories: list[Category], raw: list[dict], parts: list[Dataset]) -> int | None:
+    """The id of the category that Roboflow adds first: it has no boxes and is the
+    ``supercategory`` of every other category (``{"id": 0, "name": "cards", "supercategory":
+    "none"}``); None if there is none."""
+    used = {int(label) for part in parts for rec in part for label in rec.target.labels}
+    supers = {c["id"]: c.get("supercategory") for c in raw}
+    for c in categories:
+        others = [o for o in categories if o.id != c.id]
+        if c.id not in used and others and all(supers[o.id] == c.name for o in others):
+            return c.id
+    return None
 
 
 def read(
@@ -358,12 +438,42 @@ def read(
     A symbolic link that leads out of the directory given (the JSON file in it) or out of the
     image root (an image) is refused unless ``follow_links``.
 
+    A directory without a .json file at its top may hold split folders instead, as Roboflow's
+    COCO export does: ``train/``, ``valid/``, ``test/`` (or any alias of a split name), each with
+    ``_annotations.coco.json`` (or one .json file) and its images beside it. They read as one
+    dataset rooted at the directory: each folder's images are in its split (``valid`` is
+    ``val``; a ``split`` field in the file is overridden), their ``file_name`` is relative to
+    the folder, and image ids are the file stems (as YOLO's and VOC's: each Roboflow file counts
+    its ids from 0). The files must have the same categories. A category with no boxes that is
+    the ``supercategory`` of every other one (the first entry of Roboflow's files, e.g.
+    ``{"id": 0, "name": "cards", "supercategory": "none"}``) is left out.
+
     Raises:
         DatasetError: unreadable or malformed JSON (or a FIFO, a device), or anything
-            :func:`from_coco_dict` refuses.
+            :func:`from_coco_dict` refuses; split folders whose categories differ, or given
+            with an ``image_root``.
     """
     path = Path(path)
-    file = _json_file(path)
+    file = path
+    if path.is_dir():
+        found = _json_files(path)
+        folders = [] if found else split_folders(path)
+        if folders:
+            if image_root is not None:
+                raise DatasetError(
+                    f"{path}: holds split folders ({', '.join(f.parent.name for _, f in folders)}), whose images lie "
+                    "beside their .json file; image_root does not apply to them: leave it out"
+                )
+            return _merge_split_folders(
+                path, folders, clip_boxes=clip_boxes, check_files=check_files, follow_links=follow_links
+            )
+        if len(found) != 1:
+            raise DatasetError(
+                f"{path}: expected exactly one COCO .json file in the directory (or split folders train/, valid/, "
+                f"test/ each holding one, as Roboflow exports), found {', '.join(c.name for c in found) or 'none'} "
+                "(pass the .json file itself)"
+            )
+        file = found[0]
     source = str(file)
     guard = RootGuard(path, follow_links=follow_links) if path.is_dir() else None
     obj = read_json(file, expected="a COCO JSON object", guard=guard)
@@ -373,21 +483,31 @@ def read(
     )
 
 
+def _looks_coco(file: Path) -> bool:
+    if not file.is_file():  # a FIFO would block the open
+        return False
+    try:
+        with file.open("rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except OSError:
+        return False
+    return b'"images"' in head or b'"annotations"' in head
+
+
 def sniff(path: Path) -> str | None:
-    """A reason string if ``path`` is a .json file or a directory with a COCO .json file at its top."""
+    """A reason string if ``path`` is a .json file, a directory with a COCO .json file at its top,
+    or a directory of split folders each with one (see :func:`read`)."""
     path = Path(path)
     if path.is_file():
         return f"{path.name} is a .json file" if path.suffix.lower() == ".json" else None
     if not path.is_dir():
         return None
     for candidate in sorted(path.glob("*.json")):
-        if not candidate.is_file():  # a FIFO would block the open
-            continue
-        try:
-            with candidate.open("rb") as fh:
-                head = fh.read(_SNIFF_BYTES)
-        except OSError:
-            continue
-        if b'"images"' in head or b'"annotations"' in head:
+        if _looks_coco(candidate):
             return f"contains {candidate.name}"
-    return None
+    try:
+        folders = split_folders(path)
+    except DatasetError:
+        return None
+    looks = [f.relative_to(path).as_posix() for _, f in folders if _looks_coco(f)]
+    return f"contains {', '.join(looks)}" if looks else None

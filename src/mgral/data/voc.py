@@ -3,11 +3,12 @@
 Two layouts are read:
 
 * devkit: ``Annotations/<id>.xml``, images in ``JPEGImages/``, splits from
-  ``ImageSets/Main/{train,val,test}.txt`` (images in none of them get split ``None``;
+  ``ImageSets/Main/{train,val,test}.txt`` or an alias of the name (``valid.txt``, ... see
+  :func:`~mgral.data.records.canonical_split`; images in none of them get split ``None``;
   ``trainval.txt`` is not used). Image id = the XML stem.
 * LabelImg: each XML beside its image anywhere below the root (as in
   ``pinochle-cards/images/{train,test}/``); split = the parent folder's name when it is
-  ``train``/``val``/``test``. Image id = see :func:`path_ids`.
+  ``train``/``val``/``test`` or an alias of one (``valid``, ...). Image id = see :func:`path_ids`.
 
 A ``VOCdevkit`` folder holding several years (``VOC2007/``, ``VOC2012/``) is the ``voc0712``
 layout (:mod:`mgral.data.voc0712`, which reuses this module's reader per annotation file);
@@ -49,6 +50,7 @@ from mgral.data.records import (
     Dataset,
     ImageRecord,
     Target,
+    canonical_split,
     check_box,
     check_box_count,
     check_identical_boxes,
@@ -208,10 +210,9 @@ def split_file_ids(path: Path, *, guard: RootGuard | None = None) -> list[tuple[
 
 def _devkit_splits(root: Path, ids: set[str], guard: RootGuard) -> dict[str, str]:
     splits: dict[str, str] = {}
-    for split in SPLITS:
-        path = root / "ImageSets" / "Main" / f"{split}.txt"
-        if not os.path.lexists(path):
-            continue
+    listed_in: dict[str, str] = {}
+    files = [(canonical_split(p.stem), p) for p in (root / "ImageSets" / "Main").glob("*.txt")]
+    for split, path in sorted(((s, p) for s, p in files if s), key=lambda sp: (SPLITS.index(sp[0]), sp[1].name)):
         for n, image_id in split_file_ids(path, guard=guard):
             if image_id not in ids:
                 raise DatasetError(
@@ -220,9 +221,10 @@ def _devkit_splits(root: Path, ids: set[str], guard: RootGuard) -> dict[str, str
                 )
             if splits.setdefault(image_id, split) != split:
                 raise DatasetError(
-                    f"{path}: line {n}: image {image_id!r} is also in {splits[image_id]}.txt; "
+                    f"{path}: line {n}: image {image_id!r} is also in {listed_in[image_id]}; "
                     "expected each image in one split"
                 )
+            listed_in.setdefault(image_id, path.name)
     return splits
 
 
@@ -343,7 +345,7 @@ def read(
     for file, rel, image_id in zip(xml_files, rel_xml, ids, strict=True):
         rel_dir = "JPEGImages" if devkit else str(PurePosixPath(rel).parent)
         parent = PurePosixPath(rel).parent.name
-        split = splits.get(image_id) if devkit else (parent if parent in SPLITS else None)
+        split = splits.get(image_id) if devkit else canonical_split(parent)
         rec, names = read_record(
             file,
             image_id=image_id,

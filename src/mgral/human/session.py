@@ -145,10 +145,8 @@ def _prepare(
             f"strategy {spec.label!r} ({spec.name}) reads the true labels of the pool, a research ablation; it "
             "cannot choose images for people to label: use another strategy"
         )
-    dataset = prepare_dataset(config)
-    pool = dataset.image_ids(config.dataset.pool_splits)
-    if not pool:
-        raise ConfigError(f"the pool splits {config.dataset.pool_splits} hold no image; nothing to label")
+    dataset = prepare_dataset(config, run)
+    pool = dataset.image_ids(config.dataset.pool_splits)  # not empty: prepare_dataset checked
     test = dataset.image_ids(config.dataset.test_split)
     if not dataset.num_boxes(test):
         test = []  # no labeled test split: the models are not evaluated (mAP null in the records)

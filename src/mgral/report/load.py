@@ -413,30 +413,32 @@ DatasetCache = dict[Path, tuple[Dataset | None, str]]
 
 
 def run_dataset(run_dir: Path, cache: DatasetCache) -> tuple[Dataset | None, str]:
-    """The run's dataset (``config.yaml``'s ``dataset``) or None and why it cannot be read;
-    ``cache`` keeps what was read, so a report reads each run's dataset once."""
+    """The run's dataset (``config.yaml``'s ``dataset``, with the splits the run recorded in
+    ``splits.json``) or None and why it cannot be read; ``cache`` keeps what was read, so a
+    report reads each run's dataset once."""
     from mgral.data.formats import read_dataset
+    from mgral.data.splits import with_splits
 
     if run_dir in cache:
         return cache[run_dir]
     try:
-        config = RunDir(run_dir).config()
-        ds = config.get("dataset")
+        run = RunDir(run_dir)
+        ds = run.config().get("dataset")
         if not isinstance(ds, dict) or not ds.get("path"):
             raise MgralError(f"{run_dir / CONFIG_FILE} names no dataset.path")
-        found: tuple[Dataset | None, str] = (
-            # no file checks (a missing image only loses its thumbnail); boxes are not shown, so
-            # one sticking out of its image is clipped rather than refused
-            read_dataset(
-                ds["path"],
-                ds.get("format"),
-                image_root=ds.get("image_root"),
-                check_files=False,
-                clip_boxes=True,
-                follow_links=bool(ds.get("follow_links", False)),
-            ),
-            "",
+        # no file checks (a missing image only loses its thumbnail); boxes are not shown, so
+        # one sticking out of its image is clipped rather than refused
+        dataset = read_dataset(
+            ds["path"],
+            ds.get("format"),
+            image_root=ds.get("image_root"),
+            check_files=False,
+            clip_boxes=True,
+            follow_links=bool(ds.get("follow_links", False)),
         )
+        if (recorded := run.recorded_splits()) is not None:
+            dataset = with_splits(dataset, recorded["images"], source=str(run.splits_file))
+        found: tuple[Dataset | None, str] = (dataset, "")
     except (MgralError, OSError, ValueError, TypeError) as err:
         log.warning("%s: cannot read the run's dataset (%s)", run_dir, err)
         found = (None, f"the run's dataset cannot be read, so there are no thumbnails: {err}")
