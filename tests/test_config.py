@@ -31,16 +31,20 @@ def _write(tmp_path, data, name="exp.yaml") -> Path:
     return path
 
 
-def test_quickstart_loads():
+def test_quickstart_and_the_full_comparison_load():
     config = load_config(QUICKSTART)
     assert config.dataset.path == str(QUICKSTART.parents[1] / "runs" / "digits")
     assert config.dataset.synth_config().images == 600
     assert config.detector.preset == "tiny" and config.detector.train == {"iterations": 120, "warmup_iters": 12}
     assert config.detector.warm_start is True
-    assert [s.label for s in config.strategies] == ["random", "entropy", "core_set", "cald", "ppal", "cdal", "mgral"]
+    assert [s.label for s in config.strategies] == ["random", "entropy", "mgral"]
     assert config.strategies[1].params == {"aggregation": "max"}
-    assert (config.initial.size, config.budget, config.cycles, config.seeds) == (40, 40, 4, [0, 1])
+    assert (config.initial.size, config.budget, config.cycles, config.seeds) == (40, 40, 3, [0])
     assert config.executor == "inline"
+    full = load_config(QUICKSTART.with_name("comparison.yaml"))
+    assert [s.label for s in full.strategies] == ["random", "entropy", "core_set", "cald", "ppal", "cdal", "mgral"]
+    assert (full.cycles, full.seeds, full.dataset.path) == (4, [0, 1], config.dataset.path)
+    assert full.detector == config.detector
 
 
 def test_relative_paths_follow_the_file_and_set_values_follow_the_cwd(tmp_path, monkeypatch):
