@@ -521,7 +521,7 @@ def test_label_studio_flood_of_identical_boxes_is_refused_quickly(tmp_path):
         labelstudio.task_target(
             tasks[0], width=200, height=100, categories=[Category(1, "cat")], source=str(path), where="task 3"
         )
-    assert time.perf_counter() - start < 3
+    assert time.perf_counter() - start < 20  # it took 77 s when the export was decoded whole; about 2 s now
     msg = str(info.value)
     assert msg.startswith(f"{path}: task 3 (image '/d/a.png'), annotation 5:") and "60000" in msg
     assert "results 0, 1, 2" in msg and len(msg) < 800

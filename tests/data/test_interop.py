@@ -170,8 +170,15 @@ def test_we_read_a_labels_only_cvat_yolo_export(tmp_path):
 
 @pytest.fixture
 def ultralytics(tmp_path_factory, monkeypatch):
+    """Ultralytics, imported without leaking into the other tests of the process: on import it
+    replaces PIL's Image.open and torch.save process-wide, which the teardown puts back."""
+    import PIL.Image
+    import torch
+
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics-config")))
     monkeypatch.setenv("YOLO_OFFLINE", "1")
+    monkeypatch.setattr(PIL.Image, "open", PIL.Image.open)
+    monkeypatch.setattr(torch, "save", torch.save)
     return pytest.importorskip("ultralytics", reason=INSTALL)
 
 
