@@ -53,7 +53,7 @@ SETUPS = {  # as benchmarks/configs/{bccd,pinochle}.yaml
     "pinochle": {"path": "pinochle-cards", "pool_splits": ["train"]},
 }
 INITIAL, BUDGET = 15, 20
-TRAIN = {"iterations": 60, "batch_size": 4, "warmup_iters": 10, "progress": False}
+TRAIN = {"iterations": 60, "batch_size": 4, "warmup_iters": 10, "progress": False}  # the configs' cycle schedule
 SEEDS = (0, 1)  # the main seed, and the one the seed-noise reruns use
 NOISE_BATCHES = 3
 
@@ -92,35 +92,56 @@ def _job(args: tuple) -> dict:
     else:
         det = TorchvisionDetector.load(init, device="cpu")
         det.seed, det.train_overrides = seed, dict(train)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     det.fit(dataset, ids)  # true labels: this benchmark is the oracle
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     result = det.evaluate(dataset, test)
-    eval_s = time.perf_counter() - t0
+    eval_s, eval_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     if out is not None:
         det.save(out)
-    return {"key": key, "mAP": float(result.mAP), "mAP50": float(result.mAP50), "train_s": train_s, "eval_s": eval_s}
+    return {
+        "key": key,
+        "mAP": float(result.mAP),
+        "mAP50": float(result.mAP50),
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "train_cpu_s": train_cpu_s,  # CPU seconds: less sensitive than wall time to other jobs on the cores
+        "eval_cpu_s": eval_cpu_s,
+        "load": os.getloadavg()[0],
+    }
 
 
-def full_stage(name: str, n_batches: int, workers: int, log) -> dict:
-    """Train the task detector, then every full fine-tune not yet in ``full.json``."""
+def finetune_settings(iterations: int) -> dict:
+    """The fine-tunes' schedule: the cycle schedule, or a shorter one (warm-up scaled with it)."""
+    return {**TRAIN, "iterations": iterations, "warmup_iters": max(1, TRAIN["warmup_iters"] * iterations // 60)}
+
+
+def full_path(name: str, iterations: int) -> Path:
+    return WORK / name / f"full-{iterations}it.json"
+
+
+def full_stage(name: str, n_batches: int, iterations: int, workers: int, log) -> dict:
+    """Train the task detector (``task.pt``, ``task.json``), then every full fine-tune not yet
+    in ``full-<iterations>it.json``."""
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
-    task, done_path = work / "task.pt", work / "full.json"
+    task, task_json, done_path = work / "task.pt", work / "task.json", full_path(name, iterations)
     _, labeled, batches, _ = state(name, n_batches)
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
     with ProcessPoolExecutor(workers) as pool:
-        if "task" not in done or not task.exists():
+        if not (task_json.exists() and task.exists()):
             log(f"{name}: training the task detector on {len(labeled)} images")
-            done["task"] = pool.submit(_job, (name, "task", None, labeled, 0, TRAIN, str(task))).result()
-            atomic_write_json(done_path, done, indent=1)
-            log(f"{name}: task detector mAP {done['task']['mAP']:.4f}, {done['task']['train_s']:.0f} s")
-        jobs = [(f"control/s{SEEDS[0]}", [], SEEDS[0])]
-        jobs += [(f"b{k}/s{SEEDS[0]}", b, SEEDS[0]) for k, b in enumerate(batches)]
-        jobs += [(f"control/s{SEEDS[1]}", [], SEEDS[1])]
-        jobs += [(f"b{k}/s{SEEDS[1]}", b, SEEDS[1]) for k, b in enumerate(batches[:NOISE_BATCHES])]
-        todo = [(name, key, str(task), labeled + b, seed, TRAIN, None) for key, b, seed in jobs if key not in done]
+            atomic_write_json(task_json, pool.submit(_job, (name, "task", None, labeled, 0, TRAIN, str(task))).result())
+        done["task"] = json.loads(task_json.read_text())
+        log(f"{name}: task detector mAP {done['task']['mAP']:.4f}, {done['task']['train_s']:.0f} s")
+        train = finetune_settings(iterations)
+        # the seed-noise reruns early: a run cut short still says how noisy its gains are
+        jobs = [(f"control/s{s}", [], s) for s in SEEDS]
+        jobs += [
+            (f"b{k}/s{s}", b, s) for k, b in enumerate(batches) for s in (SEEDS if k < NOISE_BATCHES else SEEDS[:1])
+        ]
+        todo = [(name, key, str(task), labeled + b, seed, train, None) for key, b, seed in jobs if key not in done]
         futures = [pool.submit(_job, j) for j in todo]
         for fut in as_completed(futures):
             r = fut.result()
@@ -134,11 +155,10 @@ HEAD_VARIANTS = {  # the default (HEAD_TRAIN_DEFAULTS) is the figure; the others
     "default": {},
     "30 steps": {"iterations": 30},
     "300 steps": {"iterations": 300},
-    "lr 0.005": {"lr": 0.005},
 }
 
 
-def heads_stage(name: str, n_batches: int, done: dict, log) -> dict:
+def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> dict:
     """Cache the task detector's head inputs once, then one head row per batch (and control)."""
     import torch
     from scipy.stats import bootstrap, pearsonr, spearmanr
@@ -173,27 +193,26 @@ def heads_stage(name: str, n_batches: int, done: dict, log) -> dict:
 
     full = {k: done[f"b{k}/s{SEEDS[0]}"]["mAP"] - done[f"control/s{SEEDS[0]}"]["mAP"] for k in keys}
     full50 = {k: done[f"b{k}/s{SEEDS[0]}"]["mAP50"] - done[f"control/s{SEEDS[0]}"]["mAP50"] for k in keys}
-    row_s: list[float] = []
 
-    def head_map(ids, settings, head_seed):
-        t0 = time.perf_counter()
+    def head_map(ids, settings, head_seed, seconds):
+        t0 = time.process_time()
         head, _ = finetune_head(det, cache, ids, seed=head_seed, **settings)
         result = evaluate_head(det, cache, dataset, test, predictor=head)
-        row_s.append(time.perf_counter() - t0)
+        seconds.append(time.process_time() - t0)
         return float(result.mAP), float(result.mAP50)
 
     variants = {}
     for label, settings in HEAD_VARIANTS.items():
         for head_seed in (0, 1) if label == "default" else (0,):
-            control = head_map(labeled, settings, head_seed)
-            rows = {k: head_map(labeled + batches[k], settings, head_seed) for k in keys}
-            gain = np.array([rows[k][0] - control[0] for k in keys])
-            gain50 = np.array([rows[k][1] - control[1] for k in keys])
+            seconds: list[float] = []
+            control = head_map(labeled, settings, head_seed, seconds)
+            rows = {k: head_map(labeled + batches[k], settings, head_seed, seconds) for k in keys}
             variants[f"{label}, seed {head_seed}"] = {
                 "settings": {**HEAD_TRAIN_DEFAULTS, **settings},
                 "control_mAP": control[0],
-                "gains": gain.tolist(),
-                "gains50": gain50.tolist(),
+                "gains": [rows[k][0] - control[0] for k in keys],
+                "gains50": [rows[k][1] - control[1] for k in keys],
+                "row_cpu_s": float(np.mean(seconds)),
             }
             log(f"{name}: head {label} seed {head_seed}: done")
     f = np.array([full[k] for k in keys])
@@ -227,13 +246,13 @@ def heads_stage(name: str, n_batches: int, done: dict, log) -> dict:
         for k in range(NOISE_BATCHES)
         if f"b{k}/s{SEEDS[1]}" in done and k in full and f"control/s{SEEDS[1]}" in done
     ]
-    fine = [r for key, r in done.items() if key != "task"]
-    full_s = float(np.mean([r["train_s"] + r["eval_s"] for r in fine]))
+    timed = [r for key, r in done.items() if key != "task" and "train_cpu_s" in r]
     return {
         "dataset": name,
         "initial": INITIAL,
         "budget": BUDGET,
         "train": TRAIN,
+        "finetune": finetune_settings(iterations),
         "batches": len(keys),
         "task_mAP": done["task"]["mAP"],
         "task_train_s": done["task"]["train_s"],
@@ -249,8 +268,9 @@ def heads_stage(name: str, n_batches: int, done: dict, log) -> dict:
         "full_seed_noise": noise,
         "full_control_mAP": {str(s): done[f"control/s{s}"]["mAP"] for s in SEEDS if f"control/s{s}" in done},
         "heads": variants,
-        "head_row_s": float(np.mean(row_s)),  # over every variant: 30 to 300 steps
-        "full_row_s": full_s,
+        "full_row_cpu_s": float(np.mean([r["train_cpu_s"] + r["eval_cpu_s"] for r in timed])),
+        "full_row_wall_s": float(np.mean([r["train_s"] + r["eval_s"] for r in timed])),
+        "full_load": float(np.mean([r["load"] for r in timed])),
     }
 
 
@@ -268,10 +288,10 @@ def write(rows: list[dict], loads: tuple) -> None:
         "",
         f"One AL state per dataset as the published benchmark's cycle 1: `mobilenet_v2_fpn` trained on {INITIAL} "
         f"seeded images ({TRAIN['iterations']} iterations of {TRAIN['batch_size']}); random batches of {BUDGET} "
-        "from the pool. **Full gain** = test mAP of the task detector fine-tuned on L + B (true labels, the same "
-        "schedule: the benchmark's warm-started next cycle) minus the same fine-tune on L, seed 0. **Head gain** = "
-        "the same with only the box predictor trained, on features cached once from the task detector "
-        "(`mgral.detectors.heads`, settings below). COCO mAP@[.5:.95] on the test split.",
+        "from the pool. **Full gain** = test mAP of the task detector fine-tuned on L + B (true labels) minus the "
+        "same fine-tune on L, seed 0 (schedule in the second table). **Head gain** = the same with only the box "
+        "predictor trained, on features cached once from the task detector (`mgral.detectors.heads`, settings "
+        "below). COCO mAP@[.5:.95] on the test split.",
         "",
         "| dataset | batches | head setting | Spearman (95% CI, bootstrap over batches) | Pearson | Spearman "
         "on mAP50 gains | full gain mean ± std | head gain mean ± std |",
@@ -287,21 +307,23 @@ def write(rows: list[dict], loads: tuple) -> None:
             )
     lines += [
         "",
-        "| dataset | task mAP (detector) | task mAP (head on fp16 cache, 0 steps) | cache: images, s, KiB/image | "
-        "one head row s | one full fine-tune s (train + test) | ratio | "
-        "full-gain seed noise (batch: seed 0 → seed 1) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | full fine-tune | task mAP (detector) | task mAP (head on fp16 cache, 0 steps) | cache: images, "
+        "s, KiB/image | one full fine-tune: CPU s (train + test), wall s, load | one head row (default): CPU s | "
+        "ratio | full-gain seed noise (batch: seed 0 → seed 1) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         noise = "; ".join(f"b{n['batch']}: {n['gain_s0']:+.4f} → {n['gain_s1']:+.4f}" for n in r["full_seed_noise"])
+        ft, head_s = r["finetune"], r["heads"]["default, seed 0"]["row_cpu_s"]
         lines.append(
-            f"| {r['dataset']} | {r['task_mAP']:.4f} | {r['zero_step_head_mAP']:.4f} | {r['cache_images']}, "
-            f"{r['cache_s']:.0f}, {r['cache_kib_per_image']:.0f} | {r['head_row_s']:.2f} | {r['full_row_s']:.0f} | "
-            f"{r['full_row_s'] / r['head_row_s']:.0f}x | {noise} |"
+            f"| {r['dataset']} | {ft['iterations']} it. of {ft['batch_size']} ({ft['warmup_iters']} warm-up) | "
+            f"{r['task_mAP']:.4f} | {r['zero_step_head_mAP']:.4f} | {r['cache_images']}, {r['cache_s']:.0f}, "
+            f"{r['cache_kib_per_image']:.0f} | {r['full_row_cpu_s']:.0f}, {r['full_row_wall_s']:.0f}, "
+            f"{r['full_load']:.1f} | {head_s:.2f} | {r['full_row_cpu_s'] / head_s:.0f}x | {noise} |"
         )
-    lines += ["", "Head settings (`TrainConfig` keys; full-batch steps):", ""]
+    lines += ["", "Head settings (`TrainConfig` keys; full-batch steps) and CPU seconds per row:", ""]
     for label, v in rows[0]["heads"].items():
-        lines.append(f"- {label}: {json.dumps(v['settings'])}")
+        lines.append(f"- {label}: {json.dumps(v['settings'])}; {v['row_cpu_s']:.2f} s")
     lines += ["", "Plots: " + ", ".join(f"`mgral_head_fidelity_{r['dataset']}.png`" for r in rows), ""]
     atomic_write_text(RESULTS / "mgral_head_fidelity.md", "\n".join(lines))
     for r in rows:
@@ -324,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=30, help="random batches (>= 30 for the issue's figure)")
     p.add_argument("--workers", type=int, default=2, help="processes for the full fine-tunes (1 thread each)")
     p.add_argument("--stage", choices=["full", "heads", "all"], default="all")
+    p.add_argument("--iterations", type=int, default=TRAIN["iterations"], help="iterations of each full fine-tune")
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -334,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = {r["dataset"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}
     for name in args.only or list(SETUPS):
         if args.stage in ("full", "all"):
-            full_stage(name, args.batches, args.workers, log)
+            full_stage(name, args.batches, args.iterations, args.workers, log)
         if args.stage in ("heads", "all"):
-            done = json.loads((WORK / name / "full.json").read_text())
-            rows[name] = heads_stage(name, args.batches, done, log)
+            done = json.loads(full_path(name, args.iterations).read_text())
+            rows[name] = heads_stage(name, args.batches, args.iterations, done, log)
             atomic_write_json(path, list(rows.values()), indent=1)
             write(list(rows.values()), loads)
     return 0

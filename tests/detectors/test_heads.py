@@ -20,8 +20,8 @@ FAST = {"progress": False, "batch_size": 4, "warmup_iters": 2}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A small Faster R-CNN (untrained trunk, 128 px) fitted a few steps on the squares."""
-    ds = make_squares(tmp_path_factory.mktemp("heads") / "squares", images=20)
+    """A small Faster R-CNN (untrained trunk, 128 px) fitted a few steps on the squares (some empty)."""
+    ds = make_squares(tmp_path_factory.mktemp("heads") / "squares", images=20, empty_every=5)
     det = TorchvisionDetector(
         "mobilenet_v2_fpn", ds.categories, device="cpu", seed=0, train=FAST, pretrained=False, min_size=128
     )
@@ -55,6 +55,8 @@ def test_cache_holds_ground_truth_of_labeled_images_only(setup):
         np.testing.assert_allclose(h.gt_boxes.numpy() * 96 / 128, ds[i].target.boxes, rtol=1e-5)
         assert sorted(h.gt_labels.tolist()) == sorted(det.class_index[int(c)] for c in ds[i].target.labels)
     assert not cache[test[0]].labeled
+    empty = cache_head_inputs(det, ds, [5], labeled=[5])[5]  # a labeled image without boxes: all background
+    assert empty.gt_boxes.shape == (0, 4) and empty.gt_features.shape == (0, empty.features.shape[1])
     assert cache_nbytes(cache) > 0
     with pytest.raises(ConfigError, match=r"image .* has no cached labels; pass it in labeled="):
         finetune_head(det, cache, [test[0]])

@@ -125,9 +125,9 @@ def cache_head_inputs(
 
     model = _faster_rcnn(detector)
     ids, gt_ids = list(image_ids), set(labeled)
-    if not gt_ids <= set(ids):
-        missing = next(i for i in labeled if i not in set(ids))
-        raise ConfigError(f"labeled image {missing!r} is not among the images to cache; cache it too")
+    missing = gt_ids - set(ids)
+    if missing:
+        raise ConfigError(f"labeled image {next(iter(missing))!r} is not among the images to cache; cache it too")
     model.eval()
     roi = model.roi_heads
     device = next(model.parameters()).device
@@ -298,12 +298,11 @@ def finetune_head(
     image_ids: Sequence[ImageId],
     *,
     seed: int = 0,
-    predictor: nn.Module | None = None,
     **train: Any,
 ) -> tuple[nn.Module, list[float]]:
-    """Train a copy of ``predictor`` (default: the detector's ``box_predictor``) on the cached
-    labeled ``image_ids``: ``iterations`` full-batch steps (``HEAD_TRAIN_DEFAULTS``, overridden
-    by ``train``) on ``fastrcnn_loss``. Returns the trained copy and the loss before each step.
+    """Train a copy of the detector's ``box_predictor`` on the cached labeled ``image_ids``:
+    ``iterations`` full-batch steps (``HEAD_TRAIN_DEFAULTS``, overridden by ``train``) on
+    ``fastrcnn_loss``. Returns the trained copy and the loss before each step.
     Deterministic for a seed; the global torch generator is neither read nor changed.
 
     Raises:
@@ -315,7 +314,7 @@ def finetune_head(
     if not image_ids:
         raise ConfigError("a head fine-tune needs at least one labeled image")
     config = make_config(HEAD_TRAIN_DEFAULTS, train)
-    head = copy.deepcopy(predictor if predictor is not None else model.roi_heads.box_predictor).float().cpu()
+    head = copy.deepcopy(model.roi_heads.box_predictor).float().cpu()
     head.requires_grad_(True)
     x, labels, deltas = head_training_samples(detector, cache, image_ids, seed=seed)
     optimizer = make_optimizer(head, config)
