@@ -158,10 +158,11 @@ HEAD_VARIANTS = {  # the default (HEAD_TRAIN_DEFAULTS) is the figure; the others
 }
 
 
-def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> dict:
-    """Cache the task detector's head inputs once, then one head row per batch (and control)."""
+def head_rows(name: str, n_batches: int, log) -> dict:
+    """Cache the task detector's head inputs of ``L``, every batch and the test split once
+    (``heads.npz``), then one head row per batch and head setting (and the control), kept in
+    ``heads.json`` as they come. Needs no full fine-tune: it can run beside them."""
     import torch
-    from scipy.stats import bootstrap, pearsonr, spearmanr
 
     from mgral.detectors.heads import (
         HEAD_TRAIN_DEFAULTS,
@@ -174,47 +175,63 @@ def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> 
     )
     from mgral.detectors.torchvision_detector import TorchvisionDetector
 
-    torch.set_num_threads(1)  # as the full fine-tunes ran
+    torch.set_num_threads(1)  # as the full fine-tunes run
     work = WORK / name
     dataset, labeled, batches, test = state(name, n_batches)
     det = TorchvisionDetector.load(work / "task.pt", device="cpu")
-    keys = [k for k in range(n_batches) if f"b{k}/s{SEEDS[0]}" in done]
-    train_ids = list(dict.fromkeys(labeled + [i for k in keys for i in batches[k]]))
-    t0 = time.perf_counter()
-    cache = cache_head_inputs(det, dataset, train_ids + test, labeled=train_ids)  # true labels: the oracle
-    cache_s = time.perf_counter() - t0
-    save_head_cache(work / "heads.npz", cache)
+    out_path = work / "heads.json"
+    out = json.loads(out_path.read_text()) if out_path.exists() else {}
+    train_ids = list(dict.fromkeys(labeled + [i for b in batches for i in b]))
+    if not (work / "heads.npz").exists() or "cache" not in out:
+        t0, c0 = time.perf_counter(), time.process_time()
+        cache = cache_head_inputs(det, dataset, train_ids + test, labeled=train_ids)  # true labels: the oracle
+        out["cache"] = {"images": len(cache), "s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+        save_head_cache(work / "heads.npz", cache)
     t0 = time.perf_counter()
     cache = load_head_cache(work / "heads.npz")
-    load_s = time.perf_counter() - t0
-    per_image_kib = cache_nbytes(cache) / len(cache) / 1024
-    log(f"{name}: cached {len(cache)} images in {cache_s:.0f} s ({per_image_kib:.0f} KiB per image)")
-    zero_step = float(evaluate_head(det, cache, dataset, test).mAP)
+    out["cache"].update(load_s=time.perf_counter() - t0, kib_per_image=cache_nbytes(cache) / len(cache) / 1024)
+    out["zero_step_head_mAP"] = float(evaluate_head(det, cache, dataset, test).mAP)
+    atomic_write_json(out_path, out, indent=1)
+    log(f"{name}: cached {len(cache)} images in {out['cache']['s']:.0f} s")
 
-    full = {k: done[f"b{k}/s{SEEDS[0]}"]["mAP"] - done[f"control/s{SEEDS[0]}"]["mAP"] for k in keys}
-    full50 = {k: done[f"b{k}/s{SEEDS[0]}"]["mAP50"] - done[f"control/s{SEEDS[0]}"]["mAP50"] for k in keys}
-
-    def head_map(ids, settings, head_seed, seconds):
+    def head_map(ids, settings, head_seed):
         t0 = time.process_time()
         head, _ = finetune_head(det, cache, ids, seed=head_seed, **settings)
         result = evaluate_head(det, cache, dataset, test, predictor=head)
-        seconds.append(time.process_time() - t0)
-        return float(result.mAP), float(result.mAP50)
+        return {"mAP": float(result.mAP), "mAP50": float(result.mAP50), "cpu_s": time.process_time() - t0}
 
-    variants = {}
     for label, settings in HEAD_VARIANTS.items():
         for head_seed in (0, 1) if label == "default" else (0,):
-            seconds: list[float] = []
-            control = head_map(labeled, settings, head_seed, seconds)
-            rows = {k: head_map(labeled + batches[k], settings, head_seed, seconds) for k in keys}
-            variants[f"{label}, seed {head_seed}"] = {
-                "settings": {**HEAD_TRAIN_DEFAULTS, **settings},
-                "control_mAP": control[0],
-                "gains": [rows[k][0] - control[0] for k in keys],
-                "gains50": [rows[k][1] - control[1] for k in keys],
-                "row_cpu_s": float(np.mean(seconds)),
-            }
-            log(f"{name}: head {label} seed {head_seed}: done")
+            key = f"{label}, seed {head_seed}"
+            v = out.setdefault(key, {"settings": {**HEAD_TRAIN_DEFAULTS, **settings}, "rows": {}})
+            for k, ids in [("control", labeled)] + [(f"b{k}", labeled + b) for k, b in enumerate(batches)]:
+                if k not in v["rows"]:
+                    v["rows"][k] = head_map(ids, settings, head_seed)
+                    atomic_write_json(out_path, out, indent=1)
+            log(f"{name}: head {key}: done")
+    return out
+
+
+def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> dict:
+    """Head rows (computed or read back), then the figures over the batches whose full gain is known."""
+    from scipy.stats import bootstrap, pearsonr, spearmanr
+
+    heads = head_rows(name, n_batches, log)
+    keys = [k for k in range(n_batches) if f"b{k}/s{SEEDS[0]}" in done]
+    full = {k: done[f"b{k}/s{SEEDS[0]}"]["mAP"] - done[f"control/s{SEEDS[0]}"]["mAP"] for k in keys}
+    full50 = {k: done[f"b{k}/s{SEEDS[0]}"]["mAP50"] - done[f"control/s{SEEDS[0]}"]["mAP50"] for k in keys}
+    variants = {}
+    for key, v in heads.items():
+        if key in ("cache", "zero_step_head_mAP"):
+            continue
+        rows, control = v["rows"], v["rows"]["control"]
+        variants[key] = {
+            "settings": v["settings"],
+            "control_mAP": control["mAP"],
+            "gains": [rows[f"b{k}"]["mAP"] - control["mAP"] for k in keys],
+            "gains50": [rows[f"b{k}"]["mAP50"] - control["mAP50"] for k in keys],
+            "row_cpu_s": float(np.mean([r["cpu_s"] for r in rows.values()])),
+        }
     f = np.array([full[k] for k in keys])
     f50 = np.array([full50[k] for k in keys])
 
@@ -256,11 +273,12 @@ def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> 
         "batches": len(keys),
         "task_mAP": done["task"]["mAP"],
         "task_train_s": done["task"]["train_s"],
-        "zero_step_head_mAP": zero_step,
-        "cache_images": len(cache),
-        "cache_s": cache_s,
-        "cache_load_s": load_s,
-        "cache_kib_per_image": per_image_kib,
+        "zero_step_head_mAP": heads["zero_step_head_mAP"],
+        "cache_images": heads["cache"]["images"],
+        "cache_s": heads["cache"]["s"],
+        "cache_cpu_s": heads["cache"]["cpu_s"],
+        "cache_load_s": heads["cache"]["load_s"],
+        "cache_kib_per_image": heads["cache"]["kib_per_image"],
         "full_gains": f.tolist(),
         "full_gains50": f50.tolist(),
         "full_mean": float(f.mean()),
@@ -345,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=sorted(SETUPS), action="append")
     p.add_argument("--batches", type=int, default=30, help="random batches (>= 30 for the issue's figure)")
     p.add_argument("--workers", type=int, default=2, help="processes for the full fine-tunes (1 thread each)")
-    p.add_argument("--stage", choices=["full", "heads", "all"], default="all")
+    p.add_argument(
+        "--stage",
+        choices=["full", "heads", "head-rows", "all"],
+        default="all",
+        help="head-rows: the head rows alone (beside a running full stage); heads: rows and figures",
+    )
     p.add_argument("--iterations", type=int, default=TRAIN["iterations"], help="iterations of each full fine-tune")
     args = p.parse_args(argv)
 
@@ -358,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(SETUPS):
         if args.stage in ("full", "all"):
             full_stage(name, args.batches, args.iterations, args.workers, log)
+        if args.stage == "head-rows":
+            head_rows(name, args.batches, log)
         if args.stage in ("heads", "all"):
             done = json.loads(full_path(name, args.iterations).read_text())
             rows[name] = heads_stage(name, args.batches, args.iterations, done, log)
