@@ -154,8 +154,8 @@ def full_stage(name: str, n_batches: int, iterations: int, workers: int, log) ->
 HEAD_VARIANTS = {  # the default (HEAD_TRAIN_DEFAULTS) is the figure; the others show how much the settings matter
     "default": {},
     "30 steps": {"iterations": 30},
-    "300 steps": {"iterations": 300},
 }
+HEAD_SEEDS = {"default": (0, 1)}  # the head's own RoI sample: seed 1 shows its noise
 
 
 def head_rows(name: str, n_batches: int, log) -> dict:
@@ -201,7 +201,7 @@ def head_rows(name: str, n_batches: int, log) -> dict:
         return {"mAP": float(result.mAP), "mAP50": float(result.mAP50), "cpu_s": time.process_time() - t0}
 
     for label, settings in HEAD_VARIANTS.items():
-        for head_seed in (0, 1) if label == "default" else (0,):
+        for head_seed in HEAD_SEEDS.get(label, (0,)):
             key = f"{label}, seed {head_seed}"
             v = out.setdefault(key, {"settings": {**HEAD_TRAIN_DEFAULTS, **settings}, "rows": {}})
             for k, ids in [("control", labeled)] + [(f"b{k}", labeled + b) for k, b in enumerate(batches)]:
@@ -221,9 +221,8 @@ def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> 
     full = {k: done[f"b{k}/s{SEEDS[0]}"]["mAP"] - done[f"control/s{SEEDS[0]}"]["mAP"] for k in keys}
     full50 = {k: done[f"b{k}/s{SEEDS[0]}"]["mAP50"] - done[f"control/s{SEEDS[0]}"]["mAP50"] for k in keys}
     variants = {}
-    for key, v in heads.items():
-        if key in ("cache", "zero_step_head_mAP"):
-            continue
+    for key in (f"{label}, seed {s}" for label in HEAD_VARIANTS for s in HEAD_SEEDS.get(label, (0,))):
+        v = heads[key]
         rows, control = v["rows"], v["rows"]["control"]
         variants[key] = {
             "settings": v["settings"],
