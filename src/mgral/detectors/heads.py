@@ -346,6 +346,7 @@ def predict_from_cache(
     (default: the detector's own), the model's ``postprocess_detections`` (class
     distributions kept) and its transform's rescaling to the original image size."""
     model = _faster_rcnn(detector)
+    model.eval()  # the transform rescales boxes to the original size in eval mode only
     roi = model.roi_heads
     head = predictor if predictor is not None else roi.box_predictor
     dtype = next(head.parameters()).dtype
