@@ -1,0 +1,388 @@
+"""Head-only fine-tuning on cached head inputs (Faster R-CNN presets).
+
+A full fine-tune of a detector costs minutes and is seed-noisy; MGRAL's surrogates need
+hundreds of "what would training on these images do" answers per cycle. Here the detector
+runs once per image (:func:`cache_head_inputs`) and keeps what its last layer sees: the RPN
+proposals it makes in eval mode and the box-head features of those proposals (the input of
+``roi_heads.box_predictor``), plus what post-processing needs (the model-input size and the
+original size). Labeled images also keep their ground-truth boxes and those boxes' features,
+since torchvision's RoIHeads trains on the proposals *plus* the ground-truth boxes
+(``add_gt_proposals``). Features are computed in eval mode; this is what training would see
+for the same boxes (the box head has no dropout or batch statistics, the trunk's BatchNorm is
+frozen), except that training draws 300 proposals from the RPN in train mode where eval keeps
+150.
+
+:func:`finetune_head` then trains a copy of the box predictor alone on the cached features of
+labeled images, with targets built as RoIHeads builds them (proposals matched to ground truth
+at the model's IoU thresholds, a balanced positive/negative sample of
+``box_batch_size_per_image``, box deltas encoded by its box coder, ``fastrcnn_loss``). It is
+deterministic: the sample of each image is fixed by ``(seed, image id)``, every step is one
+full batch in a fixed order, and nothing draws from the global torch generator.
+:func:`predict_from_cache` turns cached features of any images into ``Detections`` through the
+model's own ``postprocess_detections`` and transform. With zero steps they are the detector's
+own predictions (bit for bit with ``dtype=torch.float32``).
+
+Other detector types are refused (``ConfigError``): the cache supports Faster R-CNN presets.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mgral._io import atomic_write_bytes
+from mgral.data.records import Dataset, Detections, ImageId
+from mgral.detectors.training import derive_seed, load_image, lr_lambda, make_config, make_optimizer, trainable_boxes
+from mgral.errors import CheckpointError, ConfigError
+
+HEAD_TRAIN_DEFAULTS: dict[str, Any] = {
+    "iterations": 100,
+    "optimizer": "sgd",
+    "lr": 0.02,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "warmup_iters": 0,
+    "schedule": "cosine",
+    "grad_clip": 10.0,
+}
+"""Head fine-tune settings (``TrainConfig`` keys; ``iterations`` = full-batch steps)."""
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What the box predictor of one image sees, in model-input coordinates.
+
+    Attributes:
+        proposals: ``[P, 4]`` float32 RPN proposals (eval mode).
+        features: ``[P, D]`` box-head features of the proposals (float16 by default).
+        image_size: ``(h, w)`` after the model's transform; original_size: ``(h, w)`` of the file.
+        gt_boxes: ``[G, 4]`` float32 ground-truth boxes (labeled images only, else None).
+        gt_labels: ``[G]`` int64 class indices ``1..K``; gt_features: ``[G, D]`` their features.
+    """
+
+    proposals: torch.Tensor
+    features: torch.Tensor
+    image_size: tuple[int, int]
+    original_size: tuple[int, int]
+    gt_boxes: torch.Tensor | None = None
+    gt_labels: torch.Tensor | None = None
+    gt_features: torch.Tensor | None = None
+
+    @property
+    def labeled(self) -> bool:
+        return self.gt_boxes is not None
+
+
+HeadCache = dict[ImageId, HeadInputs]
+
+
+def _faster_rcnn(detector: Any) -> nn.Module:
+    from torchvision.models.detection import FasterRCNN
+
+    model = getattr(detector, "model", None)
+    if not isinstance(model, FasterRCNN):
+        what = type(model).__name__ if model is not None else type(detector).__name__
+        preset = getattr(detector, "preset", None)
+        raise ConfigError(
+            f"head cache supports Faster R-CNN presets (mobilenet_v2_fpn, fasterrcnn_*); this detector "
+            f"{'(preset ' + repr(preset) + ') ' if preset else ''}is a {what}"
+        )
+    return model
+
+
+@torch.inference_mode()
+def cache_head_inputs(
+    detector: Any,
+    dataset: Dataset,
+    image_ids: Sequence[ImageId],
+    *,
+    labeled: Sequence[ImageId] = (),
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float16,
+) -> HeadCache:
+    """Run ``detector`` (a ``TorchvisionDetector`` with a Faster R-CNN model) once over
+    ``image_ids`` and keep its box predictor's inputs; for the ``labeled`` ones (a subset) also
+    the dataset's trainable boxes (``trainable_boxes``), their class indices and features.
+
+    Images are batched as ``detector.predict`` batches them (same ``batch_size``, same order),
+    so the features are the ones its predictions came from.
+
+    Raises:
+        ConfigError: not a Faster R-CNN detector; a ``labeled`` id not in ``image_ids``.
+        DatasetError: an unreadable image.
+    """
+    from torchvision.models.detection.transform import resize_boxes
+
+    model = _faster_rcnn(detector)
+    ids, gt_ids = list(image_ids), set(labeled)
+    missing = gt_ids - set(ids)
+    if missing:
+        raise ConfigError(f"labeled image {next(iter(missing))!r} is not among the images to cache; cache it too")
+    model.eval()
+    roi = model.roi_heads
+    device = next(model.parameters()).device
+    out: HeadCache = {}
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        images = [load_image(dataset, i).to(device) for i in chunk]
+        originals = [tuple(im.shape[-2:]) for im in images]
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        gts, gt_cats = [], []
+        for i, orig, size in zip(chunk, originals, batch.image_sizes, strict=True):
+            boxes, cats = trainable_boxes(dataset[i].target) if i in gt_ids else (np.zeros((0, 4)), np.zeros(0))
+            gt = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), device=device)
+            gts.append(resize_boxes(gt, list(orig), list(size)))
+            gt_cats.append([detector.class_index[int(c)] for c in cats])
+        box_feats = roi.box_head(roi.box_roi_pool(features, proposals, batch.image_sizes))
+        gt_feats = (
+            roi.box_head(roi.box_roi_pool(features, gts, batch.image_sizes)) if any(len(g) for g in gts) else None
+        )
+        counts, gt_counts = [len(p) for p in proposals], [len(g) for g in gts]
+        per_image = box_feats.split(counts)
+        per_gt = gt_feats.split(gt_counts) if gt_feats is not None else [box_feats[:0]] * len(chunk)
+        for k, i in enumerate(chunk):
+            gt_entry: dict[str, Any] = {}
+            if i in gt_ids:
+                gt_entry = {
+                    "gt_boxes": gts[k].cpu(),
+                    "gt_labels": torch.tensor(gt_cats[k], dtype=torch.int64),
+                    "gt_features": per_gt[k].to("cpu", dtype),
+                }
+            out[i] = HeadInputs(
+                proposals[k].cpu(),
+                per_image[k].to("cpu", dtype),
+                tuple(int(v) for v in batch.image_sizes[k]),
+                tuple(int(v) for v in originals[k]),
+                **gt_entry,
+            )
+    return out
+
+
+def cache_nbytes(cache: HeadCache) -> int:
+    """Bytes the cache's tensors hold."""
+    tensors = [t for h in cache.values() for t in (h.proposals, h.features, h.gt_boxes, h.gt_labels, h.gt_features)]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def save_head_cache(path: str | Path, cache: HeadCache) -> None:
+    """Write ``cache`` to ``path`` (``.npz``, plain arrays only) atomically."""
+    ids = list(cache)
+    heads = [cache[i] for i in ids]
+    lab = [h for h in heads if h.labeled]
+    dim = heads[0].features.shape[1] if heads else 0
+    dtype = heads[0].features.numpy().dtype if heads else np.float16
+
+    def cat(tensors, width, dt):
+        return np.concatenate([t.numpy() for t in tensors]) if tensors else np.zeros((0, width), dt)
+
+    arrays = {
+        "ids": np.array(json.dumps(ids)),
+        "counts": np.array([len(h.proposals) for h in heads], np.int64),
+        "proposals": cat([h.proposals for h in heads], 4, np.float32),
+        "features": cat([h.features for h in heads], dim, dtype),
+        "sizes": np.array([[*h.image_size, *h.original_size] for h in heads], np.int64).reshape(-1, 4),
+        "labeled": np.array([h.labeled for h in heads], bool),
+        "gt_counts": np.array([len(h.gt_boxes) for h in lab], np.int64),
+        "gt_boxes": cat([h.gt_boxes for h in lab], 4, np.float32),
+        "gt_labels": np.concatenate([h.gt_labels.numpy() for h in lab]) if lab else np.zeros(0, np.int64),
+        "gt_features": cat([h.gt_features for h in lab], dim, dtype),
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_head_cache(path: str | Path) -> HeadCache:
+    """Read a file written by :func:`save_head_cache`.
+
+    Raises:
+        CheckpointError: missing, corrupt or inconsistent file (delete it to recompute).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        ids = json.loads(str(data["ids"]))
+        offsets = np.concatenate([[0], np.cumsum(data["counts"])])
+        gt_offsets = np.concatenate([[0], np.cumsum(data["gt_counts"])])
+        if (
+            len(ids) != len(data["counts"])
+            or offsets[-1] != len(data["features"])
+            or data["labeled"].sum() != len(data["gt_counts"])
+            or gt_offsets[-1] != len(data["gt_features"])
+        ):
+            raise ValueError("counts do not match the arrays")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"head cache {str(path)!r} is unreadable ({err}); delete it to recompute") from err
+    out: HeadCache = {}
+    g = 0
+    for k, i in enumerate(ids):
+        a, b = offsets[k], offsets[k + 1]
+        gt_entry: dict[str, Any] = {}
+        if data["labeled"][k]:
+            ga, gb = gt_offsets[g], gt_offsets[g + 1]
+            g += 1
+            gt_entry = {
+                "gt_boxes": torch.from_numpy(data["gt_boxes"][ga:gb]),
+                "gt_labels": torch.from_numpy(data["gt_labels"][ga:gb]),
+                "gt_features": torch.from_numpy(data["gt_features"][ga:gb]),
+            }
+        h, w, oh, ow = (int(v) for v in data["sizes"][k])
+        out[i] = HeadInputs(
+            torch.from_numpy(data["proposals"][a:b]),
+            torch.from_numpy(data["features"][a:b]),
+            (h, w),
+            (oh, ow),
+            **gt_entry,
+        )
+    return out
+
+
+def _image_seed(seed: int, image_id: ImageId) -> int:
+    """A seed per (seed, image id): an image's sample does not depend on which others train beside it."""
+    return derive_seed(seed, zlib.crc32(json.dumps(image_id).encode()))
+
+
+def head_training_samples(
+    detector: Any, cache: HeadCache, image_ids: Sequence[ImageId], *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features ``[N, D]`` (float32), class targets ``[N]`` and box-delta targets ``[N, 4]`` of
+    the RoIs RoIHeads would train on for ``image_ids``: proposals plus ground-truth boxes,
+    matched at the model's IoU thresholds, a balanced sample per image fixed by ``(seed, id)``.
+
+    Raises:
+        ConfigError: an image without cached labels (not ``labeled`` when cached).
+    """
+    model = _faster_rcnn(detector)
+    roi = model.roi_heads
+    per_image = roi.fg_bg_sampler.batch_size_per_image
+    positive = int(per_image * roi.fg_bg_sampler.positive_fraction)
+    check_cached(cache, image_ids)
+    feats, labels, deltas = [], [], []
+    for i in image_ids:
+        h = cache[i]
+        if not h.labeled:
+            raise ConfigError(f"image {i!r} has no cached labels; pass it in labeled= when caching its head inputs")
+        boxes = torch.cat([h.proposals, h.gt_boxes])
+        x = torch.cat([h.features, h.gt_features]).float()
+        matched, lab = roi.assign_targets_to_proposals([boxes], [h.gt_boxes], [h.gt_labels])
+        matched, lab = matched[0], lab[0]
+        g = torch.Generator().manual_seed(_image_seed(seed, i))
+        pos, neg = torch.where(lab >= 1)[0], torch.where(lab == 0)[0]
+        n_pos = min(positive, len(pos))
+        n_neg = min(per_image - n_pos, len(neg))
+        keep = torch.cat(
+            [pos[torch.randperm(len(pos), generator=g)[:n_pos]], neg[torch.randperm(len(neg), generator=g)[:n_neg]]]
+        )
+        gt = h.gt_boxes if len(h.gt_boxes) else torch.zeros((1, 4))
+        feats.append(x[keep])
+        labels.append(lab[keep])
+        deltas.append(roi.box_coder.encode([gt[matched[keep]]], [boxes[keep]])[0])
+    return torch.cat(feats), torch.cat(labels), torch.cat(deltas)
+
+
+def finetune_head(
+    detector: Any,
+    cache: HeadCache,
+    image_ids: Sequence[ImageId],
+    *,
+    seed: int = 0,
+    **train: Any,
+) -> tuple[nn.Module, list[float]]:
+    """Train a copy of the detector's ``box_predictor`` on the cached labeled ``image_ids``:
+    ``iterations`` full-batch steps (``HEAD_TRAIN_DEFAULTS``, overridden by ``train``) on
+    ``fastrcnn_loss``. Returns the trained copy and the loss before each step.
+    Deterministic for a seed; the global torch generator is neither read nor changed.
+
+    Raises:
+        ConfigError: not Faster R-CNN, no images, an image without cached labels, bad settings.
+    """
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    model = _faster_rcnn(detector)
+    if not image_ids:
+        raise ConfigError("a head fine-tune needs at least one labeled image")
+    config = make_config(HEAD_TRAIN_DEFAULTS, train)
+    head = copy.deepcopy(model.roi_heads.box_predictor).float().cpu()
+    head.requires_grad_(True)
+    x, labels, deltas = head_training_samples(detector, cache, image_ids, seed=seed)
+    optimizer = make_optimizer(head, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.iterations))
+    losses = []
+    for _ in range(config.iterations):
+        logits, regression = head(x)
+        loss = sum(fastrcnn_loss(logits, regression, [labels], [deltas]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    return head.eval(), losses
+
+
+@torch.inference_mode()
+def predict_from_cache(
+    detector: Any,
+    cache: HeadCache,
+    image_ids: Sequence[ImageId],
+    *,
+    predictor: nn.Module | None = None,
+    batch_size: int = 8,
+) -> dict[ImageId, Detections]:
+    """``Detections`` of ``image_ids`` from their cached features through ``predictor``
+    (default: the detector's own), the model's ``postprocess_detections`` (class
+    distributions kept) and its transform's rescaling to the original image size."""
+    model = _faster_rcnn(detector)
+    model.eval()  # the transform rescales boxes to the original size in eval mode only
+    roi = model.roi_heads
+    head = predictor if predictor is not None else roi.box_predictor
+    dtype = next(head.parameters()).dtype
+    check_cached(cache, image_ids)
+    ids, out = list(image_ids), {}
+    for start in range(0, len(ids), batch_size):
+        heads = [cache[i] for i in ids[start : start + batch_size]]
+        logits, regression = head(torch.cat([h.features for h in heads]).to(dtype))
+        sizes = [h.image_size for h in heads]
+        boxes, scores, labels = roi.postprocess_detections(logits, regression, [h.proposals for h in heads], sizes)
+        extra = roi.__dict__.pop("_mgral_extra", None) or [{}] * len(heads)
+        results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels, strict=True)]
+        results = model.transform.postprocess(results, sizes, [h.original_size for h in heads])
+        for i, res, ex in zip(ids[start : start + batch_size], results, extra, strict=True):
+            out[i] = detector._to_detections({**res, **ex}, None)
+    return out
+
+
+def evaluate_head(
+    detector: Any,
+    cache: HeadCache,
+    dataset: Dataset,
+    image_ids: Sequence[ImageId],
+    *,
+    predictor: nn.Module | None = None,
+    style: str = "coco",
+):
+    """``mgral.evaluation.evaluate`` of :func:`predict_from_cache` on ``image_ids``."""
+    from mgral.evaluation import evaluate
+
+    preds = predict_from_cache(detector, cache, image_ids, predictor=predictor)
+    return evaluate(dataset.subset(image_ids), preds, style=style)
+
+
+def check_cached(cache: Mapping[ImageId, HeadInputs], image_ids: Sequence[ImageId]) -> None:
+    """Raise ``ConfigError`` naming the first of ``image_ids`` missing from ``cache``."""
+    missing = [i for i in image_ids if i not in cache]
+    if missing:
+        raise ConfigError(f"{len(missing)} image(s) not in the head cache, e.g. {missing[0]!r}; cache them first")
