@@ -31,7 +31,7 @@ import numpy as np
 from mgral.data._files import read_regular_file
 from mgral.data.records import Dataset, Detections, ImageId, find_id
 from mgral.errors import ConfigError, DatasetError
-from mgral.strategies import STRATEGIES, Selection, SelectionContext, build_strategy
+from mgral.strategies import STRATEGIES, Selection, SelectionContext, build_strategy, selection_rng
 
 EVALUATION_SPLITS = ("val", "test")
 """Splits left out of the pool by default: images kept for measuring the model."""
@@ -156,7 +156,7 @@ def select_batch(
         dataset=dataset,
         pool_ids=pool,
         labeled_ids=labeled,
-        rng=np.random.default_rng([seed, cycle, 5]),
+        rng=selection_rng(seed, cycle),
         cycle=cycle,
         predictions=predictions,
         embeddings=embeddings,

@@ -209,7 +209,9 @@ class Series:
         cdir = self.cycle_dir(cycle)
         if detector is None and not cdir.selection.exists():
             pool = self.ledger.unlabeled()
-            rng = np.random.default_rng([self.seed, cycle, 5])
+            from mgral.strategies import selection_rng
+
+            rng = selection_rng(self.seed, cycle)
             n = min(self.exp.config.budget, len(pool))
             ids = [pool[k] for k in sorted(rng.choice(len(pool), size=n, replace=False))]
             info = {"cold_start": "no labeled image yet: picked at random"}
@@ -374,7 +376,7 @@ def select_batch(
 
     ``shared``: ``detector`` is the seed's shared cycle-0 model, so its pool predictions are
     cached beside it, once for every strategy of the seed."""
-    from mgral.strategies import SelectionContext
+    from mgral.strategies import SelectionContext, selection_rng
 
     path = cdir.selection
     if path.exists():  # made before a crash: never recomputed (JSON keeps int and str ids apart)
@@ -385,7 +387,7 @@ def select_batch(
         dataset=view,
         pool_ids=pool,
         labeled_ids=labeled,
-        rng=np.random.default_rng([seed, cycle, 5]),
+        rng=selection_rng(seed, cycle),
         cycle=cycle,
         work_dir=cdir.path,
         progress=exp.progress,

@@ -15,6 +15,7 @@ from mgral.strategies.base import (
     check_budget,
     register_strategy,
     select_top,
+    selection_rng,
     strategy_parameters,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "check_budget",
     "register_strategy",
     "select_top",
+    "selection_rng",
     "strategy_parameters",
 ]

@@ -34,6 +34,13 @@ REQUIREMENTS = frozenset({"predictions", "embeddings", "detector", "oracle"})
 research-only ablations; a strategy meant for real use never asks for it)."""
 
 
+def selection_rng(seed: int, cycle: int) -> np.random.Generator:
+    """The generator of the selection after ``cycle`` of a series seeded ``seed``: the loop, the
+    human loop's cold start and :func:`mgral.selection.select_batch` draw from this one stream,
+    so a one-shot selection reproduces the loop's."""
+    return np.random.default_rng([seed, cycle, 5])
+
+
 @dataclass
 class SelectionContext:
     """What a strategy may see when it selects. The loop fills only what ``requires`` names.
