@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,13 @@ def _ids(digits: Path) -> dict[str, list[int]]:
     return out
 
 
-def _train(digits: Path, ids_file: Path, out: Path, *extra: str) -> int:
+def _argv(digits: Path, ids_file: Path, out: Path) -> list[str]:
     argv = ["train", str(digits), "--detector", "tiny", "--iterations", "1", "--batch-size", "2"]
-    argv += ["--param", "pretrained=false", "--device", "cpu", "--train-ids", str(ids_file), "--out", str(out)]
-    return main([*argv, *extra])
+    return argv + ["--param", "pretrained=false", "--device", "cpu", "--train-ids", str(ids_file), "--out", str(out)]
+
+
+def _train(digits: Path, ids_file: Path, out: Path, *extra: str) -> int:
+    return main([*_argv(digits, ids_file, out), *extra])
 
 
 def test_train_ids_with_test_images_are_refused_before_training(digits, tmp_path, capsys):
@@ -62,3 +66,16 @@ def test_an_id_line_that_is_no_int_is_refused_in_one_short_line(digits, tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"mgral: error: {ids_file}: line 1: ") and "is not an image id" in err
     assert len(err) < 300 and err.count("\n") == 1
+
+
+def test_no_progress_silences_the_bars_and_only_for_that_command(digits, tmp_path, capsys):
+    splits = _ids(digits)
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("".join(f"{i}\n" for i in splits["train"][:4]))
+    stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train ", re.M)
+    assert _train(digits, ids_file, tmp_path / "a") == 0
+    assert stamped.search(capsys.readouterr().err)  # off a terminal: the bar's timestamped lines
+    assert main(["--no-progress", *_argv(digits, ids_file, tmp_path / "b")]) == 0
+    assert not stamped.search(capsys.readouterr().err)
+    assert _train(digits, ids_file, tmp_path / "c") == 0  # the switch does not outlive the command
+    assert stamped.search(capsys.readouterr().err)

@@ -333,3 +333,40 @@ def test_a_creation_cut_short_leaves_a_run_that_can_be_created_again(tmp_path):
     run.splits_file.write_text("{}")  # splits.json is written first; config.yaml makes the run
     run.create({"name": "t"})
     assert not run.splits_file.exists() and run.recorded_splits() is None
+
+
+def test_train_and_evaluate_give_an_export_without_splits_the_runs_assignment(digits, tmp_path, capsys):
+    export = _export_without_splits(digits, tmp_path / "export")
+    train = ["train", str(export), "--detector", "tiny", "--param", "pretrained=false", "--device", "cpu"]
+    train += ["--iterations", "1", "--batch-size", "2"]
+    assert main([*train, "--out", str(tmp_path / "m1")]) == 0, capsys.readouterr().err
+    assert "40 images have no split; assigned as mgral run does by default: train 32, test 8" in capsys.readouterr().err
+    report = json.loads((tmp_path / "m1" / "train.json").read_text())
+    assert report["train_images"] == 32 and report["test"]["num_images"] == 8
+
+    # --splits RUN: the assignment a run recorded, here one with half the images in test
+    dataset = read_dataset(export, "coco")
+    assigned = assign_splits(dataset, val=0.0, test=0.5, seed=3)
+    run = RunDir(tmp_path / "run")
+    run.stage_splits({"val": 0.0, "test": 0.5, "seed": 3}, assigned)
+    run.create({"name": "t"})
+    assert main([*train, "--out", str(tmp_path / "m2"), "--splits", str(run.path)]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "m2" / "train.json").read_text())
+    assert report["train_images"] == 20 and report["test"]["num_images"] == 20
+
+    # evaluate --split test scores the same test images (the ground truth as predictions: mAP 1)
+    preds = tmp_path / "preds.json"
+    obj = json.loads((export / coco.ANNOTATIONS_FILE).read_text())
+    preds.write_text(json.dumps([{**a, "score": 1.0} for a in obj["annotations"]]))
+    capsys.readouterr()
+    argv = ["evaluate", "--gt", str(export), "--pred", str(preds), "--split", "test", "--json"]
+    argv += ["--splits", str(run.splits_file)]
+    assert main(argv) == 0, capsys.readouterr().err
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["num_images"] == 20 and payload["mAP"] == pytest.approx(1.0)
+
+    # a directory that recorded no assignment is refused, naming the fix
+    RunDir(tmp_path / "old").create({"name": "t"})
+    assert main([*train, "--out", str(tmp_path / "m3"), "--splits", str(tmp_path / "old")]) == 2
+    err = capsys.readouterr().err
+    assert "no splits.json there" in err and "leave --splits out" in err and not (tmp_path / "m3").exists()

@@ -136,11 +136,67 @@ def _print_split_assignment(dataset, path: Path) -> None:
     )
 
 
+def _add_splits_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--splits",
+        type=Path,
+        metavar="RUN",
+        help="give the images without a split the splits run RUN recorded (RUN or RUN/splits.json); default: "
+        "the assignment mgral run makes by default (see mgral info)",
+    )
+
+
+def _with_splits(dataset, path: Path, splits: Path | None):
+    """``dataset`` with its images without a split given one, as ``mgral run`` gives them:
+    the splits run ``splits`` (``--splits``) recorded, else the default assignment
+    of :meth:`~mgral.config.DatasetConfig.split_setting` (a simulation's), so that ``mgral
+    train`` on a plain COCO export trains on the images a run would pool and scores the
+    images it would test on. A dataset whose images all have a split is returned as it is.
+
+    Raises:
+        RunError: ``--splits`` names no run that recorded splits.
+    """
+    from collections import Counter
+
+    from mgral.config import DatasetConfig
+    from mgral.data.splits import assign_splits, with_splits
+    from mgral.errors import RunError
+    from mgral.runs import SPLITS_FILE, RunDir
+
+    given = splits
+    if given is not None:
+        run = RunDir(given.parent if given.name == SPLITS_FILE and given.is_file() else given)
+        recorded = run.recorded_splits()
+        if recorded is None:
+            raise RunError(
+                f"--splits {given}: no {SPLITS_FILE} there (a run writes one only when it assigned splits); "
+                "pass a run directory that assigned them, or leave --splits out"
+            )
+        out = with_splits(dataset, recorded["images"], source=str(run.splits_file))
+        print(f"note: splits of the images without one read from {run.splits_file}", file=sys.stderr)
+        return out
+    unassigned = sum(r.split is None for r in dataset)
+    setting = DatasetConfig(path=str(path)).split_setting(dataset, human=False)
+    if not unassigned or setting is None:
+        return dataset
+    assigned = assign_splits(dataset, **setting.model_dump())
+    counts = Counter(assigned.values())
+    shown = ", ".join(f"{s} {counts[s]}" for s in ("train", "val", "test") if counts[s])
+    print(
+        f"note: {unassigned} images have no split; assigned as mgral run does by default: {shown} "
+        f"(val {setting.val:g}, test {setting.test:g}, seed {setting.seed}); --splits RUN uses a run's assignment",
+        file=sys.stderr,
+    )
+    return with_splits(dataset, assigned)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mgral.data.formats import read_dataset
     from mgral.evaluation import SubsetEvaluator, evaluate, read_predictions
 
     gt = read_dataset(args.gt, args.gt_format, **_read_opts(args, check_files=False))
+    if args.split:  # the splits --split names, given to images without one as mgral run gives them
+        gt = _with_splits(gt, args.gt, args.splits)
     preds = read_predictions(args.pred, gt, match=args.match, categories=args.categories)
     if args.split:
         gt, preds = _restrict_to_splits(gt, preds, args.split, source=args.pred)
@@ -279,6 +335,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mgral.detectors import detector_class
 
     dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
+    dataset = _with_splits(dataset, args.data, args.splits)
     train_ids = _select_ids(dataset, split="train", ids_file=args.train_ids, default_split="train")
     test_ids = _untrained_test_ids(dataset, train_ids, allow=args.allow_test_ids, source=args.train_ids)
     detector = detector_class("torchvision")(
@@ -315,6 +372,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mgral.evaluation import write_predictions
 
     dataset = read_dataset(args.data, args.from_, **_read_opts(args, check_files=True))
+    dataset = _with_splits(dataset, args.data, args.splits)
     ids = _select_ids(dataset, split=args.split, ids_file=args.ids, default_split="test")
     detector = detector_class("torchvision").load(args.checkpoint, device=args.device)
     preds = detector.predict(dataset, ids, progress=True, on_bad_image=args.on_bad_image)
@@ -491,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mgral", description="Active learning for object detection.")
     parser.add_argument("--version", action="version", version=f"mgral {__version__}")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="show no progress bars or run display (mgral --no-progress run ...); the logged lines stay",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="generate the built-in digits-scenes dataset (COCO)")
@@ -543,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="95%% CI of mAP from N image resamples")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    _add_splits_option(p)
     _add_read_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -567,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="preset parameter")
     p.add_argument("--on-bad-image", choices=["raise", "skip"], help="an image that fails to decode: stop or skip it")
+    _add_splits_option(p)
     _add_read_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -584,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an image that fails to decode: stop or skip it",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    _add_splits_option(p)
     _add_read_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -700,8 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mgral import progress
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = progress.enable(not args.no_progress)
     try:
         if getattr(args, "bootstrap", 0) < 0:
             raise ConfigError(f"--bootstrap expects a non-negative number of resamples, got {args.bootstrap}")
@@ -724,3 +793,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mgral: interrupted", file=sys.stderr)
         return 130
+    finally:
+        progress.enable(shown)

@@ -4,7 +4,8 @@ and the run display (series k of N, cycle c of C, phase, ETA, last mAP).
 Everything goes to one stderr console. On a terminal, bars and the run display are rich live
 displays (a step bar started inside the run display shows under it); when stderr is not a
 terminal (a CI log, ``nohup``) they print an occasional timestamped line instead; with
-``enabled=False`` they print nothing.
+``enabled=False``, or after :func:`enable` (False), as ``mgral --no-progress`` does, they print
+nothing.
 
 A step bar::
 
@@ -62,6 +63,17 @@ LINE_PERCENT = 10
 """Off a terminal, a bar prints a line each time it passes another 10% ..."""
 LINE_SECONDS = 30.0
 """... or when 30 s have passed since its last line, whichever comes first."""
+
+
+_enabled = True
+
+
+def enable(on: bool) -> bool:
+    """Show progress (``on``) or nothing, whatever callers pass as ``enabled``: the switch of
+    ``mgral --no-progress``. Returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, on
+    return previous
 
 
 @cache
@@ -154,6 +166,7 @@ def bar(
     when ``enabled`` is false. ``console``: default :func:`stderr_console`; ``clock``: seconds,
     for rate and ETA."""
     console = console or stderr_console()
+    enabled = enabled and _enabled
     live = enabled and console.is_terminal
     progress = Progress(
         TextColumn("{task.description}"),
@@ -220,6 +233,7 @@ class RunProgress:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         console = console or stderr_console()
+        enabled = enabled and _enabled
         self.total_series, self.cycles, self.workers, self._clock = total_series, cycles, workers, clock
         self.total_cycles = (total_series - references) * (cycles + 1) + references
         self._done, self._timed, self._seconds = 0, 0, Counter()

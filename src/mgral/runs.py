@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mgral._io import atomic_write_json, atomic_write_text, fsync_dir
@@ -462,3 +463,24 @@ def remove_stale_temp_files(directory: str | os.PathLike[str], *, recursive: boo
     if removed:
         log.info("removed %d stale temporary file(s) in %s", len(removed), directory)
     return removed
+
+
+# -- MGRAL's agent_rewards.csv, summarised one way for summary.json and the report ------------
+
+REWARD_WINDOW = 10
+"""The agent's reward is reported as a running mean over this many updates (summary.json,
+the report's table and its plot)."""
+
+
+def reward_trend(updates: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The agent's mean reward per update as a running mean over ``w`` updates: ``w`` is
+    :data:`REWARD_WINDOW`, or ``n // 2`` (at least 1) when the agent made ``n`` < 2 ×
+    :data:`REWARD_WINDOW` updates; NaN rewards are left out. Returns (the update ending each
+    full window, the window's mean): the first value is the mean of the first ``w`` updates,
+    the last the mean of the last ``w``; both empty without a reward."""
+    keep = np.isfinite(rewards)
+    updates, rewards = updates[keep], rewards[keep]
+    if not len(rewards):
+        return updates, rewards
+    w = min(REWARD_WINDOW, max(1, len(rewards) // 2))
+    return updates[w - 1 :], np.convolve(rewards, np.ones(w) / w, mode="valid")

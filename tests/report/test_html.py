@@ -24,7 +24,7 @@ from mgral.data.records import Category, Dataset, Detections, ImageRecord, Targe
 from mgral.detectors.cache import save_predictions
 from mgral.loop import run_experiment
 from mgral.report import load_mgral_diagnostics, load_series, plot_mgral_diagnostics, render_html, write_report
-from mgral.report.load import reward_trend
+from mgral.runs import reward_trend
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVIL = '<script>alert("x")</script>'

@@ -13,6 +13,7 @@ import torch
 
 from mgral.data.records import Dataset
 from mgral.errors import ConfigError
+from mgral.runs import REWARD_WINDOW
 from mgral.strategies import build_strategy
 from mgral.strategies.mgral.surrogate import (
     SurrogateJob,
@@ -161,6 +162,11 @@ def test_cycle_writes_its_diagnostics(make_context, for_strategy, tmp_path):
     with open(out / "agent_rewards.csv") as f:
         curve = list(csv.DictReader(f))
     assert [int(r["update"]) for r in curve] == list(range(MICRO["updates"]))
+    # summary.json's reward ends are the report's: running means over the same window at both ends
+    rewards = np.array([float(r["reward_mean"]) for r in curve])
+    w = min(REWARD_WINDOW, max(1, len(rewards) // 2))
+    assert summary["reward"]["first"] == pytest.approx(rewards[:w].mean())
+    assert summary["reward"]["last"] == pytest.approx(rewards[-w:].mean())
     with open(out / "table.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0][:4] == ["cycle", "combination", "dmAP", "mAP"] and rows[0][4:] == [

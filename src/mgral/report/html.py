@@ -30,7 +30,6 @@ from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import MgralError
 from mgral.report.load import (
     MGRAL_STAGES,
-    REWARD_WINDOW,
     DatasetCache,
     MgralCycle,
     Series,
@@ -41,7 +40,7 @@ from mgral.report.load import (
 from mgral.report.metrics import by_label
 from mgral.report.plots import diagnostic_series
 from mgral.report.tables import FRACTIONS, Table, mean_std, results_table, vs_random_text
-from mgral.runs import REFERENCE_LABEL, RunDir, SeriesDir, read_cycle_records
+from mgral.runs import REFERENCE_LABEL, REWARD_WINDOW, RunDir, SeriesDir, read_cycle_records
 
 log = logging.getLogger(__name__)
 

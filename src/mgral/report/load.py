@@ -25,6 +25,7 @@ from mgral.runs import (
     RunDir,
     SeriesDir,
     read_cycle_records,
+    reward_trend,
 )
 
 METRIC_NAMES = {"coco": "mAP@[.5:.95]", "voc07": "VOC07 AP@0.5", "voc12": "VOC12 AP@0.5"}
@@ -224,22 +225,6 @@ def run_title(run_dirs: Sequence[str | Path]) -> str:
 
 AGENT_COLUMNS = ("update", "reward_mean", "reward_max", "baseline", "entropy")
 MGRAL_STAGES = ("features", "table", "reward_model", "agent", "selection")
-REWARD_WINDOW = 10
-"""The agent's reward is shown as a running mean over this many updates (the table and the plot)."""
-
-
-def reward_trend(updates: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The agent's mean reward per update as a running mean over ``w`` updates: ``w`` is
-    :data:`REWARD_WINDOW`, or ``n // 2`` (at least 1) when the agent made ``n`` < 2 ×
-    :data:`REWARD_WINDOW` updates; NaN rewards are left out. Returns (the update ending each
-    full window, the window's mean): the first value is the mean of the first ``w`` updates,
-    the last the mean of the last ``w``; both empty without a reward."""
-    keep = np.isfinite(rewards)
-    updates, rewards = updates[keep], rewards[keep]
-    if not len(rewards):
-        return updates, rewards
-    w = min(REWARD_WINDOW, max(1, len(rewards) // 2))
-    return updates[w - 1 :], np.convolve(rewards, np.ones(w) / w, mode="valid")
 
 
 @dataclass(frozen=True, eq=False)
@@ -328,7 +313,7 @@ def _read_agent(path: Path, values: dict[str, Any]) -> None:
     agent = values["agent"] = {k: np.array([_cell(r.get(k)) for r in rows]) for k in AGENT_COLUMNS if k in header}
     if "reward_mean" in agent:
         _, trend = reward_trend(agent.get("update", np.arange(len(rows))), agent["reward_mean"])
-        if len(trend):  # summary.json's "reward" compares the first update with a mean: not shown
+        if len(trend):
             values["reward_first"], values["reward_last"] = float(trend[0]), float(trend[-1])
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from mgral._io import atomic_write_bytes
-from mgral.report.load import REWARD_WINDOW, X_KEYS, Y_KEYS, MgralCycle, Series, reference_map, reward_trend
+from mgral.report.load import X_KEYS, Y_KEYS, MgralCycle, Series, reference_map
 from mgral.report.metrics import aggregate
+from mgral.runs import REWARD_WINDOW, reward_trend
 
 X_LABELS = {"num_labeled": "labeled images", "num_boxes_labeled": "labeled boxes", "labeling_cost": "labeling cost"}
 Y_LABELS = {"mAP": "test mAP@[.5:.95]", "mAP50": "test mAP50"}
@@ -122,7 +123,7 @@ def plot_mgral_diagnostics(
 
     One row per (label, seed) series (:func:`diagnostic_series`; the first
     :data:`MAX_DIAGNOSTIC_SERIES`): on the left the agent's mean reward per update (faint)
-    and its :func:`~mgral.report.load.reward_trend` (solid, starting and ending at the
+    and its :func:`~mgral.runs.reward_trend` (solid, starting and ending at the
     diagnostics table's "first → last"), one colour per cycle (lighter = later); on the right
     the reward model's leave-one-out Spearman correlation per cycle (its accuracy at ranking
     the table's combinations, -1..1). Same conventions as :func:`plot_curves` (reproducible SVG, no pyplot state).

@@ -42,7 +42,7 @@ from mgral.data.records import Dataset, ImageId
 from mgral.errors import ConfigError
 from mgral.executors import EXECUTORS, make_executor
 from mgral.progress import bar
-from mgral.runs import CycleDir, MgralDir
+from mgral.runs import CycleDir, MgralDir, reward_trend
 from mgral.strategies._detection_math import hflip
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 from mgral.strategies.mgral import agent as agent_mod
@@ -559,10 +559,11 @@ class MGRAL(Strategy):
         info["diversity"] = diversity(feats, picked, [c.name for c in context.dataset.categories])
         info["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         if curve:
-            info["reward"] = {
-                "first": curve[0]["reward_mean"],
-                "last": float(np.mean([c["reward_mean"] for c in curve[-10:]])),
-            }
+            _, trend = reward_trend(
+                np.array([c["update"] for c in curve]), np.array([c["reward_mean"] for c in curve], dtype=float)
+            )
+            if len(trend):  # the same running means as the report's table and plot
+                info["reward"] = {"first": float(trend[0]), "last": float(trend[-1])}
         if out is not None:
             if curve:
                 buf = io.StringIO()
