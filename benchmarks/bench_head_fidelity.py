@@ -121,19 +121,26 @@ def full_path(name: str, iterations: int) -> Path:
     return WORK / name / f"full-{iterations}it.json"
 
 
+def task_detector(name: str, pool: ProcessPoolExecutor, log) -> dict:
+    """Train the task detector on ``L`` in ``pool`` unless ``task.pt`` and ``task.json`` exist; its figures."""
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    task, task_json = work / "task.pt", work / "task.json"
+    if not (task_json.exists() and task.exists()):
+        _, labeled, _, _ = state(name, 0)
+        log(f"{name}: training the task detector on {len(labeled)} images")
+        atomic_write_json(task_json, pool.submit(_job, (name, "task", None, labeled, 0, TRAIN, str(task))).result())
+    return json.loads(task_json.read_text())
+
+
 def full_stage(name: str, n_batches: int, iterations: int, workers: int, log) -> dict:
     """Train the task detector (``task.pt``, ``task.json``), then every full fine-tune not yet
     in ``full-<iterations>it.json``."""
-    work = WORK / name
-    work.mkdir(parents=True, exist_ok=True)
-    task, task_json, done_path = work / "task.pt", work / "task.json", full_path(name, iterations)
+    task, done_path = WORK / name / "task.pt", full_path(name, iterations)
     _, labeled, batches, _ = state(name, n_batches)
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
     with ProcessPoolExecutor(workers) as pool:
-        if not (task_json.exists() and task.exists()):
-            log(f"{name}: training the task detector on {len(labeled)} images")
-            atomic_write_json(task_json, pool.submit(_job, (name, "task", None, labeled, 0, TRAIN, str(task))).result())
-        done["task"] = json.loads(task_json.read_text())
+        done["task"] = task_detector(name, pool, log)
         log(f"{name}: task detector mAP {done['task']['mAP']:.4f}, {done['task']['train_s']:.0f} s")
         train = finetune_settings(iterations)
         # the seed-noise reruns early: a run cut short still says how noisy its gains are
@@ -158,24 +165,12 @@ HEAD_VARIANTS = {  # the default (HEAD_TRAIN_DEFAULTS) is the figure; the others
 HEAD_SEEDS = {"default": (0, 1)}  # the head's own RoI sample: seed 1 shows its noise
 
 
-def head_rows(name: str, n_batches: int, log) -> dict:
-    """Cache the task detector's head inputs of ``L``, every batch and the test split once
-    (``heads.npz``), then one head row per batch and head setting (and the control), kept in
-    ``heads.json`` as they come. Needs no full fine-tune: it can run beside them."""
-    import torch
-
-    from mgral.detectors.heads import (
-        HEAD_TRAIN_DEFAULTS,
-        cache_head_inputs,
-        cache_nbytes,
-        evaluate_head,
-        finetune_head,
-        load_head_cache,
-        save_head_cache,
-    )
+def head_cache(name: str, n_batches: int, log):
+    """The task detector and the head inputs of ``L``, every batch and the test split, cached
+    once (``heads.npz``, true labels of ``L`` and the batches: the oracle; timings in ``heads.json``)."""
+    from mgral.detectors.heads import cache_head_inputs, cache_nbytes, load_head_cache, save_head_cache
     from mgral.detectors.torchvision_detector import TorchvisionDetector
 
-    torch.set_num_threads(1)  # as the full fine-tunes run
     work = WORK / name
     dataset, labeled, batches, test = state(name, n_batches)
     det = TorchvisionDetector.load(work / "task.pt", device="cpu")
@@ -184,15 +179,33 @@ def head_rows(name: str, n_batches: int, log) -> dict:
     train_ids = list(dict.fromkeys(labeled + [i for b in batches for i in b]))
     if not (work / "heads.npz").exists() or "cache" not in out:
         t0, c0 = time.perf_counter(), time.process_time()
-        cache = cache_head_inputs(det, dataset, train_ids + test, labeled=train_ids)  # true labels: the oracle
+        cache = cache_head_inputs(det, dataset, train_ids + test, labeled=train_ids)
         out["cache"] = {"images": len(cache), "s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
         save_head_cache(work / "heads.npz", cache)
+        log(f"{name}: cached {len(cache)} images in {out['cache']['s']:.0f} s")
     t0 = time.perf_counter()
     cache = load_head_cache(work / "heads.npz")
     out["cache"].update(load_s=time.perf_counter() - t0, kib_per_image=cache_nbytes(cache) / len(cache) / 1024)
-    out["zero_step_head_mAP"] = float(evaluate_head(det, cache, dataset, test).mAP)
     atomic_write_json(out_path, out, indent=1)
-    log(f"{name}: cached {len(cache)} images in {out['cache']['s']:.0f} s")
+    return det, cache
+
+
+def head_rows(name: str, n_batches: int, log) -> dict:
+    """Cache the task detector's head inputs of ``L``, every batch and the test split once
+    (``heads.npz``), then one head row per batch and head setting (and the control), kept in
+    ``heads.json`` as they come. Needs no full fine-tune: it can run beside them."""
+    import torch
+
+    from mgral.detectors.heads import HEAD_TRAIN_DEFAULTS, evaluate_head, finetune_head
+
+    torch.set_num_threads(1)  # as the full fine-tunes run
+    dataset, labeled, batches, test = state(name, n_batches)
+    det, cache = head_cache(name, n_batches, log)
+    out_path = WORK / name / "heads.json"
+    out = json.loads(out_path.read_text())
+    if "zero_step_head_mAP" not in out:
+        out["zero_step_head_mAP"] = float(evaluate_head(det, cache, dataset, test).mAP)
+        atomic_write_json(out_path, out, indent=1)
 
     def head_map(ids, settings, head_seed):
         t0 = time.process_time()
@@ -212,9 +225,24 @@ def head_rows(name: str, n_batches: int, log) -> dict:
     return out
 
 
+def rho(a, b) -> float:
+    """Spearman's rank correlation."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def interval(a, b) -> list[float]:
+    """95% percentile-bootstrap interval of :func:`rho` over the pairs (2000 resamples, seed 0)."""
+    from scipy.stats import bootstrap
+
+    res = bootstrap((a, b), rho, paired=True, vectorized=False, n_resamples=2000, method="percentile", random_state=0)
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
 def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> dict:
     """Head rows (computed or read back), then the figures over the batches whose full gain is known."""
-    from scipy.stats import bootstrap, pearsonr, spearmanr
+    from scipy.stats import pearsonr
 
     heads = head_rows(name, n_batches, log)
     keys = [k for k in range(n_batches) if f"b{k}/s{SEEDS[0]}" in done]
@@ -233,15 +261,6 @@ def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> 
         }
     f = np.array([full[k] for k in keys])
     f50 = np.array([full50[k] for k in keys])
-
-    def rho(a, b):
-        return float(spearmanr(a, b).statistic)
-
-    def interval(a, b):
-        res = bootstrap(
-            (a, b), rho, paired=True, vectorized=False, n_resamples=2000, method="percentile", random_state=0
-        )
-        return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
     for v in variants.values():
         h = np.array(v["gains"])

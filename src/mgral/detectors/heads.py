@@ -20,7 +20,9 @@ deterministic: the sample of each image is fixed by ``(seed, image id)``, every 
 full batch in a fixed order, and nothing draws from the global torch generator.
 :func:`predict_from_cache` turns cached features of any images into ``Detections`` through the
 model's own ``postprocess_detections`` and transform. With zero steps they are the detector's
-own predictions (bit for bit with ``dtype=torch.float32``).
+own predictions (bit for bit with ``dtype=torch.float32``). :func:`head_detections` gives the
+same boxes in the cache's coordinates with the proposal each came from, so that sampled
+detections can serve as labels (their features are their proposals' cached features).
 
 Other detector types are refused (``ConfigError``): the cache supports Faster R-CNN presets.
 """
@@ -333,6 +335,49 @@ def finetune_head(
     return head.eval(), losses
 
 
+@dataclass(frozen=True)
+class HeadDetections:
+    """A predictor's detections of one cached image in model-input coordinates, before the
+    rescaling to the original size, with the proposal each box came from.
+
+    Attributes:
+        boxes: ``[N, 4]`` float32 xyxy; scores: ``[N]`` float32; labels: ``[N]`` int64 class
+            indices ``1..K``.
+        probs: ``[N, K + 1]`` float32 class distribution of each box's proposal (background first).
+        rows: ``[N]`` int64 index of each box's proposal in ``HeadInputs.proposals`` (and ``features``).
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    probs: torch.Tensor
+    rows: torch.Tensor
+
+
+def _postprocessed(detector: Any, cache: HeadCache, image_ids: Sequence[ImageId], predictor, batch_size: int):
+    """Per chunk of ``image_ids``: the ids, their cached inputs, the model's
+    ``postprocess_detections`` result dicts (model-input coordinates) with the extra keys of
+    :mod:`mgral.detectors.postprocess` (``probs``, ``rows``, ``num_candidates``)."""
+    model = _faster_rcnn(detector)
+    roi = model.roi_heads
+    head = predictor if predictor is not None else roi.box_predictor
+    dtype = next(head.parameters()).dtype
+    check_cached(cache, image_ids)
+    ids = list(image_ids)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        heads = [cache[i] for i in chunk]
+        logits, regression = head(torch.cat([h.features for h in heads]).to(dtype))
+        sizes = [h.image_size for h in heads]
+        boxes, scores, labels = roi.postprocess_detections(logits, regression, [h.proposals for h in heads], sizes)
+        extra = roi.__dict__.pop("_mgral_extra", None) or [{}] * len(heads)
+        results = [
+            {"boxes": b, "scores": s, "labels": lab, **ex}
+            for b, s, lab, ex in zip(boxes, scores, labels, extra, strict=True)
+        ]
+        yield chunk, heads, results
+
+
 @torch.inference_mode()
 def predict_from_cache(
     detector: Any,
@@ -347,21 +392,33 @@ def predict_from_cache(
     distributions kept) and its transform's rescaling to the original image size."""
     model = _faster_rcnn(detector)
     model.eval()  # the transform rescales boxes to the original size in eval mode only
-    roi = model.roi_heads
-    head = predictor if predictor is not None else roi.box_predictor
-    dtype = next(head.parameters()).dtype
-    check_cached(cache, image_ids)
-    ids, out = list(image_ids), {}
-    for start in range(0, len(ids), batch_size):
-        heads = [cache[i] for i in ids[start : start + batch_size]]
-        logits, regression = head(torch.cat([h.features for h in heads]).to(dtype))
+    out = {}
+    for chunk, heads, results in _postprocessed(detector, cache, image_ids, predictor, batch_size):
         sizes = [h.image_size for h in heads]
-        boxes, scores, labels = roi.postprocess_detections(logits, regression, [h.proposals for h in heads], sizes)
-        extra = roi.__dict__.pop("_mgral_extra", None) or [{}] * len(heads)
-        results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels, strict=True)]
         results = model.transform.postprocess(results, sizes, [h.original_size for h in heads])
-        for i, res, ex in zip(ids[start : start + batch_size], results, extra, strict=True):
-            out[i] = detector._to_detections({**res, **ex}, None)
+        for i, res in zip(chunk, results, strict=True):
+            out[i] = detector._to_detections(res, None)
+    return out
+
+
+@torch.inference_mode()
+def head_detections(
+    detector: Any,
+    cache: HeadCache,
+    image_ids: Sequence[ImageId],
+    *,
+    predictor: nn.Module | None = None,
+    batch_size: int = 8,
+) -> dict[ImageId, HeadDetections]:
+    """The boxes :func:`predict_from_cache` gives, in the cache's coordinates, with their
+    proposals' rows: a box's features are ``cache[i].features[rows]`` (those of the proposal
+    it was regressed from), so detections can serve as labels of a head fine-tune."""
+    out = {}
+    for chunk, _, results in _postprocessed(detector, cache, image_ids, predictor, batch_size):
+        for i, res in zip(chunk, results, strict=True):
+            out[i] = HeadDetections(
+                res["boxes"].float(), res["scores"].float(), res["labels"], res["probs"].float(), res["rows"]
+            )
     return out
 
 

@@ -17,7 +17,8 @@ The vector has ``num_classes`` entries (torchvision's class indices: 0 is backgr
   replaced by that fixed 0 background logit;
 * SSD: its softmax over classes, background included.
 Every row sums to 1. Each image's vectors are stored in ``detection["probs"]``
-(float32 ``[N, num_classes]``), with ``detection["num_candidates"]`` (pre-NMS count).
+(float32 ``[N, num_classes]``), with ``detection["num_candidates"]`` (pre-NMS count); Faster
+R-CNN also gives ``detection["rows"]`` (int64 ``[N]``): the proposal each box was regressed from.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _roi_heads_postprocess(self, class_logits, box_regression, proposals, image_
     boxes_per_image = [p.shape[0] for p in proposals]
     pred_boxes = self.box_coder.decode(box_regression, proposals)
     pred_scores = F.softmax(class_logits, -1)
-    out_boxes, out_scores, out_labels, out_probs, out_counts = [], [], [], [], []
+    out_boxes, out_scores, out_labels, out_probs, out_rows, out_counts = [], [], [], [], [], []
     for boxes, scores, image_shape in zip(
         pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes, strict=True
     ):
@@ -66,7 +67,10 @@ def _roi_heads_postprocess(self, class_logits, box_regression, proposals, image_
         out_scores.append(scores[keep])
         out_labels.append(labels[keep])
         out_probs.append(probs[rows[keep]])
-    self._mgral_extra = [{"probs": p, "num_candidates": c} for p, c in zip(out_probs, out_counts, strict=True)]
+        out_rows.append(rows[keep])
+    self._mgral_extra = [
+        {"probs": p, "rows": r, "num_candidates": c} for p, r, c in zip(out_probs, out_rows, out_counts, strict=True)
+    ]
     return out_boxes, out_scores, out_labels
 
 
