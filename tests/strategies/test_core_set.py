@@ -24,31 +24,6 @@ def brute_force_k_center(pool, centers, n):
     return picked, dist
 
 
-def reference_k_center(pool, centers, n, rng, normalize):
-    """The plain loop that k_center_greedy must reproduce pick for pick: float64 distances
-    summed from the differences of the prepared embeddings, every point updated at every
-    pick, ties to the first in the ``rng`` permutation."""
-    x = core_set_module._prepare(pool, normalize).astype(np.float64)
-    c = core_set_module._prepare(centers, normalize).astype(np.float64).reshape(-1, x.shape[1])
-    perm = rng.permutation(len(x))
-    x = x[perm]
-
-    def sq_dist(a, b):
-        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
-
-    min_d = sq_dist(x, c).min(axis=1) if len(c) else np.full(len(x), np.inf)
-    picked, dist = [], []
-    for t in range(n):
-        i = 0 if (t == 0 and not len(c)) else int(np.argmax(min_d))
-        picked.append(i)
-        dist.append(min_d[i])
-        min_d = np.minimum(min_d, sq_dist(x, x[i : i + 1])[:, 0])
-        min_d[i] = -np.inf
-        if t == 0 and not len(c):
-            dist[0] = min_d.max() if len(x) > 1 else 0.0
-    return perm[picked], np.sqrt(dist)
-
-
 def tied_inputs(seed):
     """Pools with exact ties: integer points (many duplicates, many equal distances), some equal
     to a labeled point; and Gaussian points, some repeated exactly."""
@@ -64,7 +39,9 @@ def tied_inputs(seed):
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(("bound_centers", "measure_step"), [(1024, 1024), (2, 5)])
-def test_picks_equal_the_plain_float64_loop_even_with_ties(monkeypatch, seed, bound_centers, measure_step):
+def test_picks_equal_the_plain_float64_loop_even_with_ties(
+    monkeypatch, reference_k_center, seed, bound_centers, measure_step
+):
     # small bound sets and measuring steps make the lazy search prune and grow on small pools
     monkeypatch.setattr(core_set_module, "BOUND_CENTERS", bound_centers)
     monkeypatch.setattr(core_set_module, "MEASURE_STEP", measure_step)
@@ -77,7 +54,7 @@ def test_picks_equal_the_plain_float64_loop_even_with_ties(monkeypatch, seed, bo
             assert np.all(np.diff(dist) <= 0)
 
 
-def test_a_point_far_from_every_bound_center_is_still_found(monkeypatch):
+def test_a_point_far_from_every_bound_center_is_still_found(monkeypatch, reference_k_center):
     # the bound uses 2 of the 40 labeled points: the upper bounds are loose, the picks exact
     monkeypatch.setattr(core_set_module, "BOUND_CENTERS", 2)
     monkeypatch.setattr(core_set_module, "MEASURE_STEP", 3)
