@@ -167,3 +167,59 @@ def test_pool_order_does_not_matter_even_with_ties():
         backward_ctx = ppal_context(preds, seed)
         backward_ctx.pool_ids = backward_ctx.pool_ids[::-1]
         assert build_strategy("ppal").select(backward_ctx, 2).image_ids == forward.image_ids
+
+
+def plain_matching_distance(features, labels, weights):
+    """The matching distance pair by pair and box by box, as the module doc states it."""
+    features = [np.asarray(f, dtype=np.float64) for f in features]
+    weights = [np.asarray(w, dtype=np.float64) for w in weights]
+
+    def one_way(a, b):
+        total = 0.0
+        for f, lab, w in zip(features[a], labels[a], weights[a], strict=True):
+            same = [g for g, lab_b in zip(features[b], labels[b], strict=True) if lab_b == lab]
+            cos = max((f @ g / (np.linalg.norm(f) * np.linalg.norm(g)) for g in same), default=None)
+            total += w * (1.0 if cos is None else min(max(1.0 - cos, 0.0), 1.0))
+        return total / weights[a].sum()
+
+    m = len(features)
+    empty = [w.sum() <= 0 for w in weights]
+    d = np.zeros((m, m))
+    for a in range(m):
+        for b in range(m):
+            if a != b and not (empty[a] and empty[b]):
+                ab = 1.0 if empty[a] else one_way(a, b)
+                ba = 1.0 if empty[b] else one_way(b, a)
+                d[a, b] = min(max(0.5 * (ab + ba), 0.0), 1.0)
+    return d
+
+
+def tied_pool(seed):
+    """Random images with up to 6 boxes (empty ones too); a quarter repeated exactly, and repeated
+    boxes inside images."""
+    rng = np.random.default_rng(seed)
+    preds = {}
+    for k in range(24):
+        n = int(rng.integers(0, 7))
+        labels = rng.integers(1, 5, size=n)
+        probs = rng.dirichlet(np.ones(len(CATS) + 1), size=n)
+        if n > 2:
+            labels[1], probs[1] = labels[0], probs[0]
+        preds[f"p{k:02d}"] = det(labels, rng.uniform(0.05, 0.95, size=n), probs)
+    preds.update({f"q{k:02d}": preds[f"p{k:02d}"] for k in range(0, 24, 4)})
+    return preds
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matching_distance_and_picks_equal_the_plain_pairwise_loop_even_with_ties(monkeypatch, seed):
+    preds = tied_pool(seed)
+    dets = [preds[i] for i in sorted(preds)]
+    args = ([d.probs for d in dets], [d.labels for d in dets], [d.scores for d in dets])
+    np.testing.assert_allclose(matching_distance(*args), plain_matching_distance(*args), rtol=0, atol=1e-12)
+    monkeypatch.setattr(ppal_module, "CHUNK_ELEMENTS", 7)  # blocks of a few boxes
+    np.testing.assert_allclose(matching_distance(*args), plain_matching_distance(*args), rtol=0, atol=1e-12)
+    monkeypatch.undo()
+    fast = build_strategy("ppal", min_score=0.0).select(ppal_context(preds, seed), 6)
+    monkeypatch.setattr(ppal_module, "matching_distance", plain_matching_distance)
+    plain = build_strategy("ppal", min_score=0.0).select(ppal_context(preds, seed), 6)
+    assert fast.image_ids == plain.image_ids and fast.scores == plain.scores

@@ -120,13 +120,27 @@ def matching_distance(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
         owner, f, w = owner_all[sel], feats[sel], all_w[sel]
         norm = np.linalg.norm(f, axis=1, keepdims=True)
         f = f / np.where(norm > 0, norm, 1.0)
-        images, starts = np.unique(owner, return_index=True)
+        images, starts, boxes = np.unique(owner, return_index=True, return_counts=True)
+        # the images by their number k of boxes of the category; the boxes of the k-box images
+        # slot by slot (every image's first box, then every second box, ...), so that an image's
+        # largest dot product is a maximum over k contiguous slabs
+        by_count = np.argsort(boxes, kind="stable")
+        images, starts, boxes = images[by_count], starts[by_count], boxes[by_count]
+        first = np.flatnonzero(np.r_[True, boxes[1:] != boxes[:-1]])
+        groups = list(zip(first.tolist(), [*first[1:].tolist(), len(boxes)], strict=True))
+        offset = np.r_[0, np.cumsum(boxes)].tolist()
+        f_slots = f[np.concatenate([(starts[a:b] + np.arange(boxes[a])[:, None]).reshape(-1) for a, b in groups])]
         acc = np.zeros((m, len(images)))
         rows = max(1, CHUNK_ELEMENTS // len(f))
         for lo in range(0, len(f), rows):
+            dots = f_slots @ f[lo : lo + rows].T  # [boxes of the category, rows]
+            nearest = np.empty((len(images), len(dots[0])))
+            for a, b in groups:
+                slabs = dots[offset[a] : offset[b]].reshape(boxes[a], b - a, -1)
+                np.max(slabs, axis=0, out=nearest[a:b])
             # clip(1 - x, 0, 1) does not increase with x, so the nearest box of each image (the
             # smallest distance) is the one of largest dot product: reduce first, then map
-            nearest = np.maximum.reduceat(f[lo : lo + rows] @ f.T, starts, axis=1)
+            nearest = np.ascontiguousarray(nearest.T)
             np.subtract(1.0, nearest, out=nearest)
             np.clip(nearest, 0.0, 1.0, out=nearest)
             _add_in_order(acc, owner[lo : lo + rows], w[lo : lo + rows, None] * nearest)
