@@ -121,31 +121,26 @@ def matching_distance(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
         norm = np.linalg.norm(f, axis=1, keepdims=True)
         f = f / np.where(norm > 0, norm, 1.0)
         images, starts, boxes = np.unique(owner, return_index=True, return_counts=True)
-        # the images by their number k of boxes of the category; the boxes of the k-box images
-        # slot by slot (every image's first box, then every second box, ...), so that an image's
-        # largest dot product is a maximum over k contiguous slabs
         by_count = np.argsort(boxes, kind="stable")
         images, starts, boxes = images[by_count], starts[by_count], boxes[by_count]
-        first = np.flatnonzero(np.r_[True, boxes[1:] != boxes[:-1]])
-        groups = list(zip(first.tolist(), [*first[1:].tolist(), len(boxes)], strict=True))
-        offset = np.r_[0, np.cumsum(boxes)].tolist()
-        f_slots = f[np.concatenate([(starts[a:b] + np.arange(boxes[a])[:, None]).reshape(-1) for a, b in groups])]
-        acc = np.zeros((m, len(images)))
-        rows = max(1, CHUNK_ELEMENTS // len(f))
-        for lo in range(0, len(f), rows):
-            dots = f_slots @ f[lo : lo + rows].T  # [boxes of the category, rows]
-            nearest = np.empty((len(images), len(dots[0])))
-            for a, b in groups:
-                slabs = dots[offset[a] : offset[b]].reshape(boxes[a], b - a, -1)
-                np.max(slabs, axis=0, out=nearest[a:b])
-            # clip(1 - x, 0, 1) does not increase with x, so the nearest box of each image (the
-            # smallest distance) is the one of largest dot product: reduce first, then map
-            nearest = np.ascontiguousarray(nearest.T)
-            np.subtract(1.0, nearest, out=nearest)
-            np.clip(nearest, 0.0, 1.0, out=nearest)
-            _add_in_order(acc, owner[lo : lo + rows], w[lo : lo + rows, None] * nearest)
-        mass = np.bincount(owner, weights=w, minlength=m)
-        num[:, images] -= mass[:, None] - acc
+        acc = np.zeros((len(images), len(images)))  # [box's image, other image]: sum of w * distance
+        blocks = _slot_blocks(starts, boxes, max(1, math.isqrt(CHUNK_ELEMENTS)))
+        feats_of = [f[rows] for _, rows in blocks]
+        for k, (a, a_rows) in enumerate(blocks):
+            f_a, w_a = feats_of[k], w[a_rows]
+            for (b, b_rows), f_b in zip(blocks[k:], feats_of[k:], strict=True):
+                # the dot products are symmetric: one block gives both images' nearest boxes;
+                # clip(1 - x, 0, 1) does not increase with x, so the nearest box of an image
+                # (the smallest distance) is the one of largest dot product: reduce, then map
+                dots = f_b @ f_a.T  # [b's boxes, a's boxes], both slot by slot
+                slots_b, slots_a = len(b_rows) // (b.stop - b.start), len(a_rows) // (a.stop - a.start)
+                nearest = dots.reshape(slots_b, b.stop - b.start, -1).max(axis=0)  # [b images, a's boxes]
+                acc[a, b] += _sum_slots(w_a * _distance(nearest), slots_a, axis=1).T
+                if b != a:
+                    nearest = dots.reshape(len(b_rows), slots_a, -1).max(axis=1)  # [b's boxes, a images]
+                    acc[b, a] += _sum_slots(w[b_rows, None] * _distance(nearest), slots_b, axis=0)
+        mass = np.bincount(owner, weights=w, minlength=m)[images]
+        num[np.ix_(images, images)] -= mass[:, None] - acc
     empty = sums <= 0
     d = np.where(empty[:, None], 1.0, num / np.where(empty, 1.0, sums)[:, None])
     d = np.clip(0.5 * (d + d.T), 0.0, 1.0)
@@ -154,16 +149,36 @@ def matching_distance(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
     return d
 
 
-def _add_in_order(acc: np.ndarray, owner: np.ndarray, values: np.ndarray) -> None:
-    """``np.add.at(acc, owner, values)`` for ``owner`` sorted: each row of ``acc`` receives its
-    values one after the other, in order (the same sums, rounding included), one rank at a time."""
-    if not len(owner):
-        return
-    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    length = np.diff(np.r_[first, len(owner)])
-    for r in range(int(length.max())):
-        at = first[length > r]
-        acc[owner[at]] += values[at + r]
+def _slot_blocks(starts: np.ndarray, boxes: np.ndarray, size: int) -> list[tuple[slice, np.ndarray]]:
+    """Images (sorted by box count) in blocks of equal count ``k`` and at most ``size`` boxes
+    (or one image), each with its boxes' rows slot by slot: every image's first box, then every
+    second box, ..., so that a maximum over an image's boxes is one over ``k`` slabs."""
+    out = []
+    first = np.flatnonzero(np.r_[True, boxes[1:] != boxes[:-1]]).tolist()
+    for lo, hi in zip(first, [*first[1:], len(boxes)], strict=True):
+        k = int(boxes[lo])
+        step = max(1, size // k)
+        for a in range(lo, hi, step):
+            sl = slice(a, min(a + step, hi))
+            out.append((sl, (starts[sl] + np.arange(k)[:, None]).reshape(-1)))
+    return out
+
+
+def _distance(dots: np.ndarray) -> np.ndarray:
+    """``clip(1 - dots, 0, 1)``, in place."""
+    np.subtract(1.0, dots, out=dots)
+    return np.clip(dots, 0.0, 1.0, out=dots)
+
+
+def _sum_slots(values: np.ndarray, slots: int, axis: int) -> np.ndarray:
+    """Sum of the ``slots`` equal slabs of ``values`` along ``axis``, added one after the other
+    from zero (an image's boxes in their order: the same sums, rounding included, as adding the
+    boxes' terms one by one)."""
+    slabs = np.split(values, slots, axis=axis)
+    out = np.zeros_like(slabs[0])
+    for slab in slabs:
+        out += slab
+    return out
 
 
 def k_medoids(distance: np.ndarray, k: int, rng: np.random.Generator, max_iter: int = 100) -> tuple[np.ndarray, int]:
