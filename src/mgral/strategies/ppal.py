@@ -26,7 +26,9 @@ distance 0, one without boxes is at distance 1 from every other. The batch is th
 ``budget`` medoids of a k-medoids clustering of the candidates under that distance,
 seeded by greedy k-center (farthest-first from a random candidate) and refined for at most
 ``max_iter`` iterations, as in the official code. The selection's scores are the picks'
-stage-1 scores, highest first.
+stage-1 scores, highest first. (The matrix is computed from float32 dot products; every
+k-medoids decision that their proven error bound leaves open is settled on float64 rows,
+so the medoids are those of the float64 matrix.)
 
 Departures from the paper and the official code (``ChenhongyiYang/PPAL``):
 
