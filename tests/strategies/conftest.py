@@ -18,6 +18,7 @@ from PIL import Image
 
 from mgral.data.records import Category, Dataset, Detections, ImageRecord, Target
 from mgral.strategies import SelectionContext, Strategy
+from mgral.strategies.core_set import _prepare
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -117,6 +118,36 @@ def _for_strategy(
         if "oracle" in req:
             context.oracle_dataset = truth
     return context
+
+
+def _reference_k_center(pool, centers, n, rng, normalize):
+    """The plain loop that k_center_greedy must reproduce pick for pick: float64 distances
+    summed from the differences of the prepared embeddings, every point updated at every
+    pick, ties to the first in the ``rng`` permutation."""
+    x = _prepare(pool, normalize).astype(np.float64)
+    c = _prepare(centers, normalize).astype(np.float64).reshape(-1, x.shape[1])
+    perm = rng.permutation(len(x))
+    x = x[perm]
+
+    def sq_dist(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
+
+    min_d = sq_dist(x, c).min(axis=1) if len(c) else np.full(len(x), np.inf)
+    picked, dist = [], []
+    for t in range(n):
+        i = 0 if (t == 0 and not len(c)) else int(np.argmax(min_d))
+        picked.append(i)
+        dist.append(min_d[i])
+        min_d = np.minimum(min_d, sq_dist(x, x[i : i + 1])[:, 0])
+        min_d[i] = -np.inf
+        if t == 0 and not len(c):
+            dist[0] = min_d.max() if len(x) > 1 else 0.0
+    return perm[picked], np.sqrt(dist)
+
+
+@pytest.fixture
+def reference_k_center():
+    return _reference_k_center
 
 
 @pytest.fixture

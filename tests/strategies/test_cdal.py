@@ -142,3 +142,25 @@ def test_pool_order_does_not_matter_even_with_ties():
         backward_ctx.pool_ids = backward_ctx.pool_ids[::-1]
         backward = build_strategy("cdal").select(backward_ctx, 3)
         assert forward.image_ids == backward.image_ids and forward.scores == backward.scores
+
+
+def test_picks_equal_the_plain_k_center_loop_even_with_duplicates_and_empty_images(reference_k_center):
+    rng = np.random.default_rng(7)
+    labels = [c.id for c in CATS]
+
+    def image(boxes):
+        chosen = rng.choice(labels, boxes)
+        return det(chosen, [peaked(int(c), rng.uniform(0.4, 0.95)) for c in chosen])
+
+    pool = {f"p{k:02d}": image(int(rng.integers(0, 4))) for k in range(40)}
+    pool.update({f"q{k:02d}": pool[f"p{k:02d}"] for k in range(0, 40, 4)})  # duplicates, empty ones included
+    labeled = {f"l{k}": image(int(rng.integers(1, 3))) for k in range(4)}
+    ids = sorted(pool)  # CDAL's canonical order
+    features = contextual_features(pool, ids, COLUMNS)
+    labeled_features = contextual_features(labeled, list(labeled), COLUMNS)
+    for seed in range(4):
+        for budget in (5, len(pool)):
+            sel = build_strategy("cdal").select(cdal_context(pool, labeled, seed), budget)
+            picked, dist = reference_k_center(features, labeled_features, budget, np.random.default_rng(seed), False)
+            assert sel.image_ids == [ids[i] for i in picked]
+            assert sel.scores == pytest.approx(0.5 * dist**2, rel=1e-9, abs=1e-12)

@@ -24,6 +24,48 @@ def brute_force_k_center(pool, centers, n):
     return picked, dist
 
 
+def tied_inputs(seed):
+    """Pools with exact ties: integer points (many duplicates, many equal distances), some equal
+    to a labeled point; and Gaussian points, some repeated exactly."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 4, size=(80, 3)).astype(np.float64)
+    yield grid, grid[rng.choice(80, 3)], False
+    yield grid, np.zeros((0, 3)), False
+    gauss = rng.normal(size=(60, 8))
+    gauss = np.concatenate([gauss, gauss[:15], gauss[:5]])
+    yield gauss, rng.normal(size=(6, 8)), True
+    yield gauss + 50.0, np.concatenate([gauss[:3], rng.normal(size=(4, 8))]) + 50.0, False
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("bound_centers", "measure_step"), [(1024, 1024), (2, 5)])
+def test_picks_equal_the_plain_float64_loop_even_with_ties(
+    monkeypatch, reference_k_center, seed, bound_centers, measure_step
+):
+    # small bound sets and measuring steps make the lazy search prune and grow on small pools
+    monkeypatch.setattr(core_set_module, "BOUND_CENTERS", bound_centers)
+    monkeypatch.setattr(core_set_module, "MEASURE_STEP", measure_step)
+    for pool, labeled, normalize in tied_inputs(seed):
+        for n in (1, 17, len(pool)):
+            picked, dist = k_center_greedy(pool, labeled, n, np.random.default_rng(seed), normalize=normalize)
+            ref_picked, ref_dist = reference_k_center(pool, labeled, n, np.random.default_rng(seed), normalize)
+            assert picked.tolist() == ref_picked.tolist()
+            assert dist == pytest.approx(ref_dist, rel=1e-9, abs=1e-9)
+            assert np.all(np.diff(dist) <= 0)
+
+
+def test_a_point_far_from_every_bound_center_is_still_found(monkeypatch, reference_k_center):
+    # the bound uses 2 of the 40 labeled points: the upper bounds are loose, the picks exact
+    monkeypatch.setattr(core_set_module, "BOUND_CENTERS", 2)
+    monkeypatch.setattr(core_set_module, "MEASURE_STEP", 3)
+    rng = np.random.default_rng(9)
+    labeled = rng.normal(size=(40, 4))
+    pool = np.concatenate([labeled[5:25] + 0.01 * rng.normal(size=(20, 4)), [[9.0, 9.0, 9.0, 9.0]]])
+    picked, _ = k_center_greedy(pool, labeled, 5, np.random.default_rng(0), normalize=False)
+    assert picked.tolist() == reference_k_center(pool, labeled, 5, np.random.default_rng(0), False)[0].tolist()
+    assert picked[0] == 20
+
+
 def test_farthest_first_then_a_distinct_point_not_a_near_duplicate():
     labeled = np.zeros((1, 2))
     pool = np.array([[10.0, 0.0], [10.0, 0.5], [0.0, 6.0], [1.0, 1.0]])

@@ -167,3 +167,125 @@ def test_pool_order_does_not_matter_even_with_ties():
         backward_ctx = ppal_context(preds, seed)
         backward_ctx.pool_ids = backward_ctx.pool_ids[::-1]
         assert build_strategy("ppal").select(backward_ctx, 2).image_ids == forward.image_ids
+
+
+def plain_matching_distance(features, labels, weights):
+    """The matching distance pair by pair and box by box, as the module doc states it."""
+    features = [np.asarray(f, dtype=np.float64) for f in features]
+    weights = [np.asarray(w, dtype=np.float64) for w in weights]
+
+    def one_way(a, b):
+        total = 0.0
+        for f, lab, w in zip(features[a], labels[a], weights[a], strict=True):
+            same = [g for g, lab_b in zip(features[b], labels[b], strict=True) if lab_b == lab]
+            cos = max((f @ g / (np.linalg.norm(f) * np.linalg.norm(g)) for g in same), default=None)
+            total += w * (1.0 if cos is None else min(max(1.0 - cos, 0.0), 1.0))
+        return total / weights[a].sum()
+
+    m = len(features)
+    empty = [w.sum() <= 0 for w in weights]
+    d = np.zeros((m, m))
+    for a in range(m):
+        for b in range(m):
+            if a != b and not (empty[a] and empty[b]):
+                ab = 1.0 if empty[a] else one_way(a, b)
+                ba = 1.0 if empty[b] else one_way(b, a)
+                d[a, b] = min(max(0.5 * (ab + ba), 0.0), 1.0)
+    return d
+
+
+def plain_rows(features, labels, weights, *, rows=None, dtype=None):
+    """:func:`plain_matching_distance` (whatever the dtype), the given rows or all."""
+    d = plain_matching_distance(features, labels, weights)
+    return d if rows is None else d[rows]
+
+
+def tied_pool(seed):
+    """Random images with up to 6 boxes (empty ones too); a quarter repeated exactly, and repeated
+    boxes inside images."""
+    rng = np.random.default_rng(seed)
+    preds = {}
+    for k in range(24):
+        n = int(rng.integers(0, 7))
+        labels = rng.integers(1, 5, size=n)
+        probs = rng.dirichlet(np.ones(len(CATS) + 1), size=n)
+        if n > 2:
+            labels[1], probs[1] = labels[0], probs[0]
+        preds[f"p{k:02d}"] = det(labels, rng.uniform(0.05, 0.95, size=n), probs)
+    preds.update({f"q{k:02d}": preds[f"p{k:02d}"] for k in range(0, 24, 4)})
+    return preds
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matching_distance_and_picks_equal_the_plain_pairwise_loop_even_with_ties(monkeypatch, seed):
+    preds = tied_pool(seed)
+    dets = [preds[i] for i in sorted(preds)]
+    args = ([d.probs for d in dets], [d.labels for d in dets], [d.scores for d in dets])
+    np.testing.assert_allclose(matching_distance(*args), plain_matching_distance(*args), rtol=0, atol=1e-12)
+    monkeypatch.setattr(ppal_module, "CHUNK_ELEMENTS", 7)  # blocks of a few boxes
+    np.testing.assert_allclose(matching_distance(*args), plain_matching_distance(*args), rtol=0, atol=1e-12)
+    monkeypatch.undo()
+    fast = build_strategy("ppal", min_score=0.0).select(ppal_context(preds, seed), 6)
+    monkeypatch.setattr(ppal_module, "matching_distance", plain_rows)
+    plain = build_strategy("ppal", min_score=0.0).select(ppal_context(preds, seed), 6)
+    assert fast.image_ids == plain.image_ids and fast.scores == plain.scores
+
+
+def random_boxes(seed, images=40, dim=6):
+    """Images of 0-9 boxes in 4 categories, with exact copies and near-copies of boxes and images."""
+    rng = np.random.default_rng(seed)
+    counts = rng.choice([0, 1, 2, 5, 9], size=images)
+    feats = [rng.dirichlet(np.ones(dim), size=n) for n in counts]
+    labels = [rng.integers(1, 5, size=n) for n in counts]
+    weights = [rng.uniform(0.05, 1.0, size=n) for n in counts]
+    for k in range(0, images, 5):  # an exact copy of an image, and one with a box nudged by 1e-9
+        feats[k + 1], labels[k + 1], weights[k + 1] = feats[k].copy(), labels[k].copy(), weights[k].copy()
+        if len(feats[k]):
+            feats[k + 2], labels[k + 2], weights[k + 2] = feats[k] + 1e-9, labels[k].copy(), weights[k].copy()
+    return feats, labels, weights
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rows_are_the_matrix_rows_and_symmetric_among_themselves(seed):
+    distances = ppal_module.MatchingDistance(*random_boxes(seed))
+    whole = distances.matrix()
+    rows = np.array([3, 0, 17, 1, 2, 39])
+    part = distances.rows(rows)
+    np.testing.assert_allclose(part, whole[rows], rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(part[:, rows], part[:, rows].T)
+    assert np.all(part[np.arange(len(rows)), rows] == 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float32_entries_are_within_the_error_bound(seed):
+    distances = ppal_module.MatchingDistance(*random_boxes(seed, dim=21))
+    gap = np.abs(distances.matrix(np.float32) - distances.matrix())
+    assert 0 < gap.max() <= distances.error(np.float32)
+
+
+def near_tied_distances(seed, m=60):
+    """A symmetric matrix whose distances come in few values, each repeated with offsets of
+    1e-9 (far below the float32 error), so that most k-medoids decisions are near-ties."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 4, size=(m, 2)).astype(float)
+    d = np.abs(x[:, None, :] - x[None, :, :]).sum(axis=2) / 8 + 1e-9 * rng.integers(0, 3, size=(m, m))
+    d = np.triu(d, 1) + np.triu(d, 1).T
+    return d
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_k_medoids_on_inexact_distances_settles_every_near_tie_on_exact_rows(seed):
+    exact = near_tied_distances(seed)
+    error = 1e-6
+    noise = np.random.default_rng(seed + 100).uniform(-error, error, size=exact.shape)
+    noisy = np.clip(exact + np.triu(noise, 1) + np.triu(noise, 1).T, 0.0, None)
+    settled = []
+
+    def exact_rows(rows):
+        settled.append(len(rows))
+        return exact[rows]
+
+    want = k_medoids(exact, 7, np.random.default_rng(seed))
+    got = k_medoids(noisy, 7, np.random.default_rng(seed), error=error, exact_rows=exact_rows)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+    assert settled  # near-ties were met, and settled
