@@ -27,8 +27,10 @@ demo: setup
 	$(VENV)/bin/mgral run configs/quickstart.yaml --out $(DEMO_OUT) --resume
 	$(VENV)/bin/mgral report $(DEMO_OUT)
 
+# One pytest-xdist worker per core (at most 4), one torch thread each (tests/conftest.py); each test
+# file runs on one worker (--dist loadfile: a module's costly fixtures, whole runs, are built once).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 bench-eval: setup
 	$(PY) benchmarks/bench_eval.py

@@ -35,7 +35,7 @@ def test_quickstart_and_the_full_comparison_load():
     config = load_config(QUICKSTART)
     assert config.dataset.path == str(QUICKSTART.parents[1] / "runs" / "digits")
     assert config.dataset.synth_config().images == 600
-    assert config.detector.preset == "tiny" and config.detector.train == {"iterations": 120, "warmup_iters": 12}
+    assert config.detector.preset == "tiny" and config.detector.train == {"iterations": 90, "warmup_iters": 9}
     assert config.detector.warm_start is True
     assert [s.label for s in config.strategies] == ["random", "entropy", "mgral"]
     assert config.strategies[1].params == {"aggregation": "max"}
@@ -44,7 +44,9 @@ def test_quickstart_and_the_full_comparison_load():
     full = load_config(QUICKSTART.with_name("comparison.yaml"))
     assert [s.label for s in full.strategies] == ["random", "entropy", "core_set", "cald", "ppal", "cdal", "mgral"]
     assert (full.cycles, full.seeds, full.dataset.path) == (4, [0, 1], config.dataset.path)
-    assert full.detector == config.detector
+    # the comparison trains longer per cycle than the 10-minute demo; the rest of the detector is the same
+    assert full.detector.train == {"iterations": 120, "warmup_iters": 12}
+    assert full.detector.model_dump(exclude={"train"}) == config.detector.model_dump(exclude={"train"})
 
 
 def test_relative_paths_follow_the_file_and_set_values_follow_the_cwd(tmp_path, monkeypatch):

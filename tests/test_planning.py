@@ -341,6 +341,7 @@ SMALL = ["detector.params.min_size=32", "detector.params.max_size=64", "detector
 MICRO = {"pool_images": 4, "test_images": 1, "iterations": 1}
 
 
+@pytest.mark.slow  # 25 s on 2 cores (SSD300 on CPU); VOC07 scoring stays in the default suite via RetinaNet's
 def test_ssd_voc0712_config_dry_run(tmp_path, monkeypatch):
     devkit = make_voc0712(tmp_path)
     # SSD300 costs seconds an image on CPU: random here (evaluation still runs SSD's predictions and

@@ -37,6 +37,7 @@ def _same(a, b):
         assert np.allclose(x["per_class"], y["per_class"], equal_nan=True)
 
 
+@pytest.mark.slow  # 40-85 s on 2 cores; the executors' own contract stays in the default suite (next tests)
 def test_inline_process_and_ray_give_the_same_results(surrogate_jobs):
     jobs, shared = surrogate_jobs
     inline = _run("inline", jobs, shared)
