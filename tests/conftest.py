@@ -30,11 +30,8 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
-FIRST = ("tests/test_loop.py", "tests/strategies/test_mgral_executors.py", "tests/test_hostile_runs.py")
-"""The modules with the longest runs (whole experiments in subprocesses, on process pools and Ray).
-test_mgral_executors stays before test_hostile_runs, as in collection order: its check that a
-refusing RayExecutor shuts down the Ray it started fails when it runs after test_hostile_runs'
-interrupted Ray map in the same process (not reproduced outside pytest; left for a later look)."""
+FIRST = ("tests/test_loop.py", "tests/test_hostile_runs.py", "tests/test_al_benchmark.py", "tests/test_disk_full.py")
+"""The modules with the longest runs (whole experiments, in subprocesses, on process pools and Ray)."""
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -285,10 +285,10 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize(
     ("signum", "executor"),
     [
-        (signal.SIGTERM, "process"),
-        # the same path (one in the default suite); Ray's processes are the local instance's
+        # whole runs in subprocesses with two workers (30-65 s each on 2 cores): make test-slow, run by .ci/run
+        pytest.param(signal.SIGTERM, "process", marks=pytest.mark.slow),
         pytest.param(signal.SIGINT, "process", marks=pytest.mark.slow),
-        pytest.param(signal.SIGTERM, "ray", marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, "ray", marks=pytest.mark.slow),  # Ray's processes are the local instance's
     ],
     ids=["TERM-process", "INT-process", "TERM-ray"],
 )
@@ -313,6 +313,7 @@ def test_a_signal_stops_the_workers_releases_the_lock_and_resume_ends_as_uninter
     assert _results(run) == expected
 
 
+@pytest.mark.slow  # a whole run in a subprocess with two workers: make test-slow, run by .ci/run
 def test_a_killed_run_takes_its_workers_with_it(finished, tmp_path):
     """SIGKILL leaves the run nothing to clean up with: the kernel ends its workers
     (PR_SET_PDEATHSIG), so no orphan goes on writing into the run."""

@@ -105,6 +105,7 @@ def uninterrupted(tmp_path_factory):
     return cfg_path, _series(tmp / "run")
 
 
+@pytest.mark.slow  # the crash-safety runs (subprocesses, real kills): make test-slow, run by .ci/run
 @pytest.mark.parametrize(
     "trigger",
     ["entropy/seed-0/cycle-1/last.pt", "core_set/seed-0/cycle-0/selection.json"],
@@ -139,8 +140,8 @@ def inline_two_seeds(tmp_path_factory):
     return cfg, _series(tmp / "run")
 
 
-# In the default suite the process executor's results are checked by the failed-series test below
-# and the Ray executor's by test_al_benchmark's driver test.
+# The process executor's results are also checked by the failed-series test below, and the Ray
+# executor's by test_al_benchmark's driver test (in the default suite).
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["process", "ray"])
 def test_parallel_series_give_exactly_the_inline_results(inline_two_seeds, tmp_path, executor):
@@ -188,6 +189,7 @@ def test_the_costliest_strategies_are_planned_first_then_seed_by_seed(inline_two
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # a process pool of two series at a time: make test-slow, run by .ci/run
 def test_a_failed_series_does_not_stop_the_others_and_resume_retries_it(inline_two_seeds, tmp_path):
     cfg, expected = inline_two_seeds
     run = tmp_path / "run"

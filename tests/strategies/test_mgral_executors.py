@@ -76,6 +76,8 @@ def test_ray_jobs_asking_for_gpus_the_cluster_lacks_are_refused_not_left_waiting
 
     from mgral.executors import RayExecutor
 
+    if ray.is_initialized():  # left by an earlier test in this process: this check needs a Ray the executor starts
+        ray.shutdown()
     with pytest.raises(ConfigError, match=r"each job asks for 1 GPU\(s\) but the Ray cluster has 0"):
         RayExecutor(workers=1, gpus_per_job=1)
     assert not ray.is_initialized()  # the local instance it started is shut down again
