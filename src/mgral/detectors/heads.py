@@ -88,6 +88,13 @@ class HeadInputs:
 HeadCache = dict[ImageId, HeadInputs]
 
 
+def supports_head_cache(detector: Any) -> bool:
+    """Whether ``detector`` holds a torchvision Faster R-CNN (what this module caches and fine-tunes)."""
+    from torchvision.models.detection import FasterRCNN
+
+    return isinstance(getattr(detector, "model", None), FasterRCNN)
+
+
 def _faster_rcnn(detector: Any) -> nn.Module:
     from torchvision.models.detection import FasterRCNN
 

@@ -41,6 +41,7 @@ class Preset:
 
     build: Any  # (num_classes: int, weights: Path | None, **params) -> nn.Module
     train_defaults: dict[str, Any]
+    head_cache: bool = False  # a Faster R-CNN: mgral.detectors.heads can cache and fine-tune its box head
 
 
 PRESETS: Registry[Preset] = Registry("detector")
@@ -351,7 +352,7 @@ PRESETS.add(
 )
 PRESETS.add(
     "mobilenet_v2_fpn",
-    Preset(build_mobilenet_v2_fpn, {"epochs": 12, "batch_size": 4, "optimizer": "sgd", "lr": 0.02}),
+    Preset(build_mobilenet_v2_fpn, {"epochs": 12, "batch_size": 4, "optimizer": "sgd", "lr": 0.02}, head_cache=True),
     "Faster R-CNN + MobileNetV2-FPN, slim RPN/RoI, 320 px; ImageNet trunk when installed",
 )
 for _name, _summary in (
@@ -363,6 +364,10 @@ for _name, _summary in (
 ):
     PRESETS.add(
         _name,
-        Preset(_torchvision_builder(_name), {"epochs": 12, "batch_size": 8, "optimizer": "sgd", "lr": 0.01}),
+        Preset(
+            _torchvision_builder(_name),
+            {"epochs": 12, "batch_size": 8, "optimizer": "sgd", "lr": 0.01},
+            head_cache=_name.startswith("fasterrcnn_"),
+        ),
         _summary,
     )

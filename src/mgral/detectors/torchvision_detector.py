@@ -118,7 +118,8 @@ class TorchvisionDetector:
 
     @classmethod
     def capabilities(cls, spec: Any) -> frozenset[str]:
-        return frozenset({"augment", "clone", "self_training"})
+        head = {"head_cache"} if PRESETS.get(spec.preset).head_cache else set()
+        return frozenset({"augment", "clone", "self_training", *head})
 
     def start_from(self, other: TorchvisionDetector) -> None:
         """Take ``other``'s weights (same preset and categories)."""

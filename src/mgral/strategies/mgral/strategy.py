@@ -39,6 +39,7 @@ import torch
 
 from mgral._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mgral.data.records import Dataset, ImageId
+from mgral.detectors.heads import supports_head_cache
 from mgral.errors import ConfigError
 from mgral.executors import EXECUTORS, make_executor
 from mgral.progress import bar
@@ -46,11 +47,24 @@ from mgral.runs import CycleDir, MgralDir, reward_trend
 from mgral.strategies._detection_math import hflip
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 from mgral.strategies.mgral import agent as agent_mod
+from mgral.strategies.mgral import prior as prior_mod
+from mgral.strategies.mgral.estimate import CrossFitGain, GainEstimate
 from mgral.strategies.mgral.features import compact_features, feature_names, raw_features
+from mgral.strategies.mgral.policy import (
+    BatchMemo,
+    PolicySettings,
+    PriorTiedAgent,
+    policy_scores,
+    safe_choice,
+    standardise,
+    top_b,
+    train_policy,
+)
 from mgral.strategies.mgral.reward import TableRows, cluster_term, fit_reward_model, loo_spearman
 from mgral.strategies.mgral.surrogate import SurrogateJob, SurrogateShared, run_surrogate
 
 REWARD_SOURCES = ("surrogate", "labeled_simulation", "oracle")
+ESTIMATORS = ("auto", "head", "finetune")
 OPTIMIZERS = ("agent", "greedy", "credits")
 SAMPLINGS = ("plackett_luce", "bernoulli")
 STAGES = ("features", "table", "reward_model", "agent", "selection")
@@ -143,12 +157,24 @@ class MGRAL(Strategy):
         job_threads: int | None = None,
         device: str = "auto",
         job_gpus: float = 0,
+        estimator: str = "auto",
+        folds: int = 3,
+        labelings: int = 2,
+        head_iterations: int = 100,
+        resamples: int = 200,
+        policy_updates: int = 10,
+        policy_samples: int = 4,
+        policy_lr: float = 3e-2,
+        kl: float = 1.0,
+        safe_z: float = 2.0,
     ) -> None:
         def positive_int(name: str, v: Any, allow_none: bool = False) -> None:
             ok = (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
             _check(name, ok, "a positive integer" + (" or null" if allow_none else ""), v)
 
-        for name in ("combinations", "steps", "surrogate_batch", "updates", "samples", "hidden", "chunk", "orders"):
+        names = ("combinations", "steps", "surrogate_batch", "updates", "samples", "hidden", "chunk", "orders")
+        names += ("labelings", "head_iterations", "resamples", "policy_updates", "policy_samples")
+        for name in names:
             positive_int(name, locals()[name])
         for name in ("combination_size", "candidate_pool", "clusters", "workers", "job_threads"):
             positive_int(name, locals()[name], allow_none=True)
@@ -161,7 +187,11 @@ class MGRAL(Strategy):
         _check("history_decay", 0 <= history_decay <= 1, "a weight in [0, 1]", history_decay)
         for name in ("unsup_weight", "ridge_alpha", "entropy"):
             _check(name, locals()[name] >= 0, "a number >= 0", locals()[name])
-        for name in ("agent_lr",):
+        _check("estimator", estimator in ESTIMATORS, f"one of {', '.join(ESTIMATORS)}", estimator)
+        _check("folds", isinstance(folds, int) and not isinstance(folds, bool) and folds >= 2, "an integer >= 2", folds)
+        for name in ("kl", "safe_z"):
+            _check(name, locals()[name] >= 0, "a number >= 0", locals()[name])
+        for name in ("agent_lr", "policy_lr"):
             _check(name, locals()[name] > 0, "a number > 0", locals()[name])
         _check("surrogate_lr", surrogate_lr is None or surrogate_lr > 0, "a number > 0 or null", surrogate_lr)
         _check("reward_source", reward_source in REWARD_SOURCES, f"one of {', '.join(REWARD_SOURCES)}", reward_source)
@@ -196,8 +226,28 @@ class MGRAL(Strategy):
         self.warm_start, self.executor, self.workers = warm_start, executor, workers
         self.ray_address, self.job_threads = ray_address, job_threads
         self.device, self.job_gpus = device, job_gpus
+        self.estimator, self.folds, self.labelings, self.head_iterations = estimator, folds, labelings, head_iterations
+        self.resamples, self.policy_updates, self.policy_samples = resamples, policy_updates, policy_samples
+        self.policy_lr, self.kl, self.safe_z = policy_lr, kl, safe_z
         if reward_source == "oracle":  # research only: the true gains need the true labels
             self.requires = frozenset({*MGRAL.requires, "oracle"})
+        _check(
+            "estimator",
+            estimator != "head" or reward_source == "surrogate",
+            "finetune or auto with reward_source " + repr(reward_source) + " (the head estimator is label-free)",
+            estimator,
+        )
+        if estimator == "head":  # the mirrored pass (consistency) and the head cache
+            self.detector_needs = frozenset({"augment", "head_cache"})
+
+    def _uses_head(self, detector: Any) -> bool:
+        """The head estimator: asked for, or ``auto`` on a detector that can cache its box head
+        (Faster R-CNN presets) with the label-free reward."""
+        if self.estimator == "head":
+            return True
+        if self.estimator == "finetune" or self.reward_source != "surrogate":
+            return False
+        return supports_head_cache(detector)
 
     # -- the cycle ---------------------------------------------------------------------------
     def select(self, context: SelectionContext, budget: int) -> Selection:
@@ -208,6 +258,8 @@ class MGRAL(Strategy):
             return select_top(pool, np.zeros(n), n, rng, {"note": "the budget covers the whole pool"})
         seed = int(rng.integers(2**31))
         out = CycleDir(Path(context.work_dir)).mgral.mkdir() if context.work_dir is not None else None
+        if self._uses_head(context.detector):
+            return self._select_head(context, n, pool, rng, seed, out)
         seconds: dict[str, float] = {}
         dataset = context.dataset
 
@@ -351,6 +403,145 @@ class MGRAL(Strategy):
             info["reward_selected_batch"] = float(model.batch_rewards(credits, cand_clusters, picked[None])[0])
         seconds.setdefault("selection", time.perf_counter() - t0)
         return self._finish(context, cand, scores, n, rng, info, seconds, feats, index, out, selection, curve)
+
+    # -- the head estimator (issue 19): prior, label-free table, policy tied to the prior ------
+    def _select_head(
+        self, context: SelectionContext, n: int, pool: list[ImageId], rng: np.random.Generator, seed: int, out
+    ) -> Selection:
+        """Candidates = the pool's top by the prior; the look-up table = label-free cross-fitted
+        gains (:class:`~.estimate.CrossFitGain`) of every batch the policy samples, memoised;
+        the policy = prior logits + an LSTM residual (:mod:`.policy`); the cycle takes the
+        learned batch only when its estimate beats the prior's top-B by ``safe_z`` paired SEs."""
+        from mgral.detectors.heads import cache_head_inputs, cache_nbytes
+
+        dataset, labeled = context.dataset, list(context.labeled_ids)
+        seconds: dict[str, float] = {}
+        info: dict[str, Any] = {"estimator": "head"}
+
+        # candidates: the pool's highest by the prior's cheap scores
+        t0 = time.perf_counter()
+        raw = prior_mod.pool_scores(dataset, context.predictions, context.embeddings, pool, labeled)
+        size = min(len(pool), max(n, self.candidate_pool or 4 * n))
+        order = np.argsort(-prior_mod.pool_prior(raw), kind="stable")[:size]
+        keep = np.sort(order)  # the pool's order: nothing below depends on how the prior ranked them
+        cand = [pool[k] for k in keep]
+        feats = self._features(context, cand, out)
+        index = {i: k for k, i in enumerate(feats["ids"])}
+        stats = feats["stats"]
+        consistency = stats[:, feature_names([]).index("flip_class_consistency")]
+        z, z_names = standardise({**{k: v[keep] for k, v in raw.items()}, "inconsistency": 1.0 - consistency})
+        phi, _ = compact_features(
+            stats,
+            feats["embeddings"],
+            np.ones(len(cand), dtype=bool),
+            components=self.pca_components,
+            seed=seed,
+            stat_names=feature_names([c.name for c in dataset.categories]),
+        )
+        beta0 = np.ones(z.shape[1])
+        prior_batch = top_b(z @ beta0, n)
+        seconds["features"] = time.perf_counter() - t0
+        info.update({"candidates": len(cand), "prior_scores": z_names, "prior_weights": beta0.tolist()})
+
+        def finish(batch: np.ndarray, scores: np.ndarray, curve: list[dict[str, float]], rows) -> Selection:
+            chosen = [cand[k] for k in batch]
+            info["table_rows"] = len(rows)
+            if out is not None:
+                self._write_head_table(out, context.cycle, rows)
+            selection = Selection(chosen, [float(scores[k]) for k in batch], {})
+            return self._finish(context, cand, None, n, rng, info, seconds, feats, index, out, selection, curve)
+
+        if len(labeled) < 2:
+            info["fallback"] = f"{len(labeled)} labeled image(s): no cross-fitting, the prior's top-{n}"
+            return finish(prior_batch, z @ beta0, [], [])
+
+        # the look-up table: cached head inputs, cross-fitted control heads
+        t0 = time.perf_counter()
+        cache = cache_head_inputs(context.detector, dataset, labeled + cand, labeled=labeled)
+        info["head_cache"] = {"images": len(cache), "bytes": cache_nbytes(cache)}
+        estimator = CrossFitGain(
+            context.detector,
+            cache,
+            dataset,
+            labeled,
+            folds=min(self.folds, len(labeled)),
+            labelings=self.labelings,
+            seed=seed,
+            resamples=self.resamples,
+            train={"iterations": self.head_iterations},
+        )
+        estimates: dict[tuple[int, ...], GainEstimate] = {}
+
+        def estimate(key: tuple[int, ...]) -> GainEstimate:
+            if key not in estimates:
+                estimates[key] = estimator.estimate([cand[k] for k in key])
+                steps.advance(info=f"gain {estimates[key].gain:+.4f}")
+            return estimates[key]
+
+        rows_bound = 2 + self.policy_updates * self.policy_samples
+        with bar("MGRAL table", rows_bound, enabled=context.progress) as steps:
+            info["control_mAP"] = estimator.control_mAP
+            prior_est = estimate(tuple(sorted(prior_batch.tolist())))
+            seconds["table"] = time.perf_counter() - t0
+            rows = lambda: [(key, estimates[key]) for key in estimates]  # noqa: E731 - in evaluation order
+            if not math.isfinite(prior_est.gain):
+                info["fallback"] = "the labeled set's mAP is undefined (no boxes): the prior's top batch"
+                return finish(prior_batch, z @ beta0, [], rows())
+
+            # the policy, trained on the memoised table
+            t0 = time.perf_counter()
+            memo = BatchMemo(lambda key: estimate(key).gain)
+            agent = PriorTiedAgent(phi.shape[1], beta0, seed=seed, hidden=self.hidden)
+            settings = PolicySettings(
+                updates=self.policy_updates,
+                samples=self.policy_samples,
+                lr=self.policy_lr,
+                kl=self.kl,
+                chunk=self.chunk,
+                orders=self.orders,
+            )
+            curve = train_policy(agent, phi, z, n, memo, settings, seed=seed)
+            scores = policy_scores(agent, phi, z, settings, seed=seed)
+            seconds["agent"] = time.perf_counter() - t0
+
+            # safe selection
+            t0 = time.perf_counter()
+            learned = top_b(scores, n)
+            learned_est = estimate(tuple(sorted(learned.tolist())))
+        same = set(learned.tolist()) == set(prior_batch.tolist())
+        paired = np.nanmean(learned_est.resampled, axis=0) - np.nanmean(prior_est.resampled, axis=0)
+        se = float(np.nanstd(paired, ddof=1)) if np.isfinite(paired).sum() > 1 else math.nan
+        choice = safe_choice(learned_est.gain - prior_est.gain, se, z=self.safe_z, same=same)
+        seconds["selection"] = time.perf_counter() - t0
+        info.update(
+            {
+                "choice": choice.to_dict(),
+                "prior_gain": prior_est.gain,
+                "prior_se": prior_est.se,
+                "learned_gain": learned_est.gain,
+                "learned_se": learned_est.se,
+                "policy_kl": curve[-1]["kl"] if curve else 0.0,
+            }
+        )
+        if choice.learned:
+            return finish(learned, scores, curve, rows())
+        return finish(prior_batch, z @ beta0, curve, rows())
+
+    def _write_head_table(self, out: MgralDir, cycle: int, rows) -> None:
+        """``table.csv`` of the head estimator: the control, then each batch evaluated (``dmAP`` =
+        its estimated gain, ``se`` its bootstrap SE, ``mAP`` = control + gain)."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["cycle", "combination", "dmAP", "se", "mAP"])
+        if rows:
+            control = rows[0][1].control_mAP
+            w.writerow([cycle, "control", _fmt(0.0), "", _fmt(control)])
+        table = []
+        for key, est in rows:
+            w.writerow([cycle, json.dumps(list(key)), _fmt(est.gain), _fmt(est.se), _fmt(est.control_mAP + est.gain)])
+            table.append({"cycle": cycle, "batch": list(key), "gain": est.gain, "se": est.se, "gains": est.gains})
+        atomic_write_text(out.table, buf.getvalue())
+        atomic_write_json(out.table_json, _jsonable(table), indent=1)
 
     # -- stages ------------------------------------------------------------------------------
     def _features(self, context: SelectionContext, ids: list[ImageId], out: MgralDir | None) -> dict[str, Any]:
@@ -567,9 +758,7 @@ class MGRAL(Strategy):
         if out is not None:
             if curve:
                 buf = io.StringIO()
-                w = csv.DictWriter(
-                    buf, ["update", "reward_mean", "reward_max", "baseline", "entropy"], lineterminator="\n"
-                )
+                w = csv.DictWriter(buf, list(curve[0]), lineterminator="\n")
                 w.writeheader()
                 w.writerows(curve)
                 atomic_write_text(out.agent_rewards, buf.getvalue())

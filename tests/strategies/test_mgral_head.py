@@ -1,0 +1,137 @@
+"""MGRAL with the head estimator (a Faster R-CNN task detector): candidates from the prior, a
+memoised label-free table, the prior-tied policy, safe selection, what the cycle writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import mgral.strategies.mgral.strategy as strategy_module
+from mgral.detectors.torchvision_detector import TorchvisionDetector
+from mgral.errors import ConfigError
+from mgral.strategies import build_strategy
+from mgral.strategies.mgral.estimate import GainEstimate
+
+HEAD = {
+    "estimator": "head",
+    "folds": 2,
+    "labelings": 1,
+    "head_iterations": 3,
+    "resamples": 20,
+    "policy_updates": 3,
+    "policy_samples": 2,
+    "hidden": 16,
+    "chunk": 8,
+    "orders": 2,
+    "pca_components": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def faster_rcnn():
+    from mgral.data.records import Category
+
+    cats = [Category(10 * (k + 1), f"class{k}") for k in range(3)]
+    return TorchvisionDetector("mobilenet_v2_fpn", cats, device="cpu", seed=0, pretrained=False, min_size=64)
+
+
+def _context(make_context, for_strategy, detector, tmp_path, strategy, **options):
+    ctx = for_strategy(make_context(**options), strategy)
+    ctx.detector = detector
+    ctx.work_dir = tmp_path / "cycle-0"
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    return ctx
+
+
+def test_auto_uses_the_head_estimator_on_faster_rcnn_only(faster_rcnn):
+    tiny = TorchvisionDetector("tiny", faster_rcnn.categories, device="cpu", seed=0, pretrained=False)
+    auto = build_strategy("mgral")
+    assert auto._uses_head(faster_rcnn) and not auto._uses_head(tiny)
+    assert not build_strategy("mgral", estimator="finetune")._uses_head(faster_rcnn)
+    assert not build_strategy("mgral", reward_source="oracle")._uses_head(faster_rcnn)  # a fine-tune ablation
+    # asking for it on a detector that cannot is refused before the run starts (loop.check_capabilities)
+    head = build_strategy("mgral", estimator="head")
+    assert "head_cache" in head.detector_needs
+    assert "head_cache" not in TorchvisionDetector.capabilities(type("Spec", (), {"preset": "tiny"}))
+    assert "head_cache" in TorchvisionDetector.capabilities(type("Spec", (), {"preset": "mobilenet_v2_fpn"}))
+    with pytest.raises(ConfigError, match="estimator: expected finetune or auto with reward_source 'oracle'"):
+        build_strategy("mgral", estimator="head", reward_source="oracle")
+    with pytest.raises(ConfigError, match="folds: expected an integer >= 2"):
+        build_strategy("mgral", folds=1)
+
+
+def test_a_head_cycle_writes_its_table_and_choice_and_is_deterministic(
+    make_context, for_strategy, faster_rcnn, tmp_path, capsys
+):
+    strategy = build_strategy("mgral", **HEAD)
+    ctx = _context(make_context, for_strategy, faster_rcnn, tmp_path, strategy)
+    ctx.progress = True
+    sel = strategy.select(ctx, 4)
+    assert len(set(sel.image_ids)) == 4 and set(sel.image_ids) <= set(ctx.pool_ids)
+    out = ctx.work_dir / "mgral"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["estimator"] == "head" and summary["candidates"] == 16  # 4 x budget
+    assert summary["prior_scores"] == ["least_confidence", "coreset_distance", "class_rarity", "inconsistency"]
+    assert set(summary["seconds"]) == {"features", "table", "agent", "selection"}
+    assert summary["choice"]["batch"] in ("learned", "prior") and summary["choice"]["reason"]
+    assert summary["head_cache"]["images"] == len(ctx.labeled_ids) + 16 and summary["head_cache"]["bytes"] > 0
+    # every batch evaluated is a row; the policy's updates x samples bound them (+ prior and learned)
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["combination"] == "control" and len(rows) == summary["table_rows"] + 1
+    assert 2 <= summary["table_rows"] <= 2 + HEAD["policy_updates"] * HEAD["policy_samples"]
+    assert all(len(json.loads(r["combination"])) == 4 for r in rows[1:])
+    with open(out / "agent_rewards.csv") as f:
+        assert [int(r["update"]) for r in csv.DictReader(f)] == list(range(HEAD["policy_updates"]))
+    assert "MGRAL table: " in capsys.readouterr().err
+    again = build_strategy("mgral", **HEAD).select(
+        _context(make_context, for_strategy, faster_rcnn, tmp_path / "again", strategy), 4
+    )
+    assert again.image_ids == sel.image_ids
+
+
+def _planted(planted: set, se: float, monkeypatch):
+    """Replace the label-free estimate by a planted one: the gain is the number of ``planted``
+    images in the batch x 0.01, with bootstrap resamples of spread ``se`` (common to all batches
+    but a batch-specific offset)."""
+
+    def estimate(self, batch):
+        hits = len(planted & set(batch))
+        rng = np.random.default_rng(hits)
+        resampled = 0.01 * hits + se * rng.normal(size=(1, 50))
+        return GainEstimate(0.01 * hits, se, (0.01 * hits,), 0.5, resampled)
+
+    monkeypatch.setattr(strategy_module.CrossFitGain, "estimate", estimate)
+
+
+@pytest.mark.parametrize(("se", "learned"), [(1e-4, True), (1.0, False)])
+def test_safe_selection_takes_the_learned_batch_only_when_it_is_clearly_better(
+    make_context, for_strategy, faster_rcnn, tmp_path, monkeypatch, se, learned
+):
+    """A planted reward that the prior misses: with a precise estimate the learned batch (more
+    planted images) is taken; when the estimate is noise (SE 1.0) the prior's batch is."""
+    params = {**HEAD, "policy_updates": 25, "policy_samples": 8, "policy_lr": 0.1, "kl": 0.0}
+    strategy = build_strategy("mgral", **params)
+    ctx = _context(make_context, for_strategy, faster_rcnn, tmp_path, strategy)
+    planted = set(ctx.pool_ids)  # all candidates planted but the prior's own top-4
+    prior = build_strategy("mgral", **{**params, "policy_updates": 1, "safe_z": 1e9})
+    prior_sel = prior.select(_context(make_context, for_strategy, faster_rcnn, tmp_path / "prior", prior), 4)
+    planted -= set(prior_sel.image_ids)
+    _planted(planted, se, monkeypatch)
+    sel = strategy.select(ctx, 4)
+    choice = sel.info["choice"]
+    assert (choice["batch"] == "learned") is learned
+    if learned:
+        assert len(planted & set(sel.image_ids)) > 0 and choice["diff"] > 2 * choice["se"]
+    else:
+        assert set(sel.image_ids) == set(prior_sel.image_ids)
+
+
+def test_too_few_labeled_images_take_the_prior_and_say_so(make_context, for_strategy, faster_rcnn, tmp_path):
+    strategy = build_strategy("mgral", **HEAD)
+    ctx = _context(make_context, for_strategy, faster_rcnn, tmp_path, strategy, num_labeled=1)
+    sel = strategy.select(ctx, 3)
+    assert len(sel.image_ids) == 3 and "no cross-fitting" in sel.info["fallback"]
