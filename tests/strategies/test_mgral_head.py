@@ -84,13 +84,23 @@ def test_a_head_cycle_writes_its_table_and_choice_and_is_deterministic(
     assert rows[0]["combination"] == "control" and len(rows) == summary["table_rows"] + 1
     assert 2 <= summary["table_rows"] <= 2 + HEAD["policy_updates"] * HEAD["policy_samples"]
     assert all(len(json.loads(r["combination"])) == 4 for r in rows[1:])
+    assert all(r["combination"] == "control" or set(json.loads(r["combination"])) <= set(ctx.pool_ids) for r in rows)
+    # an untrained detector: no batch beats the prior's, so training stops after `patience` updates
     with open(out / "agent_rewards.csv") as f:
-        assert [int(r["update"]) for r in csv.DictReader(f)] == list(range(HEAD["policy_updates"]))
+        assert [int(r["update"]) for r in csv.DictReader(f)] == list(range(summary["policy_updates_run"]))
+    if summary["policy_updates_run"] < HEAD["policy_updates"]:
+        assert summary["policy_updates_run"] >= 2 and "training stopped after" in summary["choice"]["reason"]
+        assert summary["choice"]["batch"] == "prior"
     assert "MGRAL table: " in capsys.readouterr().err
     again = build_strategy("mgral", **HEAD).select(
         _context(make_context, for_strategy, faster_rcnn, tmp_path / "again", strategy), 4
     )
     assert again.image_ids == sel.image_ids
+    # patience null: every update runs
+    full = build_strategy("mgral", **HEAD, patience=None)
+    full.select(_context(make_context, for_strategy, faster_rcnn, tmp_path / "full", full), 4)
+    summary = json.loads((tmp_path / "full" / "cycle-0" / "mgral" / "summary.json").read_text())
+    assert summary["policy_updates_run"] == HEAD["policy_updates"]
 
 
 def _planted(planted: set, se: float, monkeypatch):
@@ -126,8 +136,10 @@ def test_safe_selection_takes_the_learned_batch_only_when_it_is_clearly_better(
     assert (choice["batch"] == "learned") is learned
     if learned:
         assert len(planted & set(sel.image_ids)) > 0 and choice["diff"] > 2 * choice["se"]
-    else:
+        assert sel.info["policy_updates_run"] == params["policy_updates"]
+    else:  # noise: no sampled batch beats the prior by 2 SEs, training stops after `patience` updates
         assert set(sel.image_ids) == set(prior_sel.image_ids)
+        assert sel.info["policy_updates_run"] == 2 and "training stopped after 2" in choice["reason"]
 
 
 def test_too_few_labeled_images_take_the_prior_and_say_so(make_context, for_strategy, faster_rcnn, tmp_path):

@@ -71,6 +71,13 @@ class GainEstimate:
     resampled: np.ndarray
 
 
+def paired_se(a: GainEstimate, b: GainEstimate) -> float:
+    """Bootstrap standard error of ``a.gain - b.gain``: both estimated by one estimator, on
+    common resamples of the labeled images (NaN with fewer than two usable resamples)."""
+    diff = np.nanmean(a.resampled, axis=0) - np.nanmean(b.resampled, axis=0)
+    return float(np.nanstd(diff, ddof=1)) if np.isfinite(diff).sum() > 1 else float("nan")
+
+
 def sample_labeling(detections: HeadDetections, rng: np.random.Generator) -> np.ndarray:
     """Indices of the detections kept as labels in one labeling (sorted, int64).
 

@@ -104,11 +104,13 @@ def train_policy(
     *,
     seed: int,
     on_update: Callable[[dict[str, float]], object] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, float]]:
     """REINFORCE of ``agent`` on ``reward_fn(batches [G, B] of candidate indices) -> [G]``.
     Returns one record per update (``update``, ``reward_mean``, ``reward_max``, ``kl``,
-    ``entropy``), each also passed to ``on_update``. Seeded: nothing draws from the global
-    torch or numpy generators."""
+    ``entropy``), each also passed to ``on_update``; ``stop()``, asked after each update, ends
+    training early when it returns True. Seeded: nothing draws from the global torch or numpy
+    generators."""
     x = torch.as_tensor(features, dtype=torch.float32)
     zt = torch.as_tensor(z, dtype=torch.float32)
     n, b = x.shape[0], min(budget, x.shape[0])
@@ -142,6 +144,8 @@ def train_policy(
         )
         if on_update is not None:
             on_update(curve[-1])
+        if stop is not None and stop():
+            break
     return curve
 
 

@@ -1,6 +1,16 @@
 """MGRAL: the mAP-guided reinforced sampling agent (arXiv 2601.15688; design in MGRAL.md).
 
-One selection, in stages (each timed, each written under ``work_dir/mgral/``):
+Two estimators of a batch's mAP gain (``estimator``; ``auto``: the head one where the task
+detector is a Faster R-CNN and the reward is label-free, else the fine-tune one).
+
+**Head estimator** (:meth:`MGRAL._select_head`): candidates are the pool's top by a prior of
+standardised baseline scores (:mod:`.prior`); every batch the prior-tied policy
+(:mod:`.policy`) samples is estimated label-free by cross-fitted head-only surrogates
+(:mod:`.estimate`) and memoised; safe selection takes the policy's batch only when its
+estimate beats the prior's top-B by ``safe_z`` paired standard errors.
+
+**Fine-tune estimator**, the paper-faithful table of full surrogate fine-tunes. One
+selection, in stages (each timed, each written under ``work_dir/mgral/``):
 
 1. **splits** — the labeled set ``L_t`` is split (seeded) into ``L_fit`` and the reward set
    ``E_t`` (``reward_fraction``, at least one image per class where possible);
@@ -48,12 +58,13 @@ from mgral.strategies._detection_math import hflip
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 from mgral.strategies.mgral import agent as agent_mod
 from mgral.strategies.mgral import prior as prior_mod
-from mgral.strategies.mgral.estimate import CrossFitGain, GainEstimate
+from mgral.strategies.mgral.estimate import CrossFitGain, GainEstimate, paired_se
 from mgral.strategies.mgral.features import compact_features, feature_names, raw_features
 from mgral.strategies.mgral.policy import (
     BatchMemo,
     PolicySettings,
     PriorTiedAgent,
+    SafeChoice,
     policy_scores,
     safe_choice,
     standardise,
@@ -89,6 +100,11 @@ class MGRAL(Strategy):
     Agent: ``optimizer`` (agent | greedy | credits), ``sampling`` (plackett_luce | bernoulli),
     ``updates`` (300), ``samples`` (8), ``hidden`` (256), ``chunk`` (64), ``agent_lr`` (1e-3),
     ``entropy`` (0.01), ``orders`` (4), ``warm_start`` (True).
+    Head estimator: ``estimator`` (auto | head | finetune), ``folds`` (K, 3), ``labelings`` (J, 2),
+    ``head_iterations`` (100), ``resamples`` (200), ``policy_updates`` (10), ``policy_samples`` (4),
+    ``policy_lr`` (0.03), ``kl`` (1.0), ``safe_z`` (2.0), ``patience`` (2 updates without a sampled
+    batch beating the prior's by ``safe_z`` paired SEs end training; null: never); ``candidate_pool``
+    defaults to 4 x budget there.
     Jobs: ``executor`` (inline | process | ray), ``workers``, ``ray_address``, ``job_threads``,
     ``device`` (auto | cpu | cuda | cuda:N; ``auto``: the task detector's device, or the CPU
     in a job process that sees no GPU), ``job_gpus`` (GPUs each Ray job reserves, 0).
@@ -167,6 +183,7 @@ class MGRAL(Strategy):
         policy_lr: float = 3e-2,
         kl: float = 1.0,
         safe_z: float = 2.0,
+        patience: int | None = 2,
     ) -> None:
         def positive_int(name: str, v: Any, allow_none: bool = False) -> None:
             ok = (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
@@ -176,7 +193,7 @@ class MGRAL(Strategy):
         names += ("labelings", "head_iterations", "resamples", "policy_updates", "policy_samples")
         for name in names:
             positive_int(name, locals()[name])
-        for name in ("combination_size", "candidate_pool", "clusters", "workers", "job_threads"):
+        for name in ("combination_size", "candidate_pool", "clusters", "workers", "job_threads", "patience"):
             positive_int(name, locals()[name], allow_none=True)
         _check(
             "pca_components", isinstance(pca_components, int) and pca_components >= 0, "an integer >= 0", pca_components
@@ -228,7 +245,7 @@ class MGRAL(Strategy):
         self.device, self.job_gpus = device, job_gpus
         self.estimator, self.folds, self.labelings, self.head_iterations = estimator, folds, labelings, head_iterations
         self.resamples, self.policy_updates, self.policy_samples = resamples, policy_updates, policy_samples
-        self.policy_lr, self.kl, self.safe_z = policy_lr, kl, safe_z
+        self.policy_lr, self.kl, self.safe_z, self.patience = policy_lr, kl, safe_z, patience
         if reward_source == "oracle":  # research only: the true gains need the true labels
             self.requires = frozenset({*MGRAL.requires, "oracle"})
         _check(
@@ -447,7 +464,7 @@ class MGRAL(Strategy):
             chosen = [cand[k] for k in batch]
             info["table_rows"] = len(rows)
             if out is not None:
-                self._write_head_table(out, context.cycle, rows)
+                self._write_head_table(out, context.cycle, [([cand[k] for k in key], est) for key, est in rows])
             selection = Selection(chosen, [float(scores[k]) for k in batch], {})
             return self._finish(context, cand, None, n, rng, info, seconds, feats, index, out, selection, curve)
 
@@ -488,9 +505,19 @@ class MGRAL(Strategy):
                 info["fallback"] = "the labeled set's mAP is undefined (no boxes): the prior's top batch"
                 return finish(prior_batch, z @ beta0, [], rows())
 
-            # the policy, trained on the memoised table
+            # the policy, trained on the memoised table; it stops once `patience` updates in a
+            # row sampled no batch that beats the prior's by more than safe_z paired SEs
             t0 = time.perf_counter()
             memo = BatchMemo(lambda key: estimate(key).gain)
+            quiet = {"updates": 0, "seen": 1}
+
+            def stop() -> bool:
+                fresh = list(estimates.values())[quiet["seen"] :]
+                quiet["seen"] = len(estimates)
+                beats = any(e.gain - prior_est.gain > self.safe_z * paired_se(e, prior_est) for e in fresh)
+                quiet["updates"] = 0 if beats else quiet["updates"] + 1
+                return self.patience is not None and quiet["updates"] >= self.patience
+
             agent = PriorTiedAgent(phi.shape[1], beta0, seed=seed, hidden=self.hidden)
             settings = PolicySettings(
                 updates=self.policy_updates,
@@ -500,26 +527,41 @@ class MGRAL(Strategy):
                 chunk=self.chunk,
                 orders=self.orders,
             )
-            curve = train_policy(agent, phi, z, n, memo, settings, seed=seed)
+            curve = train_policy(agent, phi, z, n, memo, settings, seed=seed, stop=stop)
             scores = policy_scores(agent, phi, z, settings, seed=seed)
             seconds["agent"] = time.perf_counter() - t0
 
             # safe selection
             t0 = time.perf_counter()
             learned = top_b(scores, n)
-            learned_est = estimate(tuple(sorted(learned.tolist())))
+            stopped = len(curve) < self.policy_updates
+            if stopped:  # the learned batch is not estimated: the policy found nothing to learn
+                learned_est = estimates.get(tuple(sorted(learned.tolist())))
+            else:
+                learned_est = estimate(tuple(sorted(learned.tolist())))
         same = set(learned.tolist()) == set(prior_batch.tolist())
-        paired = np.nanmean(learned_est.resampled, axis=0) - np.nanmean(prior_est.resampled, axis=0)
-        se = float(np.nanstd(paired, ddof=1)) if np.isfinite(paired).sum() > 1 else math.nan
-        choice = safe_choice(learned_est.gain - prior_est.gain, se, z=self.safe_z, same=same)
+        diff, se = (
+            (learned_est.gain - prior_est.gain, paired_se(learned_est, prior_est))
+            if learned_est is not None
+            else (math.nan, math.nan)
+        )
+        if stopped:
+            reason = (
+                f"no sampled batch beat the prior's by more than {self.safe_z:g} paired SEs in {self.patience} "
+                f"updates: training stopped after {len(curve)}, the prior's batch"
+            )
+            choice = SafeChoice(False, diff, se, reason)
+        else:
+            choice = safe_choice(diff, se, z=self.safe_z, same=same)
         seconds["selection"] = time.perf_counter() - t0
         info.update(
             {
                 "choice": choice.to_dict(),
                 "prior_gain": prior_est.gain,
                 "prior_se": prior_est.se,
-                "learned_gain": learned_est.gain,
-                "learned_se": learned_est.se,
+                "learned_gain": learned_est.gain if learned_est is not None else None,
+                "learned_se": learned_est.se if learned_est is not None else None,
+                "policy_updates_run": len(curve),
                 "policy_kl": curve[-1]["kl"] if curve else 0.0,
             }
         )
@@ -528,8 +570,8 @@ class MGRAL(Strategy):
         return finish(prior_batch, z @ beta0, curve, rows())
 
     def _write_head_table(self, out: MgralDir, cycle: int, rows) -> None:
-        """``table.csv`` of the head estimator: the control, then each batch evaluated (``dmAP`` =
-        its estimated gain, ``se`` its bootstrap SE, ``mAP`` = control + gain)."""
+        """``table.csv`` of the head estimator: the control, then each batch evaluated (its image
+        ids; ``dmAP`` = its estimated gain, ``se`` its bootstrap SE, ``mAP`` = control + gain)."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["cycle", "combination", "dmAP", "se", "mAP"])
@@ -537,9 +579,9 @@ class MGRAL(Strategy):
             control = rows[0][1].control_mAP
             w.writerow([cycle, "control", _fmt(0.0), "", _fmt(control)])
         table = []
-        for key, est in rows:
-            w.writerow([cycle, json.dumps(list(key)), _fmt(est.gain), _fmt(est.se), _fmt(est.control_mAP + est.gain)])
-            table.append({"cycle": cycle, "batch": list(key), "gain": est.gain, "se": est.se, "gains": est.gains})
+        for ids, est in rows:
+            w.writerow([cycle, json.dumps(ids), _fmt(est.gain), _fmt(est.se), _fmt(est.control_mAP + est.gain)])
+            table.append({"cycle": cycle, "batch": ids, "gain": est.gain, "se": est.se, "gains": est.gains})
         atomic_write_text(out.table, buf.getvalue())
         atomic_write_json(out.table_json, _jsonable(table), indent=1)
 
