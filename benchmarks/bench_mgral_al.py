@@ -1,15 +1,17 @@
-"""MGRAL's head estimator in the AL loop, paired with the published baselines (issue 19).
+"""MGRAL's head estimator in the AL loop, paired with baselines run beside it (issue 19).
 
 Runs the published benchmark's config for one dataset (``benchmarks/configs/<name>.yaml``:
-same pool, initial set, budget, detector, schedule and seeds) with MGRAL alone, on the
-estimator it now picks for a Faster R-CNN (``estimator: auto`` -> head), into
-``runs/bench-mgral-al/<name>`` (resumable: ``mgral run --resume``). Then compares each seed's
-curve with the published records of the other strategies on the same seed
-(``benchmarks/results/al/<name>/records/``): the same seed means the same initial set and the
-same cycle-0 model, which the table checks (``c0`` must equal the published one).
+same pool, initial set, budget, detector, schedule) with MGRAL and ``--baselines`` (default
+random and least confidence) for ``--seeds``, into ``runs/bench-mgral-al/<name>``
+(resumable: ``mgral run --resume``). MGRAL uses the estimator it picks for a Faster R-CNN
+(``estimator: auto`` -> head). The baselines run here, not read from the published records:
+training is deterministic on one machine only (the same code gave another cycle-0 model on
+the machine that made the published records), so only series of one run share their cycle-0
+model and can be paired. The published records' figures for the same seeds are shown beside,
+unpaired.
 
-Figures per seed: mAP per cycle, nAUC, nAUC minus each baseline's on that seed (paired), the
-selection and training seconds per cycle (and their ratio: issue 19's cost goal is <= 0.5),
+Figures per seed: mAP per cycle, nAUC, MGRAL's nAUC minus each baseline's (paired), the
+selection and training seconds per cycle (issue 19's cost goal: selection <= 0.5 x training),
 and which batch safe selection took each cycle (learned or prior) with the estimated gains.
 Writes ``benchmarks/results/mgral_al_<name>.{md,json}``.
 
@@ -35,7 +37,7 @@ from mgral.report.metrics import normalized_auc
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
 RESULTS = HERE / "results"
-BASELINES = ("random", "least_confidence", "entropy", "core_set", "cald", "mgral")  # "mgral": the published one
+BASELINES = ("random", "least_confidence")
 
 
 def _cycles(path: Path) -> list[dict]:
@@ -47,12 +49,12 @@ def _curve(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([r["num_labeled"] for r in rows], float), np.array([r["mAP"] for r in rows], float)
 
 
-def run(name: str, seeds: list[int], workers: int, params: dict) -> Path:
-    """``mgral run`` of the dataset's config with MGRAL alone (resumes a run already there)."""
+def run(name: str, seeds: list[int], workers: int, params: dict, baselines: list[str]) -> Path:
+    """``mgral run`` of the dataset's config with MGRAL and the baselines (resumes a run already there)."""
     out = ROOT / "runs" / "bench-mgral-al" / name
     config = HERE / "configs" / f"{name}.yaml"
-    strategy = json.dumps([{"name": "mgral", "params": params}])
-    sets = ["--set", f"strategies={strategy}", "--set", f"seeds={json.dumps(seeds)}"]
+    strategies = json.dumps([{"name": "mgral", "params": params}, *({"name": b} for b in baselines)])
+    sets = ["--set", f"strategies={strategies}", "--set", f"seeds={json.dumps(seeds)}"]
     sets += ["--set", "full_data_reference=false", "--set", "reference_train={}", "--set", f"workers={workers}"]
     cmd = [str(ROOT / ".venv" / "bin" / "mgral"), "--no-progress", "run", str(config), "--out", str(out), *sets]
     cmd += ["--resume"] if out.exists() else []
@@ -61,22 +63,29 @@ def run(name: str, seeds: list[int], workers: int, params: dict) -> Path:
     return out
 
 
-def compare(name: str, run_dir: Path, seeds: list[int]) -> dict:
+def compare(name: str, run_dir: Path, seeds: list[int], baselines: list[str]) -> dict:
     records = RESULTS / "al" / name / "records"
-    out: dict = {"dataset": name, "seeds": {}}
+    out: dict = {"dataset": name, "baselines": baselines, "seeds": {}}
     for seed in seeds:
         mine_dir = run_dir / "mgral" / f"seed-{seed}"
         rows = _cycles(mine_dir / "cycles.jsonl")
         x, y = _curve(rows)
-        entry: dict = {"mAP": y.tolist(), "labeled": x.tolist(), "nAUC": normalized_auc(x, y), "vs": {}, "c0": {}}
-        for base in BASELINES:
-            path = records / base / f"seed-{seed}" / "cycles.jsonl"
+        entry: dict = {"mAP": y.tolist(), "labeled": x.tolist(), "nAUC": normalized_auc(x, y), "vs": {}, "base": {}}
+        for base in baselines:
+            path = run_dir / base / f"seed-{seed}" / "cycles.jsonl"
             if not path.exists():
                 continue
             bx, by = _curve(_cycles(path))
             if len(bx) == len(x) and np.array_equal(bx, x):
                 entry["vs"][base] = normalized_auc(x, y) - normalized_auc(bx, by)
-                entry["c0"][base] = float(by[0])
+                entry["base"][base] = {"mAP": by.tolist(), "nAUC": normalized_auc(bx, by)}
+        published = {}
+        for base in (*baselines, "mgral"):
+            path = records / base / f"seed-{seed}" / "cycles.jsonl"
+            if path.exists():
+                bx, by = _curve(_cycles(path))
+                published[base] = {"c0": float(by[0]), "nAUC": normalized_auc(bx, by)}
+        entry["published"] = published
         select = [r["seconds"].get("select", 0.0) for r in rows if r["cycle"] < len(rows) - 1]
         train = [r["seconds"].get("train", 0.0) for r in rows]
         entry["select_s"] = float(np.mean(select)) if select else 0.0
@@ -86,15 +95,18 @@ def compare(name: str, run_dir: Path, seeds: list[int]) -> dict:
             summary = mine_dir / f"cycle-{c}" / "mgral" / "summary.json"
             if summary.exists():
                 s = json.loads(summary.read_text())
+                choice = s.get("choice") or {}
                 choices.append(
                     {
                         "cycle": c,
                         "estimator": s.get("estimator", "finetune"),
-                        "batch": (s.get("choice") or {}).get("batch"),
-                        "diff": (s.get("choice") or {}).get("diff"),
-                        "se": (s.get("choice") or {}).get("se"),
+                        "batch": choice.get("batch"),
+                        "diff": choice.get("diff"),
+                        "se": choice.get("se"),
+                        "reason": choice.get("reason"),
                         "prior_gain": s.get("prior_gain"),
                         "table_rows": s.get("table_rows"),
+                        "updates": s.get("policy_updates_run"),
                         "seconds": s.get("seconds"),
                     }
                 )
@@ -104,57 +116,64 @@ def compare(name: str, run_dir: Path, seeds: list[int]) -> dict:
 
 
 def write(name: str, result: dict, params: dict, loads: tuple) -> None:
-    seeds = result["seeds"]
-    cols = [b for b in BASELINES if any(b in e["vs"] for e in seeds.values())]
+    seeds, cols = result["seeds"], result["baselines"]
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     lines = [
         f"# MGRAL (head estimator) in the AL loop: {name} (`benchmarks/bench_mgral_al.py`)",
         "",
         f"Machine: {machine_line(gpu_used=False)}. Finished {dt.datetime.now().isoformat(timespec='minutes')}; "
         f"load average at start {loads[0]:.2f}.",
         "",
-        f"Config: `benchmarks/configs/{name}.yaml` with MGRAL alone"
-        + (f", parameters `{json.dumps(params)}`" if params else ", default parameters")
-        + "; each seed paired with the published records of the same seed (`benchmarks/results/al/"
-        f"{name}/records/`; `mgral` there is the previous, fine-tune estimator). c0 = cycle-0 mAP (the same "
-        "initial set and model: it must equal the baselines').",
+        f"Config: `benchmarks/configs/{name}.yaml` with MGRAL"
+        + (f" (parameters `{json.dumps(params)}`)" if params else " (default parameters)")
+        + f" and {', '.join(cols)} run beside it, {len(seeds)} seed(s); MGRAL's nAUC minus each baseline's on the "
+        "same seed (same run: same initial set and cycle-0 model). Published: the published benchmark's records "
+        "of the same seed, made on another machine (another cycle-0 model: not paired).",
         "",
-        "| seed | c0 (published c0) | mAP per cycle | nAUC | "
-        + " | ".join(f"vs {b}" for b in cols)
-        + " | select s / train s per cycle |",
-        "|---|---|---|---|" + "---|" * len(cols) + "---|",
+        "| seed | strategy | mAP per cycle | nAUC | MGRAL − it (paired) | published c0, nAUC |",
+        "|---|---|---|---|---|---|",
     ]
     for seed, e in seeds.items():
-        c0_pub = next(iter(e["c0"].values()), float("nan"))
-        vs = " | ".join(f"{e['vs'][b]:+.4f}" if b in e["vs"] else "–" for b in cols)
+        pub = e["published"].get("mgral")
         lines.append(
-            f"| {seed} | {e['mAP'][0]:.4f} ({c0_pub:.4f}) | {' / '.join(f'{v:.3f}' for v in e['mAP'])} | "
-            f"{e['nAUC']:.4f} | {vs} | {e['select_s']:.0f} / {e['train_s']:.0f} = {e['select_s'] / e['train_s']:.2f} |"
+            f"| {seed} | mgral | {' / '.join(f'{v:.3f}' for v in e['mAP'])} | **{e['nAUC']:.4f}** | | "
+            + (f"{pub['c0']:.4f}, {pub['nAUC']:.4f} (fine-tune estimator) |" if pub else "– |")
         )
+        for b in cols:
+            if b in e["base"]:
+                pub = e["published"].get(b)
+                lines.append(
+                    f"| {seed} | {b} | {' / '.join(f'{v:.3f}' for v in e['base'][b]['mAP'])} | "
+                    f"{e['base'][b]['nAUC']:.4f} | {e['vs'][b]:+.4f} | "
+                    + (f"{pub['c0']:.4f}, {pub['nAUC']:.4f} |" if pub else "– |")
+                )
     if len(seeds) > 1:
-        means = {b: np.mean([e["vs"][b] for e in seeds.values() if b in e["vs"]]) for b in cols}
-        wins = {b: sum(e["vs"].get(b, 0) > 0 for e in seeds.values()) for b in cols}
-        lines.append(
-            "| mean | | | "
-            + f"{np.mean([e['nAUC'] for e in seeds.values()]):.4f} | "
-            + " | ".join(f"{means[b]:+.4f} ({wins[b]}/{len(seeds)})" for b in cols)
-            + " | |"
-        )
+        for b in cols:
+            diffs = [e["vs"][b] for e in seeds.values() if b in e["vs"]]
+            if diffs:
+                lines.append(
+                    f"\nMGRAL − {b}, mean over {len(diffs)} seeds: {np.mean(diffs):+.4f} "
+                    f"(higher on {sum(d > 0 for d in diffs)} of {len(diffs)})."
+                )
+    lines += ["", "| seed | MGRAL select s / train s per cycle |", "|---|---|"]
+    for seed, e in seeds.items():
+        lines.append(f"| {seed} | {e['select_s']:.0f} / {e['train_s']:.0f} = {e['select_s'] / e['train_s']:.2f} |")
     lines += [
         "",
-        "Safe selection per cycle (learned − prior estimated gain, its paired SE; rows = batches estimated):",
-        "",
+        "Safe selection per cycle (learned − prior estimated gain and its paired SE; rows: batches estimated):",
     ]
     lines += [
-        "| seed | cycle | batch taken | learned − prior | SE | prior's estimated gain | rows | seconds by stage |"
+        "",
+        "| seed | cycle | batch taken | learned − prior | SE | prior's estimated gain | rows | updates | seconds |",
     ]
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
     for seed, e in seeds.items():
         for c in e["choices"]:
-            fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
             secs = ", ".join(f"{k} {v:.0f}" for k, v in (c["seconds"] or {}).items())
             lines.append(
                 f"| {seed} | {c['cycle']} | {c['batch'] or c['estimator']} | {fmt(c['diff'], '+.4f')} | "
-                f"{fmt(c['se'], '.4f')} | {fmt(c['prior_gain'], '+.4f')} | {c['table_rows']} | {secs} |"
+                f"{fmt(c['se'], '.4f')} | {fmt(c['prior_gain'], '+.4f')} | {c['table_rows']} | {c['updates']} "
+                f"| {secs} |"
             )
     lines.append("")
     atomic_write_text(RESULTS / f"mgral_al_{name}.md", "\n".join(lines))
@@ -167,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--params", type=json.loads, default={}, help="MGRAL parameters, JSON (e.g. '{\"folds\": 2}')")
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES), help="strategies run beside MGRAL")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     loads = os.getloadavg()
     run_dir = ROOT / "runs" / "bench-mgral-al" / args.dataset
     if not args.report_only:
-        run_dir = run(args.dataset, args.seeds, args.workers, args.params)
-    result = compare(args.dataset, run_dir, args.seeds)
+        run_dir = run(args.dataset, args.seeds, args.workers, args.params, args.baselines)
+    result = compare(args.dataset, run_dir, args.seeds, args.baselines)
     result.update(params=args.params, machine=machine_line(gpu_used=False), load_at_start=loads[0])
     write(args.dataset, result, args.params, loads)
     print((RESULTS / f"mgral_al_{args.dataset}.md").read_text())

@@ -31,14 +31,16 @@ def cores() -> int:
 
 
 def machine_line(*, gpu_used: bool | None = None) -> str:
-    """One line naming the machine and the software versions: CPU model, cores, RAM,
-    Python, torch and torchvision; ``gpu_used=False`` adds "no GPU used"."""
+    """One line naming the machine and the software versions: CPU model, cores, torch's CPU
+    kernels (``torch.backends.cpu.get_cpu_capability()``: training results differ between
+    them), RAM, Python, torch and torchvision; ``gpu_used=False`` adds "no GPU used"."""
     import torch
     import torchvision
 
     ram = ram_gib()
     line = (
-        f"{cpu_model()}, {cores()} CPU cores, {'?' if ram is None else int(ram)} GiB RAM, "
+        f"{cpu_model()}, {cores()} CPU cores ({torch.backends.cpu.get_cpu_capability()} kernels), "
+        f"{'?' if ram is None else int(ram)} GiB RAM, "
         f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
     )
     return line + (", no GPU used" if gpu_used is False else "")

@@ -84,6 +84,8 @@ def test_a_head_cycle_writes_its_table_and_choice_and_is_deterministic(
     assert rows[0]["combination"] == "control" and len(rows) == summary["table_rows"] + 1
     assert 2 <= summary["table_rows"] <= 2 + HEAD["policy_updates"] * HEAD["policy_samples"]
     assert all(len(json.loads(r["combination"])) == 4 for r in rows[1:])
+    table = json.loads((out / "table.json").read_text())
+    assert len(table) == summary["table_rows"] and all(r["seconds"] > 0 and len(r["gains"]) == 1 for r in table)
     assert all(r["combination"] == "control" or set(json.loads(r["combination"])) <= set(ctx.pool_ids) for r in rows)
     # an untrained detector: no batch beats the prior's, so training stops after `patience` updates
     with open(out / "agent_rewards.csv") as f:

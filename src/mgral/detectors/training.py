@@ -2,7 +2,8 @@
 
 One entry point, ``train``, runs in a single process or under ``torchrun`` (then each
 rank trains on its shard through ``DistributedSampler`` inside ``DistributedDataParallel``
-and rank 0 alone writes checkpoints). On CPU a seed makes training deterministic: the
+and rank 0 alone writes checkpoints). On CPU a seed makes training deterministic on one
+machine (another CPU's kernels, e.g. AVX2 or not, round differently and give another model): the
 model's initialisation, the shuffling, the augmentation and torchvision's multi-scale
 choice all draw from generators seeded from ``(seed, epoch)``, so a run resumed from an
 epoch checkpoint continues exactly as the uninterrupted run would.

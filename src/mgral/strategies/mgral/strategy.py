@@ -464,7 +464,7 @@ class MGRAL(Strategy):
             chosen = [cand[k] for k in batch]
             info["table_rows"] = len(rows)
             if out is not None:
-                self._write_head_table(out, context.cycle, [([cand[k] for k in key], est) for key, est in rows])
+                self._write_head_table(out, context.cycle, [([cand[k] for k in key], e, t) for (key, e), t in rows])
             selection = Selection(chosen, [float(scores[k]) for k in batch], {})
             return self._finish(context, cand, None, n, rng, info, seconds, feats, index, out, selection, curve)
 
@@ -488,10 +488,13 @@ class MGRAL(Strategy):
             train={"iterations": self.head_iterations},
         )
         estimates: dict[tuple[int, ...], GainEstimate] = {}
+        row_seconds: list[float] = []
 
         def estimate(key: tuple[int, ...]) -> GainEstimate:
             if key not in estimates:
+                t = time.perf_counter()
                 estimates[key] = estimator.estimate([cand[k] for k in key])
+                row_seconds.append(time.perf_counter() - t)
                 steps.advance(info=f"gain {estimates[key].gain:+.4f}")
             return estimates[key]
 
@@ -500,7 +503,7 @@ class MGRAL(Strategy):
             info["control_mAP"] = estimator.control_mAP
             prior_est = estimate(tuple(sorted(prior_batch.tolist())))
             seconds["table"] = time.perf_counter() - t0
-            rows = lambda: [(key, estimates[key]) for key in estimates]  # noqa: E731 - in evaluation order
+            rows = lambda: list(zip(estimates.items(), row_seconds, strict=True))  # noqa: E731 - evaluation order
             if not math.isfinite(prior_est.gain):
                 info["fallback"] = "the labeled set's mAP is undefined (no boxes): the prior's top batch"
                 return finish(prior_batch, z @ beta0, [], rows())
@@ -571,7 +574,8 @@ class MGRAL(Strategy):
 
     def _write_head_table(self, out: MgralDir, cycle: int, rows) -> None:
         """``table.csv`` of the head estimator: the control, then each batch evaluated (its image
-        ids; ``dmAP`` = its estimated gain, ``se`` its bootstrap SE, ``mAP`` = control + gain)."""
+        ids; ``dmAP`` = its estimated gain, ``se`` its bootstrap SE, ``mAP`` = control + gain);
+        ``table.json`` adds each labeling's gain and the row's wall seconds."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["cycle", "combination", "dmAP", "se", "mAP"])
@@ -579,9 +583,11 @@ class MGRAL(Strategy):
             control = rows[0][1].control_mAP
             w.writerow([cycle, "control", _fmt(0.0), "", _fmt(control)])
         table = []
-        for ids, est in rows:
+        for ids, est, seconds in rows:
             w.writerow([cycle, json.dumps(ids), _fmt(est.gain), _fmt(est.se), _fmt(est.control_mAP + est.gain)])
-            table.append({"cycle": cycle, "batch": ids, "gain": est.gain, "se": est.se, "gains": est.gains})
+            table.append(
+                {"cycle": cycle, "batch": ids, "gain": est.gain, "se": est.se, "gains": est.gains, "seconds": seconds}
+            )
         atomic_write_text(out.table, buf.getvalue())
         atomic_write_json(out.table_json, _jsonable(table), indent=1)
 
