@@ -116,13 +116,14 @@ def compare(name: str, run_dir: Path, seeds: list[int], baselines: list[str]) ->
 
 
 def write(name: str, result: dict, params: dict, loads: tuple) -> None:
+    """The tables; ``loads``: the load averages when the run started (empty for ``--report-only``)."""
     seeds, cols = result["seeds"], result["baselines"]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     lines = [
         f"# MGRAL (head estimator) in the AL loop: {name} (`benchmarks/bench_mgral_al.py`)",
         "",
-        f"Machine: {machine_line(gpu_used=False)}. Finished {dt.datetime.now().isoformat(timespec='minutes')}; "
-        f"load average at start {loads[0]:.2f}.",
+        f"Machine: {machine_line(gpu_used=False)}. Written {dt.datetime.now().isoformat(timespec='minutes')}; "
+        + (f"load average at start {loads[0]:.2f}." if loads else "from the run directory (`--report-only`)."),
         "",
         f"Config: `benchmarks/configs/{name}.yaml` with MGRAL"
         + (f" (parameters `{json.dumps(params)}`)" if params else " (default parameters)")
@@ -189,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), help="strategies run beside MGRAL")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    loads = os.getloadavg()
+    loads = () if args.report_only else os.getloadavg()
     run_dir = ROOT / "runs" / "bench-mgral-al" / args.dataset
     if not args.report_only:
         run_dir = run(args.dataset, args.seeds, args.workers, args.params, args.baselines)
     result = compare(args.dataset, run_dir, args.seeds, args.baselines)
-    result.update(params=args.params, machine=machine_line(gpu_used=False), load_at_start=loads[0])
+    result.update(params=args.params, machine=machine_line(gpu_used=False), load_at_start=loads[0] if loads else None)
     write(args.dataset, result, args.params, loads)
     print((RESULTS / f"mgral_al_{args.dataset}.md").read_text())
     return 0
