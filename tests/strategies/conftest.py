@@ -18,7 +18,7 @@ from PIL import Image
 
 from mgral.data.records import Category, Dataset, Detections, ImageRecord, Target
 from mgral.strategies import SelectionContext, Strategy
-from mgral.strategies.core_set import _prepare
+from mgral.strategies.core_set import prepare_embeddings
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -124,8 +124,8 @@ def _reference_k_center(pool, centers, n, rng, normalize):
     """The plain loop that k_center_greedy must reproduce pick for pick: float64 distances
     summed from the differences of the prepared embeddings, every point updated at every
     pick, ties to the first in the ``rng`` permutation."""
-    x = _prepare(pool, normalize).astype(np.float64)
-    c = _prepare(centers, normalize).astype(np.float64).reshape(-1, x.shape[1])
+    x = prepare_embeddings(pool, normalize).astype(np.float64)
+    c = prepare_embeddings(centers, normalize).astype(np.float64).reshape(-1, x.shape[1])
     perm = rng.permutation(len(x))
     x = x[perm]
 

@@ -63,8 +63,8 @@ def k_center_greedy(
         (non-increasing). With ``L == 0`` the random first pick is scored with the largest
         distance from it to any other pool point, so scores stay finite.
     """
-    x = _prepare(pool, normalize)
-    c = _prepare(centers, normalize).reshape(-1, x.shape[1])
+    x = prepare_embeddings(pool, normalize)
+    c = prepare_embeddings(centers, normalize).reshape(-1, x.shape[1])
     perm = rng.permutation(len(x))  # the first-index rule below then breaks ties uniformly at random
     x = x[perm]
     cover = _Cover(x, c if len(c) else x[:1])
@@ -183,7 +183,8 @@ def _rounding_bound(dim: int, unit: float, norm: float) -> float:
     return 16.0 * (dim + 8) * unit * norm * norm
 
 
-def _prepare(emb: np.ndarray, normalize: bool) -> np.ndarray:
+def prepare_embeddings(emb: np.ndarray, normalize: bool) -> np.ndarray:
+    """float32 embeddings, each L2-normalised when ``normalize`` (an all-zero one stays at 0)."""
     x = np.asarray(emb, dtype=np.float32)
     if normalize and len(x):
         norm = np.linalg.norm(x, axis=1, keepdims=True)

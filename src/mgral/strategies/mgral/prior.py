@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mgral.data.records import Dataset, Detections, ImageId
-from mgral.strategies.core_set import stack_embeddings
+from mgral.strategies.core_set import prepare_embeddings, stack_embeddings
 from mgral.strategies.mgral.policy import standardise
 from mgral.strategies.uncertainty import uncertainty_scores
 
@@ -64,13 +64,8 @@ def coreset_distance(
 
     if not labeled or not image_ids:
         return np.zeros(len(image_ids))
-
-    def normalised(ids: Sequence[ImageId]) -> np.ndarray:
-        x = stack_embeddings(embeddings, ids)
-        norm = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / np.where(norm > 0, norm, 1.0)
-
-    _, dist = pairwise_distances_argmin_min(normalised(image_ids), normalised(labeled))
+    pool, centers = (prepare_embeddings(stack_embeddings(embeddings, ids), True) for ids in (image_ids, labeled))
+    _, dist = pairwise_distances_argmin_min(pool, centers)
     return dist.astype(np.float64)
 
 

@@ -517,7 +517,9 @@ class MGRAL(Strategy):
             def stop() -> bool:
                 fresh = list(estimates.values())[quiet["seen"] :]
                 quiet["seen"] = len(estimates)
-                beats = any(e.gain - prior_est.gain > self.safe_z * paired_se(e, prior_est) for e in fresh)
+                beats = any(
+                    safe_choice(e.gain - prior_est.gain, paired_se(e, prior_est), z=self.safe_z).learned for e in fresh
+                )
                 quiet["updates"] = 0 if beats else quiet["updates"] + 1
                 return self.patience is not None and quiet["updates"] >= self.patience
 
