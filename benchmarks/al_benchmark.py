@@ -13,7 +13,8 @@ this script
    strategy, seed and cycle), the curve plots, MGRAL's diagnostics, and ``run.md`` (machine,
    command, wall time);
 3. writes ``OUT/summary.md`` over every dataset published so far, and replaces the block
-   between the ``al-benchmark`` markers of the README with it.
+   between the ``al-benchmark`` markers of ``benchmarks/README.md`` with it (links rewritten
+   to lead there).
 
 The published files include ``OUT/<name>/records/``: every *finished* series' own files (its
 ``cycles.jsonl``, ledger, MGRAL's diagnostics and its batches' diversity figures; no models,
@@ -38,6 +39,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -388,7 +390,8 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
 
 
 def write_summary(out_root: Path, names: Sequence[str], readme: Path | None) -> str:
-    """Write ``OUT/summary.md`` and put it between the README's markers (if both are there)."""
+    """Write ``OUT/summary.md`` and put it between the README's markers (if both are there),
+    its relative links rewritten to lead from the README's folder to the same files."""
     from mgral._io import atomic_write_text
 
     body = summary_markdown(out_root, names)
@@ -399,7 +402,9 @@ def write_summary(out_root: Path, names: Sequence[str], readme: Path | None) -> 
         if start in text and end in text:
             head, rest = text.split(start, 1)
             _, tail = rest.split(end, 1)
-            atomic_write_text(readme, f"{head}{start}\n{body}{end}{tail}")
+            prefix = Path(os.path.relpath(out_root.resolve(), readme.resolve().parent)).as_posix()
+            moved = re.sub(r"\]\((?![a-z]+:|/|#)([^)]+)\)", lambda m: f"]({prefix}/{m.group(1)})", body)
+            atomic_write_text(readme, f"{head}{start}\n{moved}{end}{tail}")
     return body
 
 
@@ -411,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("datasets", nargs="*", default=list(DATASETS), help=f"config names ({', '.join(DATASETS)}) or files")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "al-benchmark", help="run directories go here")
     p.add_argument("--out", type=Path, default=HERE / "results" / "al", help="published results go here")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose al-benchmark block to update")
+    p.add_argument(
+        "--readme", type=Path, default=HERE / "README.md", help="README whose al-benchmark block to update"
+    )
     p.add_argument("--executor", choices=("inline", "process", "ray"), help="override the config's executor")
     p.add_argument("--workers", type=int, help="series at once (process / ray)")
     p.add_argument("--threads", type=int, help="torch threads per series")

@@ -15,7 +15,13 @@ selection and training seconds per cycle (issue 19's cost goal: selection <= 0.5
 and which batch safe selection took each cycle (learned or prior) with the estimated gains.
 Writes ``benchmarks/results/mgral_al_<name>.{md,json}``.
 
-    .venv/bin/python benchmarks/bench_mgral_al.py bccd [--seeds 0 1] [--workers 2] [--params JSON]
+``--variant LABEL --params JSON`` runs one more MGRAL setting alone into
+``runs/bench-mgral-al/<name>-<LABEL>`` and pairs it with the baselines of the main run
+(``runs/bench-mgral-al/<name>``) where its cycle-0 mAP equals theirs (the same cycle-0 model,
+retrained on the same machine; an unequal one is shown unpaired); it writes
+``mgral_al_<name>_<LABEL>.{md,json}``.
+
+    .venv/bin/python benchmarks/bench_mgral_al.py bccd [--seeds 0 1] [--workers 2] [--params JSON] [--variant LABEL]
 """
 
 from __future__ import annotations
@@ -49,9 +55,8 @@ def _curve(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([r["num_labeled"] for r in rows], float), np.array([r["mAP"] for r in rows], float)
 
 
-def run(name: str, seeds: list[int], workers: int, params: dict, baselines: list[str]) -> Path:
-    """``mgral run`` of the dataset's config with MGRAL and the baselines (resumes a run already there)."""
-    out = ROOT / "runs" / "bench-mgral-al" / name
+def run(name: str, out: Path, seeds: list[int], workers: int, params: dict, baselines: list[str]) -> Path:
+    """``mgral run`` of the dataset's config with MGRAL and the baselines into ``out`` (resumes a run already there)."""
     config = HERE / "configs" / f"{name}.yaml"
     strategies = json.dumps([{"name": "mgral", "params": params}, *({"name": b} for b in baselines)])
     sets = ["--set", f"strategies={strategies}", "--set", f"seeds={json.dumps(seeds)}"]
@@ -63,8 +68,11 @@ def run(name: str, seeds: list[int], workers: int, params: dict, baselines: list
     return out
 
 
-def compare(name: str, run_dir: Path, seeds: list[int], baselines: list[str]) -> dict:
+def compare(name: str, run_dir: Path, seeds: list[int], baselines: list[str], base_dir: Path | None = None) -> dict:
+    """Per seed: MGRAL's curve in ``run_dir``, each baseline's in ``base_dir`` (default ``run_dir``),
+    paired where both start from the same cycle-0 model (equal cycle-0 mAP) on the same labeled counts."""
     records = RESULTS / "al" / name / "records"
+    base_dir = base_dir or run_dir
     out: dict = {"dataset": name, "baselines": baselines, "seeds": {}}
     for seed in seeds:
         mine_dir = run_dir / "mgral" / f"seed-{seed}"
@@ -72,13 +80,15 @@ def compare(name: str, run_dir: Path, seeds: list[int], baselines: list[str]) ->
         x, y = _curve(rows)
         entry: dict = {"mAP": y.tolist(), "labeled": x.tolist(), "nAUC": normalized_auc(x, y), "vs": {}, "base": {}}
         for base in baselines:
-            path = run_dir / base / f"seed-{seed}" / "cycles.jsonl"
+            path = base_dir / base / f"seed-{seed}" / "cycles.jsonl"
             if not path.exists():
                 continue
             bx, by = _curve(_cycles(path))
-            if len(bx) == len(x) and np.array_equal(bx, x):
+            if len(bx) == len(x) and np.array_equal(bx, x) and by[0] == y[0]:
                 entry["vs"][base] = normalized_auc(x, y) - normalized_auc(bx, by)
                 entry["base"][base] = {"mAP": by.tolist(), "nAUC": normalized_auc(bx, by)}
+            else:
+                entry.setdefault("unpaired", []).append(base)
         published = {}
         for base in (*baselines, "mgral"):
             path = records / base / f"seed-{seed}" / "cycles.jsonl"
@@ -115,21 +125,26 @@ def compare(name: str, run_dir: Path, seeds: list[int], baselines: list[str]) ->
     return out
 
 
-def write(name: str, result: dict, params: dict, loads: tuple) -> None:
-    """The tables; ``loads``: the load averages when the run started (empty for ``--report-only``)."""
+def write(name: str, result: dict, params: dict, loads: tuple, stem: str) -> None:
+    """The tables into ``results/<stem>.{md,json}``; ``loads``: the load averages when the run
+    started (empty for ``--report-only``)."""
     seeds, cols = result["seeds"], result["baselines"]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    where = f" of `runs/bench-mgral-al/{name}`" if result.get("variant") else ""
     lines = [
-        f"# MGRAL (head estimator) in the AL loop: {name} (`benchmarks/bench_mgral_al.py`)",
+        f"# MGRAL in the AL loop: {name}"
+        + (f", variant `{result['variant']}`" if result.get("variant") else "")
+        + " (`benchmarks/bench_mgral_al.py`)",
         "",
         f"Machine: {machine_line(gpu_used=False)}. Written {dt.datetime.now().isoformat(timespec='minutes')}; "
         + (f"load average at start {loads[0]:.2f}." if loads else "from the run directory (`--report-only`)."),
         "",
         f"Config: `benchmarks/configs/{name}.yaml` with MGRAL"
         + (f" (parameters `{json.dumps(params)}`)" if params else " (default parameters)")
-        + f" and {', '.join(cols)} run beside it, {len(seeds)} seed(s); MGRAL's nAUC minus each baseline's on the "
-        "same seed (same run: same initial set and cycle-0 model). Published: the published benchmark's records "
-        "of the same seed, made on another machine (another cycle-0 model: not paired).",
+        + f" and {', '.join(cols)} run on this machine{where}, {len(seeds)} seed(s); MGRAL's nAUC minus each "
+        "baseline's on the same seed (same initial set and cycle-0 model: paired only where the cycle-0 mAPs are "
+        "equal). Published: the published benchmark's records of the same seed, made on another machine (another "
+        "cycle-0 model: not paired).",
         "",
         "| seed | strategy | mAP per cycle | nAUC | MGRAL − it (paired) | published c0, nAUC |",
         "|---|---|---|---|---|---|",
@@ -148,6 +163,8 @@ def write(name: str, result: dict, params: dict, loads: tuple) -> None:
                     f"{e['base'][b]['nAUC']:.4f} | {e['vs'][b]:+.4f} | "
                     + (f"{pub['c0']:.4f}, {pub['nAUC']:.4f} |" if pub else "– |")
                 )
+        for b in e.get("unpaired", []):
+            lines.append(f"| {seed} | {b} | another cycle-0 model or other labeled counts: not paired | | | |")
     if len(seeds) > 1:
         for b in cols:
             diffs = [e["vs"][b] for e in seeds.values() if b in e["vs"]]
@@ -177,8 +194,8 @@ def write(name: str, result: dict, params: dict, loads: tuple) -> None:
                 f"| {secs} |"
             )
     lines.append("")
-    atomic_write_text(RESULTS / f"mgral_al_{name}.md", "\n".join(lines))
-    atomic_write_json(RESULTS / f"mgral_al_{name}.json", result, indent=1)
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines))
+    atomic_write_json(RESULTS / f"{stem}.json", result, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,16 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--params", type=json.loads, default={}, help="MGRAL parameters, JSON (e.g. '{\"folds\": 2}')")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), help="strategies run beside MGRAL")
+    p.add_argument("--variant", help="run MGRAL with --params alone, paired with the main run's baselines")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     loads = () if args.report_only else os.getloadavg()
-    run_dir = ROOT / "runs" / "bench-mgral-al" / args.dataset
+    main_dir = ROOT / "runs" / "bench-mgral-al" / args.dataset
+    run_dir = main_dir.with_name(f"{args.dataset}-{args.variant}") if args.variant else main_dir
+    stem = f"mgral_al_{args.dataset}" + (f"_{args.variant}" if args.variant else "")
     if not args.report_only:
-        run_dir = run(args.dataset, args.seeds, args.workers, args.params, args.baselines)
-    result = compare(args.dataset, run_dir, args.seeds, args.baselines)
-    result.update(params=args.params, machine=machine_line(gpu_used=False), load_at_start=loads[0] if loads else None)
-    write(args.dataset, result, args.params, loads)
-    print((RESULTS / f"mgral_al_{args.dataset}.md").read_text())
+        run(args.dataset, run_dir, args.seeds, args.workers, args.params, [] if args.variant else args.baselines)
+    result = compare(args.dataset, run_dir, args.seeds, args.baselines, base_dir=main_dir)
+    result.update(
+        params=args.params,
+        variant=args.variant,
+        machine=machine_line(gpu_used=False),
+        load_at_start=loads[0] if loads else None,
+    )
+    write(args.dataset, result, args.params, loads, stem)
+    print((RESULTS / f"{stem}.md").read_text())
     return 0
 
 

@@ -64,6 +64,8 @@ def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path, monkeypatch
     assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{driver.MARKERS[1]}\nafter\n")
     assert "old" not in text and "### micro" in text and "| entropy | 1 | 2 |" in text
     assert "Full-data reference: test mAP@[.5:.95]" in text
+    assert "Details: [`micro/results.md`](out/micro/results.md)" in text  # led from the README's folder
+    assert "](micro/results.md)" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "summary.md").read_text().count("### micro") == 1
 
     # a second invocation resumes (nothing left to run) and adds its own wall-time entry

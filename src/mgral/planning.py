@@ -74,10 +74,12 @@ def _trained(length: tuple[int | None, int | None, int], labeled: int) -> float:
     return float(iterations * batch if iterations is not None else epochs * labeled)
 
 
-def _selection(strategy: Any, labeled: int, unlabeled: int, budget: int, cycle: int) -> tuple[float, float]:
+def _selection(
+    strategy: Any, labeled: int, unlabeled: int, budget: int, cycle: int, capabilities: frozenset[str]
+) -> tuple[float, float]:
     """(training, inferred) images of one selection by the built ``strategy``, beyond the
     pool predictions the loop makes for it (in cycle 0 those cover the labeled images too)."""
-    train, infer = strategy.workload(labeled=labeled, unlabeled=unlabeled, budget=budget)
+    train, infer = strategy.workload(labeled=labeled, unlabeled=unlabeled, budget=budget, capabilities=capabilities)
     if "embeddings" in strategy.requires and cycle > 0:
         infer += labeled  # the labeled images' embeddings, beside the pool's
     return train, infer
@@ -89,9 +91,11 @@ def estimate_workload(config: ExperimentConfig, pool_size: int, test_size: int) 
     Raises:
         ConfigError: an unknown preset or strategy, or invalid training settings.
     """
+    from mgral.detectors import detector_class
     from mgral.strategies import build_strategy
 
     length = _train_length(config)
+    capabilities = detector_class(config.detector.kind).capabilities(config.detector)
     seeds = len(config.seeds)
     if config.initial.size is not None:
         initial = config.initial.size
@@ -120,7 +124,7 @@ def estimate_workload(config: ExperimentConfig, pool_size: int, test_size: int) 
                 unlabeled = pool_size - n
                 if c > 0 and strategy.requires & {"predictions", "embeddings"}:
                     infer += unlabeled
-                extra = _selection(strategy, n, unlabeled, config.budget, c)
+                extra = _selection(strategy, n, unlabeled, config.budget, c, capabilities)
                 train, infer = train + extra[0], infer + extra[1]
         parts[label] = (seeds * train, seeds * infer)
         trainings += seeds * config.cycles

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import mgral.strategies.mgral.strategy as strategy_module
+from mgral.detectors.heads import supports_head_cache
 from mgral.detectors.torchvision_detector import TorchvisionDetector
 from mgral.errors import ConfigError
 from mgral.strategies import build_strategy
@@ -48,15 +49,18 @@ def _context(make_context, for_strategy, detector, tmp_path, strategy, **options
 
 def test_auto_uses_the_head_estimator_on_faster_rcnn_only(faster_rcnn):
     tiny = TorchvisionDetector("tiny", faster_rcnn.categories, device="cpu", seed=0, pretrained=False)
+    frcnn_caps = TorchvisionDetector.capabilities(type("Spec", (), {"preset": "mobilenet_v2_fpn"}))
+    tiny_caps = TorchvisionDetector.capabilities(type("Spec", (), {"preset": "tiny"}))
     auto = build_strategy("mgral")
-    assert auto._uses_head(faster_rcnn) and not auto._uses_head(tiny)
-    assert not build_strategy("mgral", estimator="finetune")._uses_head(faster_rcnn)
-    assert not build_strategy("mgral", reward_source="oracle")._uses_head(faster_rcnn)  # a fine-tune ablation
+    assert auto._route(frcnn_caps) == "head" and auto._route(tiny_caps) == "finetune"
+    assert build_strategy("mgral", estimator="finetune")._route(frcnn_caps) == "finetune"
+    assert build_strategy("mgral", reward_source="oracle")._route(frcnn_caps) == "finetune"  # a fine-tune ablation
+    # the cycle asks the detector itself (supports_head_cache): the same answer as its kind's capabilities
+    assert supports_head_cache(faster_rcnn) and not supports_head_cache(tiny)
     # asking for it on a detector that cannot is refused before the run starts (loop.check_capabilities)
     head = build_strategy("mgral", estimator="head")
     assert "head_cache" in head.detector_needs
-    assert "head_cache" not in TorchvisionDetector.capabilities(type("Spec", (), {"preset": "tiny"}))
-    assert "head_cache" in TorchvisionDetector.capabilities(type("Spec", (), {"preset": "mobilenet_v2_fpn"}))
+    assert "head_cache" not in tiny_caps and "head_cache" in frcnn_caps
     with pytest.raises(ConfigError, match="estimator: expected finetune or auto with reward_source 'oracle'"):
         build_strategy("mgral", estimator="head", reward_source="oracle")
     with pytest.raises(ConfigError, match="folds: expected an integer >= 2"):
@@ -149,3 +153,40 @@ def test_too_few_labeled_images_take_the_prior_and_say_so(make_context, for_stra
     ctx = _context(make_context, for_strategy, faster_rcnn, tmp_path, strategy, num_labeled=1)
     sel = strategy.select(ctx, 3)
     assert len(sel.image_ids) == 3 and "no cross-fitting" in sel.info["fallback"]
+
+
+def test_estimator_none_takes_the_prior_batch_without_a_table(make_context, for_strategy, faster_rcnn, tmp_path):
+    """``estimator: none``: the prior's top-B (the head path's own prior batch), no head cache,
+    no table, no policy; it needs only the mirrored pass, so it runs on any detector."""
+    none = build_strategy("mgral", **{**HEAD, "estimator": "none"})
+    assert none.detector_needs == frozenset({"augment"})
+    sel = none.select(_context(make_context, for_strategy, faster_rcnn, tmp_path / "none", none), 4)
+    prior = build_strategy("mgral", **{**HEAD, "policy_updates": 1, "safe_z": 1e9})
+    prior_sel = prior.select(_context(make_context, for_strategy, faster_rcnn, tmp_path / "prior", prior), 4)
+    assert sel.image_ids == prior_sel.image_ids and prior_sel.info["choice"]["batch"] == "prior"
+    out = tmp_path / "none" / "cycle-0" / "mgral"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["estimator"] == "none" and summary["choice"]["batch"] == "prior"
+    assert "estimator none" in summary["choice"]["reason"] and summary["table_rows"] == 0
+    assert set(summary["seconds"]) == {"features"} and "head_cache" not in summary
+    assert not (out / "table.csv").exists() and not (out / "agent_rewards.csv").exists()
+    tiny = TorchvisionDetector("tiny", faster_rcnn.categories, device="cpu", seed=0, pretrained=False)
+    on_tiny = build_strategy("mgral", **{**HEAD, "estimator": "none"})
+    assert len(on_tiny.select(_context(make_context, for_strategy, tiny, tmp_path / "tiny", on_tiny), 4).image_ids) == 4
+    with pytest.raises(ConfigError, match="none estimates nothing"):
+        build_strategy("mgral", estimator="none", reward_source="oracle")
+
+
+def test_workload_follows_the_route_the_detector_allows():
+    """Planning counts what the cycle will run: the head path's mirrored pass, head cache and
+    (at most) its rows; ``none`` the mirrored pass only; the fine-tune table elsewhere."""
+    head_caps, plain = frozenset({"augment", "head_cache"}), frozenset({"augment"})
+    auto = build_strategy("mgral")
+    sizes = {"labeled": 15, "unlabeled": 300, "budget": 20}
+    head_train, head_infer = auto.workload(**sizes, capabilities=head_caps)
+    assert head_infer == 2 * 80 + 15  # 4 x budget candidates mirrored and cached, the labeled set cached
+    rows = 2 + 10 * 4
+    assert head_train == pytest.approx(rows * 2 * 100 * 2 * 15 / 400)
+    assert auto.workload(**sizes, capabilities=plain) == build_strategy("mgral", estimator="finetune").workload(**sizes)
+    assert build_strategy("mgral", estimator="none").workload(**sizes, capabilities=head_caps) == (0.0, 80.0)
+    assert auto.workload(**{**sizes, "labeled": 1}, capabilities=head_caps) == (0.0, 80.0)  # the prior fallback

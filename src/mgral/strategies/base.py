@@ -119,10 +119,13 @@ class Strategy(ABC):
     # of the strategy runs, small (e.g. MGRAL's table of two one-step rows).
     micro_params: ClassVar[Mapping[str, Any]] = {}
 
-    def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:
+    def workload(
+        self, *, labeled: int, unlabeled: int, budget: int, capabilities: frozenset[str] = frozenset()
+    ) -> tuple[float, float]:
         """What one selection pushes through the detector beyond the pool predictions the
         loop makes for it, as (training images, inferred images); used to plan a run
-        (:mod:`mgral.planning`), never to run one. Default: nothing."""
+        (:mod:`mgral.planning`), never to run one. ``capabilities``: the detector's
+        (:data:`mgral.detectors.base.CAPABILITIES`), where the work depends on them. Default: nothing."""
         return 0.0, 0.0
 
     @abstractmethod
