@@ -416,9 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("datasets", nargs="*", default=list(DATASETS), help=f"config names ({', '.join(DATASETS)}) or files")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "al-benchmark", help="run directories go here")
     p.add_argument("--out", type=Path, default=HERE / "results" / "al", help="published results go here")
-    p.add_argument(
-        "--readme", type=Path, default=HERE / "README.md", help="README whose al-benchmark block to update"
-    )
+    p.add_argument("--readme", type=Path, default=HERE / "README.md", help="README whose al-benchmark block to update")
     p.add_argument("--executor", choices=("inline", "process", "ray"), help="override the config's executor")
     p.add_argument("--workers", type=int, help="series at once (process / ray)")
     p.add_argument("--threads", type=int, help="torch threads per series")
