@@ -310,6 +310,18 @@ def heads_stage(name: str, n_batches: int, iterations: int, done: dict, log) -> 
     }
 
 
+def seed_ceiling(row: dict) -> tuple[float, float] | None:
+    """The seed noise of one full gain (SD from the batches run with both seeds: the SD of the
+    difference / sqrt 2) and the highest correlation any estimate can reach with a one-seed gain
+    it implies, sqrt(1 - noise variance / variance across batches) (the reliability bound);
+    None without reruns."""
+    pairs = [(n["gain_s0"], n["gain_s1"]) for n in row["full_seed_noise"]]
+    if not pairs:
+        return None
+    sd = float(np.sqrt(np.mean([(a - b) ** 2 for a, b in pairs]) / 2))
+    return sd, float(np.sqrt(max(0.0, 1.0 - sd**2 / row["full_std"] ** 2)))
+
+
 def write(rows: list[dict], loads: tuple) -> None:
     import matplotlib
 
@@ -345,18 +357,26 @@ def write(rows: list[dict], loads: tuple) -> None:
         "",
         "| dataset | full fine-tune | task mAP (detector) | task mAP (head on fp16 cache, 0 steps) | cache: images, "
         "s, KiB/image | one full fine-tune: CPU s (train + test), wall s, load | one head row (default): CPU s | "
-        "ratio | full-gain seed noise (batch: seed 0 → seed 1) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "ratio | full-gain seed noise (batch: seed 0 → seed 1) | seed-noise SD of a full gain; ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         noise = "; ".join(f"b{n['batch']}: {n['gain_s0']:+.4f} → {n['gain_s1']:+.4f}" for n in r["full_seed_noise"])
+        ceiling = seed_ceiling(r)
+        ceiling_cell = f"{ceiling[0]:.4f}; {ceiling[1]:.2f}" if ceiling else "–"
         ft, head_s = r["finetune"], r["heads"]["default, seed 0"]["row_cpu_s"]
         lines.append(
             f"| {r['dataset']} | {ft['iterations']} it. of {ft['batch_size']} ({ft['warmup_iters']} warm-up) | "
             f"{r['task_mAP']:.4f} | {r['zero_step_head_mAP']:.4f} | {r['cache_images']}, {r['cache_s']:.0f}, "
             f"{r['cache_kib_per_image']:.0f} | {r['full_row_cpu_s']:.0f}, {r['full_row_wall_s']:.0f}, "
-            f"{r['full_load']:.1f} | {head_s:.2f} | {r['full_row_cpu_s'] / head_s:.0f}x | {noise} |"
+            f"{r['full_load']:.1f} | {head_s:.2f} | {r['full_row_cpu_s'] / head_s:.0f}x | {noise} | {ceiling_cell} |"
         )
+    lines += [
+        "",
+        "Ceiling: the highest correlation any estimate can reach with a one-seed full gain, given its seed noise: "
+        "sqrt(1 − noise variance / variance across batches), with the noise SD from the batches rerun with seed 1 "
+        f"(SD of the difference / √2; {NOISE_BATCHES} batches, so the figure itself is rough).",
+    ]
     lines += ["", "Head settings (`TrainConfig` keys; full-batch steps) and CPU seconds per row:", ""]
     for label, v in rows[0]["heads"].items():
         lines.append(f"- {label}: {json.dumps(v['settings'])}; {v['row_cpu_s']:.2f} s")

@@ -10,6 +10,7 @@ from mgral.detectors.heads import (
     load_head_cache,
     predict_from_cache,
     save_head_cache,
+    supports_head_cache,
 )
 from mgral.detectors.torchvision_detector import TorchvisionDetector
 from mgral.errors import CheckpointError, ConfigError
@@ -112,3 +113,15 @@ def test_one_stage_detectors_are_refused(squares):
     det = TorchvisionDetector("tiny", squares.categories, device="cpu", pretrained=False)
     with pytest.raises(ConfigError, match=r"head cache supports Faster R-CNN presets .*preset 'tiny'.* FCOS"):
         cache_head_inputs(det, squares, squares.image_ids("test"))
+
+
+def test_every_preset_declares_head_cache_exactly_when_its_model_supports_it():
+    """The capability a config check reads (``Preset.head_cache``) and what the cycle finds in the
+    built model (``supports_head_cache``) agree for every preset: one truth, checked."""
+    from mgral.detectors.models import PRESETS, build_model
+
+    for name in PRESETS.names():
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(name, 3)
+        holder = type("Holder", (), {"model": model})()
+        assert supports_head_cache(holder) == PRESETS.get(name).head_cache, name
