@@ -129,7 +129,7 @@ def write(name: str, result: dict, params: dict, loads: tuple, stem: str) -> Non
     """The tables into ``results/<stem>.{md,json}``; ``loads``: the load averages when the run
     started (empty for ``--report-only``)."""
     seeds, cols = result["seeds"], result["baselines"]
-    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    fmt = lambda v, f: "–" if v is None or v != v else format(v, f)  # noqa: E731 (v != v: NaN)
     where = f" of `runs/bench-mgral-al/{name}`" if result.get("variant") else ""
     lines = [
         f"# MGRAL in the AL loop: {name}"
@@ -190,7 +190,7 @@ def write(name: str, result: dict, params: dict, loads: tuple, stem: str) -> Non
             secs = ", ".join(f"{k} {v:.0f}" for k, v in (c["seconds"] or {}).items())
             lines.append(
                 f"| {seed} | {c['cycle']} | {c['batch'] or c['estimator']} | {fmt(c['diff'], '+.4f')} | "
-                f"{fmt(c['se'], '.4f')} | {fmt(c['prior_gain'], '+.4f')} | {c['table_rows']} | {c['updates']} "
+                f"{fmt(c['se'], '.4f')} | {fmt(c['prior_gain'], '+.4f')} | {c['table_rows']} | {fmt(c['updates'], 'd')} "
                 f"| {secs} |"
             )
     lines.append("")
