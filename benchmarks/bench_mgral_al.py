@@ -190,8 +190,8 @@ def write(name: str, result: dict, params: dict, loads: tuple, stem: str) -> Non
             secs = ", ".join(f"{k} {v:.0f}" for k, v in (c["seconds"] or {}).items())
             lines.append(
                 f"| {seed} | {c['cycle']} | {c['batch'] or c['estimator']} | {fmt(c['diff'], '+.4f')} | "
-                f"{fmt(c['se'], '.4f')} | {fmt(c['prior_gain'], '+.4f')} | {c['table_rows']} | {fmt(c['updates'], 'd')} "
-                f"| {secs} |"
+                f"{fmt(c['se'], '.4f')} | {fmt(c['prior_gain'], '+.4f')} | {c['table_rows']} | "
+                f"{fmt(c['updates'], 'd')} | {secs} |"
             )
     lines.append("")
     atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines))

@@ -190,3 +190,35 @@ def test_workload_follows_the_route_the_detector_allows():
     assert auto.workload(**sizes, capabilities=plain) == build_strategy("mgral", estimator="finetune").workload(**sizes)
     assert build_strategy("mgral", estimator="none").workload(**sizes, capabilities=head_caps) == (0.0, 80.0)
     assert auto.workload(**{**sizes, "labeled": 1}, capabilities=head_caps) == (0.0, 80.0)  # the prior fallback
+
+
+@pytest.mark.parametrize(("se", "taken"), [(1e-4, "score:"), (1.0, "prior")])
+def test_score_batches_are_rows_and_win_only_when_clearly_better(
+    make_context, for_strategy, faster_rcnn, tmp_path, monkeypatch, se, taken
+):
+    """``score_batches``: each prior score's top-B is estimated too. With every candidate but the
+    prior's own batch planted and a precise estimate, a single score's batch (more planted
+    images than the prior's) replaces it; when the estimate is noise, the prior's batch stays."""
+    params = {**HEAD, "policy_updates": 1, "patience": None, "policy_lr": 1e-6, "score_batches": True}
+    prior = build_strategy("mgral", **{**params, "score_batches": False, "safe_z": 1e9})
+    prior_sel = prior.select(_context(make_context, for_strategy, faster_rcnn, tmp_path / "prior", prior), 4)
+    strategy = build_strategy("mgral", **params)
+    ctx = _context(make_context, for_strategy, faster_rcnn, tmp_path, strategy)
+    _planted(set(ctx.pool_ids) - set(prior_sel.image_ids), se, monkeypatch)
+    sel = strategy.select(ctx, 4)
+    choice, singles = sel.info["choice"], sel.info["score_batches"]
+    assert set(singles) == {"least_confidence", "coreset_distance", "class_rarity", "inconsistency"}
+    assert choice["batch"].startswith(taken)
+    if taken == "prior":
+        assert sel.image_ids == prior_sel.image_ids
+    else:
+        name = choice["batch"].removeprefix("score:")
+        assert singles[name]["gain"] == max(v["gain"] for v in singles.values()) > 0
+        assert set(sel.image_ids) != set(prior_sel.image_ids) and choice["diff"] > 2 * choice["se"]
+    summary = json.loads((ctx.work_dir / "mgral" / "summary.json").read_text())
+    assert summary["table_rows"] <= 2 + 1 * HEAD["policy_samples"] + 4
+    sizes = {"labeled": 15, "unlabeled": 300, "budget": 20, "capabilities": frozenset({"head_cache"})}
+    more, fewer = (build_strategy("mgral", score_batches=flag).workload(**sizes)[0] for flag in (True, False))
+    assert more > fewer
+    with pytest.raises(ConfigError, match="score_batches: expected true or false"):
+        build_strategy("mgral", score_batches="yes")

@@ -191,31 +191,34 @@ class BatchMemo:
 
 @dataclass(frozen=True)
 class SafeChoice:
-    """Which batch a cycle takes: ``learned`` (the policy's) or the prior's top-B, the
-    estimated gain difference learned − prior, its paired standard error, and why."""
+    """Which batch a cycle takes: ``learned`` (another than the prior's top-B: the policy's,
+    or the one named by ``batch``) or the prior's, the estimated gain difference to the
+    prior's, its paired standard error, and why."""
 
     learned: bool
     diff: float
     se: float
     reason: str
+    batch: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "batch": "learned" if self.learned else "prior",
+            "batch": self.batch or ("learned" if self.learned else "prior"),
             "diff": self.diff,
             "se": self.se,
             "reason": self.reason,
         }
 
 
-def safe_choice(diff: float, se: float, *, z: float = 2.0, same: bool = False) -> SafeChoice:
-    """Take the learned batch only when its estimated gain beats the prior's by more than
-    ``z`` paired standard errors (``diff`` = learned − prior, ``se`` the standard error of
-    that difference); ``same``: the two batches are the same set."""
+def safe_choice(diff: float, se: float, *, z: float = 2.0, same: bool = False, name: str = "learned") -> SafeChoice:
+    """Take another batch (``name``: the policy's by default) only when its estimated gain beats
+    the prior's by more than ``z`` paired standard errors (``diff`` = it − prior, ``se`` the
+    standard error of that difference); ``same``: the two batches are the same set."""
+    label = None if name == "learned" else name
     if same:
-        return SafeChoice(False, 0.0, 0.0, "the policy's batch is the prior's")
+        return SafeChoice(False, 0.0, 0.0, f"the {'policy' if label is None else name}'s batch is the prior's")
     if not (math.isfinite(diff) and math.isfinite(se)):
         return SafeChoice(False, diff, se, "the estimate is not finite: the prior's batch")
     if diff > z * se:
-        return SafeChoice(True, diff, se, f"learned beats the prior by {diff:.4g} > {z:g} x SE {se:.4g}")
-    return SafeChoice(False, diff, se, f"learned - prior = {diff:.4g} is within {z:g} x SE {se:.4g}: the prior's batch")
+        return SafeChoice(True, diff, se, f"{name} beats the prior by {diff:.4g} > {z:g} x SE {se:.4g}", label)
+    return SafeChoice(False, diff, se, f"{name} - prior = {diff:.4g} is within {z:g} x SE {se:.4g}: the prior's batch")

@@ -108,8 +108,10 @@ class MGRAL(Strategy):
     Head estimator: ``estimator`` (auto | head | finetune | none), ``folds`` (K, 3), ``labelings`` (J, 2),
     ``head_iterations`` (100), ``resamples`` (200), ``policy_updates`` (10), ``policy_samples`` (4),
     ``policy_lr`` (0.03), ``kl`` (1.0), ``safe_z`` (2.0), ``patience`` (2 updates without a sampled
-    batch beating the prior's by ``safe_z`` paired SEs end training; null: never); ``candidate_pool``
-    defaults to 4 x budget there.
+    batch beating the prior's by ``safe_z`` paired SEs end training; null: never), ``score_batches``
+    (False; True: the top-B of each prior score is a table row too, and the cycle takes the best
+    of those and the policy's batch that beats the prior's by ``safe_z`` paired SEs);
+    ``candidate_pool`` defaults to 4 x budget there.
     Jobs: ``executor`` (inline | process | ray), ``workers``, ``ray_address``, ``job_threads``,
     ``device`` (auto | cpu | cuda | cuda:N; ``auto``: the task detector's device, or the CPU
     in a job process that sees no GPU), ``job_gpus`` (GPUs each Ray job reserves, 0).
@@ -142,8 +144,9 @@ class MGRAL(Strategy):
 
         Head estimator: the candidates predicted mirrored, labeled + candidates once more for
         the head cache, and at most ``2 + policy_updates x policy_samples`` rows (patience
-        usually stops sooner), each ``folds x labelings`` head fine-tunes of ``head_iterations``
-        full-batch steps over the other folds' images, counted as :data:`HEAD_IMAGE_STEP`
+        usually stops sooner; ``score_batches`` adds one per prior score), each
+        ``folds x labelings`` head fine-tunes of ``head_iterations`` full-batch steps over the
+        other folds' images, counted as :data:`HEAD_IMAGE_STEP`
         detector image-steps each. ``none``: the mirrored pass alone."""
         route = self._route(capabilities)
         if route == "finetune":
@@ -155,6 +158,7 @@ class MGRAL(Strategy):
         if route == "none" or labeled < 2:
             return 0.0, float(candidates)
         rows = 2 + self.policy_updates * self.policy_samples
+        rows += len(prior_mod.PRIOR_SCORES) if self.score_batches else 0
         folds = min(self.folds, labeled)
         steps = rows * self.labelings * self.head_iterations * (folds - 1) * labeled  # image-steps of the heads
         return steps * HEAD_IMAGE_STEP, float(2 * candidates + labeled)
@@ -206,6 +210,7 @@ class MGRAL(Strategy):
         kl: float = 1.0,
         safe_z: float = 2.0,
         patience: int | None = 2,
+        score_batches: bool = False,
     ) -> None:
         def positive_int(name: str, v: Any, allow_none: bool = False) -> None:
             ok = (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
@@ -268,6 +273,8 @@ class MGRAL(Strategy):
         self.estimator, self.folds, self.labelings, self.head_iterations = estimator, folds, labelings, head_iterations
         self.resamples, self.policy_updates, self.policy_samples = resamples, policy_updates, policy_samples
         self.policy_lr, self.kl, self.safe_z, self.patience = policy_lr, kl, safe_z, patience
+        _check("score_batches", isinstance(score_batches, bool), "true or false", score_batches)
+        self.score_batches = score_batches
         if reward_source == "oracle":  # research only: the true gains need the true labels
             self.requires = frozenset({*MGRAL.requires, "oracle"})
         _check(
@@ -533,7 +540,7 @@ class MGRAL(Strategy):
                 steps.advance(info=f"gain {estimates[key].gain:+.4f}")
             return estimates[key]
 
-        rows_bound = 2 + self.policy_updates * self.policy_samples
+        rows_bound = 2 + self.policy_updates * self.policy_samples + (len(z_names) if self.score_batches else 0)
         with bar("MGRAL table", rows_bound, enabled=context.progress) as steps:
             info["control_mAP"] = estimator.control_mAP
             prior_est = estimate(tuple(sorted(prior_batch.tolist())))
@@ -543,11 +550,17 @@ class MGRAL(Strategy):
                 info["fallback"] = "the labeled set's mAP is undefined (no boxes): the prior's top batch"
                 return finish(prior_batch, z @ beta0, [], rows())
 
+            # the single scores' top batches, rows beside the prior's (score_batches)
+            singles: dict[str, tuple[tuple[int, ...], GainEstimate]] = {}
+            for col, name in enumerate(z_names if self.score_batches else ()):
+                key = tuple(sorted(top_b(z[:, col], n).tolist()))
+                singles[name] = (key, estimate(key))
+
             # the policy, trained on the memoised table; it stops once `patience` updates in a
             # row sampled no batch that beats the prior's by more than safe_z paired SEs
             t0 = time.perf_counter()
             memo = BatchMemo(lambda key: estimate(key).gain)
-            quiet = {"updates": 0, "seen": 1}
+            quiet = {"updates": 0, "seen": len(estimates)}
 
             def stop() -> bool:
                 fresh = list(estimates.values())[quiet["seen"] :]
@@ -593,6 +606,24 @@ class MGRAL(Strategy):
             choice = SafeChoice(False, diff, se, reason)
         else:
             choice = safe_choice(diff, se, z=self.safe_z, same=same)
+        # a single score's batch replaces the choice when it beats the prior's by safe_z SEs
+        # and has the highest estimated gain of those that do
+        picked, picked_gain = learned, (learned_est.gain if choice.learned else -math.inf)
+        singles_info = {}
+        for name, (key, est) in singles.items():
+            single = safe_choice(
+                est.gain - prior_est.gain,
+                paired_se(est, prior_est),
+                z=self.safe_z,
+                same=set(key) == set(prior_batch.tolist()),
+                name=f"score:{name}",
+            )
+            singles_info[name] = {"gain": est.gain, "se": est.se, "diff": single.diff, "paired_se": single.se}
+            if single.learned and est.gain > picked_gain:
+                choice, picked, picked_gain = single, np.array(key), est.gain
+                scores = z[:, z_names.index(name)]
+        if singles:
+            info["score_batches"] = singles_info
         seconds["selection"] = time.perf_counter() - t0
         info.update(
             {
@@ -606,7 +637,7 @@ class MGRAL(Strategy):
             }
         )
         if choice.learned:
-            return finish(learned, scores, curve, rows())
+            return finish(picked, scores, curve, rows())
         return finish(prior_batch, z @ beta0, curve, rows())
 
     def _write_head_table(self, out: MgralDir, cycle: int, rows) -> None:
