@@ -95,13 +95,16 @@ class ViewDetector:
         return {i: store[i] for i in image_ids if i in store}
 
 
-def pool_context(seed: int, *, num_pool: int = 60, num_labeled: int = 8, probs: bool = True) -> SelectionContext:
+def pool_context(
+    seed: int, *, num_pool: int = 60, num_labeled: int = 8, probs: bool = True, sizes: int = 1
+) -> SelectionContext:
+    """``sizes``: how many image sizes the pool has (``W x H`` and larger ones)."""
     rng = np.random.default_rng(seed)
     ids = [f"p{k:03d}" if k % 3 else k for k in range(num_pool)]
     counts = rng.choice([0, 1, 2, 3, 5, 8, 13], size=num_pool)
     pool = {i: detections(rng, int(n), probs=probs) for i, n in zip(ids, counts, strict=True)}
     labeled = {f"l{k}": rng.choice([c.id for c in CATS], size=int(rng.integers(0, 4))) for k in range(num_labeled)}
-    records = [ImageRecord(i, f"{i}.png", W, H, "train") for i in ids]
+    records = [ImageRecord(i, f"{i}.png", W + 7 * (k % sizes), H + 5 * (k % sizes), "train") for k, i in enumerate(ids)]
     records += [
         ImageRecord(i, f"{i}.png", W, H, "train", Target(np.tile([0, 0, 5, 5], (len(v), 1)), v))
         for i, v in labeled.items()
@@ -170,6 +173,14 @@ def test_cald_selects_exactly_what_the_per_image_version_did(seed, params):
     budget = 1 + seed % 7
     new = strategy.select(pool_context(seed), budget)
     ids, scores, mean = reference_cald_select(strategy, pool_context(seed), budget)
+    assert new.image_ids == ids and new.scores == scores and new.info["mean_consistency"] == mean
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cald_on_images_of_several_sizes_selects_what_the_per_image_version_did(seed):
+    strategy = build_strategy("cald")
+    new = strategy.select(pool_context(seed, sizes=3), 5)
+    ids, scores, mean = reference_cald_select(strategy, pool_context(seed, sizes=3), 5)
     assert new.image_ids == ids and new.scores == scores and new.info["mean_consistency"] == mean
 
 

@@ -394,6 +394,7 @@ class Cald(Strategy):
         )
         vectors = class_vectors(ref, len(columns), self.min_score)
         sizes = np.array([(dataset[i].width, dataset[i].height) for i in pool], dtype=np.int64).reshape(-1, 2)
+        kinds = np.unique(sizes, axis=0, return_inverse=True) if len(sizes) else (np.zeros((0, 2)), None)
         consistency = np.zeros((len(pool), len(self.views)))
         nothing = Detections()
         for v, view_name in enumerate(self.views):
@@ -404,7 +405,7 @@ class Cald(Strategy):
             )
             aug = flatten_detections([outs.get(i, nothing) for i in pool], pool, columns)
             vectors = vectors + class_vectors(aug, len(columns), self.min_score)
-            consistency[:, v] = view_consistencies(kept, _unmapped(aug, view, sizes), self.base_point)
+            consistency[:, v] = view_consistencies(kept, _unmapped(aug, view, kinds), self.base_point)
         scores = 2.0 - consistency.mean(axis=1)
         m = min(len(pool), max(n, math.ceil(self.candidate_ratio * n - 1e-9)))
         candidates = select_top(pool, scores, m, context.rng)
@@ -422,10 +423,11 @@ class Cald(Strategy):
         return Selection([pool[r] for r in rows[order]], div.tolist(), info)
 
 
-def _unmapped(aug: FlatDetections, view: View, sizes: np.ndarray) -> FlatDetections:
-    """``aug`` with its boxes mapped back to the original images (``sizes`` ``[P, 2]``: width,
-    height), one ``unmap`` call per image size (the maps work box by box)."""
-    kinds, which = np.unique(sizes, axis=0, return_inverse=True) if len(sizes) else (np.zeros((0, 2)), None)
+def _unmapped(aug: FlatDetections, view: View, kinds: tuple[np.ndarray, np.ndarray | None]) -> FlatDetections:
+    """``aug`` with its boxes mapped back to the original images, one ``unmap`` call per image size
+    (the maps work box by box). ``kinds``: the distinct ``(width, height)`` ``[S, 2]`` and each
+    image's row of them (``np.unique(sizes, axis=0, return_inverse=True)``)."""
+    kinds, which = kinds
     if len(kinds) == 1:  # one image size: all boxes at once
         boxes = view.unmap(aug.boxes, int(kinds[0, 0]), int(kinds[0, 1]))
     else:
