@@ -401,7 +401,7 @@ def test_threads_change_no_number(monkeypatch, seed):
     counts = rng.choice([0, 1, 2, 4, 9], size=70)
     distances = ppal_module.MatchingDistance(
         [rng.dirichlet(np.ones(6), size=n) for n in counts],
-        [rng.integers(1, 6, size=n) for n in counts],
+        [rng.choice(5, size=n, p=[0.5, 0.3, 0.1, 0.07, 0.03]) for n in counts],  # common and rare categories
         [rng.random(n).round(1) for n in counts],
     )
     rows = rng.choice(70, 9, replace=False)
