@@ -1,14 +1,21 @@
 """The vectorized CALD, PPAL and CDAL give exactly (bit for bit) what their per-image versions
-gave. The reference functions below are the previous implementations, kept verbatim (only
-renamed), so that any drift in a selection shows up here."""
+gave, and the same on one thread as on several. The reference functions below are the previous
+implementations, kept verbatim (only renamed), so that any drift in a selection shows up here."""
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
 
+import mgral.strategies._detection_math as math_module
+import mgral.strategies.cald as cald_module
 import mgral.strategies.cdal as cdal_module
 import mgral.strategies.ppal as ppal_module
 from mgral.data.records import Category, Dataset, Detections, ImageRecord, Target
@@ -19,6 +26,8 @@ from mgral.strategies._detection_math import (
     canonical_order,
     category_columns,
     flatten_detections,
+    ordered_map,
+    thread_limit,
 )
 from mgral.strategies.cald import (
     VIEWS,
@@ -86,13 +95,16 @@ class ViewDetector:
         return {i: store[i] for i in image_ids if i in store}
 
 
-def pool_context(seed: int, *, num_pool: int = 60, num_labeled: int = 8, probs: bool = True) -> SelectionContext:
+def pool_context(
+    seed: int, *, num_pool: int = 60, num_labeled: int = 8, probs: bool = True, sizes: int = 1
+) -> SelectionContext:
+    """``sizes``: how many image sizes the pool has (``W x H`` and larger ones)."""
     rng = np.random.default_rng(seed)
     ids = [f"p{k:03d}" if k % 3 else k for k in range(num_pool)]
     counts = rng.choice([0, 1, 2, 3, 5, 8, 13], size=num_pool)
     pool = {i: detections(rng, int(n), probs=probs) for i, n in zip(ids, counts, strict=True)}
     labeled = {f"l{k}": rng.choice([c.id for c in CATS], size=int(rng.integers(0, 4))) for k in range(num_labeled)}
-    records = [ImageRecord(i, f"{i}.png", W, H, "train") for i in ids]
+    records = [ImageRecord(i, f"{i}.png", W + 7 * (k % sizes), H + 5 * (k % sizes), "train") for k, i in enumerate(ids)]
     records += [
         ImageRecord(i, f"{i}.png", W, H, "train", Target(np.tile([0, 0, 5, 5], (len(v), 1)), v))
         for i, v in labeled.items()
@@ -161,6 +173,14 @@ def test_cald_selects_exactly_what_the_per_image_version_did(seed, params):
     budget = 1 + seed % 7
     new = strategy.select(pool_context(seed), budget)
     ids, scores, mean = reference_cald_select(strategy, pool_context(seed), budget)
+    assert new.image_ids == ids and new.scores == scores and new.info["mean_consistency"] == mean
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cald_on_images_of_several_sizes_selects_what_the_per_image_version_did(seed):
+    strategy = build_strategy("cald")
+    new = strategy.select(pool_context(seed, sizes=3), 5)
+    ids, scores, mean = reference_cald_select(strategy, pool_context(seed, sizes=3), 5)
     assert new.image_ids == ids and new.scores == scores and new.info["mean_consistency"] == mean
 
 
@@ -321,6 +341,85 @@ def test_cdal_selects_what_it_selected_before(monkeypatch, seed):
     monkeypatch.setattr(cdal_module, "contextual_features", reference_contextual_features)
     old = strategy.select(pool_context(seed), 5)
     assert new.image_ids == old.image_ids and new.scores == old.scores and new.info == old.info
+
+
+# -- threads ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_ordered_map_is_serial_on_one_thread_and_ordered_and_lazy_on_several(monkeypatch, torch_threads):
+    torch_threads(1)  # the run's threads setting (1 in the process executor's workers)
+    assert thread_limit() == 1
+    ran_on = []
+
+    def square(x: int) -> int:
+        ran_on.append(threading.get_ident())
+        time.sleep(0.002 * (6 - x))  # the first items finish last
+        return x * x
+
+    assert list(ordered_map(square, range(6), 6)) == [0, 1, 4, 9, 16, 25]
+    assert set(ran_on) == {threading.get_ident()}  # no pool
+    monkeypatch.setattr(math_module, "thread_limit", lambda: 2)
+    ran_on.clear()
+    pulled = []
+
+    def items():
+        for x in range(6):
+            pulled.append(x)
+            yield x
+
+    results = ordered_map(square, items(), 6)
+    assert next(results) == 0 and len(pulled) <= 3  # 2 threads: at most one item more taken than they run
+    assert list(results) == [1, 4, 9, 16, 25]
+    assert threading.get_ident() not in ran_on and len(set(ran_on)) == 2
+
+
+def _select_on(monkeypatch, threads: int, name: str, seed: int):
+    monkeypatch.setattr(math_module, "thread_limit", lambda: threads)
+    selection = build_strategy(name).select(pool_context(seed, num_pool=90), 6)
+    return selection.image_ids, selection.scores, selection.info
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_threads_change_no_number(monkeypatch, seed):
+    """CALD's blocks of images and PPAL's categories computed on 1 and on 3 threads: the same
+    picks, scores and matrices bit for bit. (OpenBLAS rounds float32 products differently with
+    its own thread count, whatever this code does; the threaded path uses one BLAS thread, so
+    the serial one here does too.)"""
+    monkeypatch.setattr(cald_module, "view_consistencies", functools.partial(view_consistencies, max_pairs=40))
+    ctx = pool_context(seed, num_pool=90)
+    refs = [ctx.predictions[i] for i in ctx.pool_ids]
+    augs = [view_of(np.random.default_rng(seed), d, "scale") for d in refs]
+    ref, aug = flatten_detections(refs, ctx.pool_ids, COLUMNS), flatten_detections(augs, ctx.pool_ids, COLUMNS)
+    rng = np.random.default_rng(seed)
+    counts = rng.choice([0, 1, 2, 4, 9], size=70)
+    distances = ppal_module.MatchingDistance(
+        [rng.dirichlet(np.ones(6), size=n) for n in counts],
+        [rng.choice(5, size=n, p=[0.5, 0.3, 0.1, 0.07, 0.03]) for n in counts],  # common and rare categories
+        [rng.random(n).round(1) for n in counts],
+    )
+    rows = rng.choice(70, 9, replace=False)
+    with threadpool_limits(1, user_api="blas"):
+        serial, threaded = [
+            (
+                _select_on(monkeypatch, threads, "cald", seed),
+                _select_on(monkeypatch, threads, "ppal", seed),
+                view_consistencies(ref, aug, 1.3, max_pairs=25),
+                distances.matrix(),
+                distances.matrix(np.float32),
+                distances.rows(rows),
+            )
+            for threads in (1, 3)
+        ]
+    assert serial[:2] == threaded[:2]
+    for a, b in zip(serial[2:], threaded[2:], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # -- the subset option of the k-center strategies -------------------------------------------

@@ -9,6 +9,8 @@
 * :func:`js_divergence`: Jensen-Shannon divergence in bits, in ``[0, 1]``.
 * :func:`canonical_order`: pool ids in a fixed order, so that ``rng`` breaks ties the same
   way however the loop lists the pool.
+* :func:`ordered_map`: independent tasks on the run's threads, results in order (so that
+  what is added up from them is added in the same order as serially).
 * ``check_*``: parameter checks that raise :class:`ConfigError` naming the parameter and
   its valid range.
 """
@@ -16,16 +18,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 from scipy.special import rel_entr
+from threadpoolctl import threadpool_limits
 from torchvision.ops import box_iou as _torch_box_iou
 
 from mgral.data.records import Category, Detections, ImageId
 from mgral.errors import ConfigError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def canonical_order(image_ids: Sequence[ImageId]) -> list[ImageId]:
@@ -177,6 +187,38 @@ def js_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
     m = 0.5 * (p + q)
     js = 0.5 * (rel_entr(p, m).sum(axis=axis) + rel_entr(q, m).sum(axis=axis)) / math.log(2.0)
     return np.clip(js, 0.0, 1.0)
+
+
+def thread_limit() -> int:
+    """Threads a strategy's numpy work may use: torch's thread count (the run's ``threads``; 1 in
+    the process and Ray executors' workers), at most the CPUs this process may run on."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus))
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], tasks: int) -> Iterator[R]:
+    """``fn(item)`` for each of the ``tasks`` ``items``, yielded in order.
+
+    With :func:`thread_limit` above 1 the calls run on ``min(tasks, thread_limit())`` threads
+    (numpy and BLAS release the GIL in their loops; BLAS then uses one thread per call),
+    otherwise one after the other on this thread with no pool. ``items`` is iterated on this
+    thread as the threads take them (computing an item there overlaps the threads' work), and
+    at most one result more than there are threads waits to be taken, so only a few tasks'
+    memory is held at once. Each call computes what it would serially, bit for bit.
+    """
+    workers = min(tasks, thread_limit())
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    # one BLAS thread per call: the calls share the cores (BLAS threads on top of them only wait)
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="mgral") as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _is_number(value: object) -> bool:

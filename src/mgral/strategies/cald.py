@@ -71,6 +71,7 @@ from mgral.strategies._detection_math import (
     flatten_detections,
     hflip,
     js_divergence,
+    ordered_map,
     unflip_boxes,
 )
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
@@ -172,7 +173,7 @@ def view_consistencies(ref: FlatDetections, aug: FlatDetections, base_point: flo
     Equal, image for image, to the per-image functions (the same float64 operations on the
     same numbers; the first view box of largest IoU is the match, as ``argmax`` takes it);
     an image with no box on either side gets 0. Images are processed in blocks of similar
-    box counts, padded to the block's largest.
+    box counts, padded to the block's largest, on the run's threads (:func:`ordered_map`).
     """
     out = np.zeros(len(ref.counts))
     live = np.flatnonzero((ref.counts > 0) & (aug.counts > 0))
@@ -188,14 +189,16 @@ def view_consistencies(ref: FlatDetections, aug: FlatDetections, base_point: flo
     ref_scores, aug_scores = ref.scores.astype(np.float64), aug.scores.astype(np.float64)
     # the bounds below need every JS to be a number: finite, non-negative rows with a positive entry
     exact_bounds = _js_defined(ref.probs) and _js_defined(aug.probs)
-    lo = 0
+    spans, lo = [], 0
     while lo < live.size:
         window = slice(lo, lo + 4096)  # sorted by box count: the block's padded size is count x running max
         cost = np.arange(1, len(nr_all[window]) + 1) * nr_all[window] * np.maximum.accumulate(na_all[window])
         hi = lo + max(1, int(np.searchsorted(cost, max_pairs, side="right")))
-        images, nr, na = live[lo:hi], nr_all[lo:hi], na_all[lo:hi]
-        rs, as_ = ref_start[lo:hi], aug_start[lo:hi]
+        spans.append(slice(lo, hi))
         lo = hi
+
+    def block(span: slice) -> np.ndarray:  # the consistency of the images live[span]
+        nr, na, rs, as_ = nr_all[span], na_all[span], ref_start[span], aug_start[span]
         ri, ai = np.arange(int(nr.max())), np.arange(int(na.max()))
         r_ok, a_ok = ri < nr[:, None], ai < na[:, None]
         r_idx = np.where(r_ok, rs[:, None] + ri, rs[:, None])  # padding repeats a real box, masked below
@@ -242,7 +245,10 @@ def view_consistencies(ref: FlatDetections, aug: FlatDetections, base_point: flo
             kept = np.add.reduceat(need, starts)
             starts = np.cumsum(kept) - kept
         values = _consistency_values(ref.probs, aug.probs, rows, m, best, scores, base_point)
-        out[images] = np.minimum.reduceat(values, starts)
+        return np.minimum.reduceat(values, starts)
+
+    for span, values in zip(spans, ordered_map(block, spans, len(spans)), strict=True):
+        out[live[span]] = values
     return out
 
 
@@ -390,6 +396,7 @@ class Cald(Strategy):
         )
         vectors = class_vectors(ref, len(columns), self.min_score)
         sizes = np.array([(dataset[i].width, dataset[i].height) for i in pool], dtype=np.int64).reshape(-1, 2)
+        kinds = np.unique(sizes, axis=0, return_inverse=True) if len(sizes) else (np.zeros((0, 2)), None)
         consistency = np.zeros((len(pool), len(self.views)))
         nothing = Detections()
         for v, view_name in enumerate(self.views):
@@ -400,7 +407,7 @@ class Cald(Strategy):
             )
             aug = flatten_detections([outs.get(i, nothing) for i in pool], pool, columns)
             vectors = vectors + class_vectors(aug, len(columns), self.min_score)
-            consistency[:, v] = view_consistencies(kept, _unmapped(aug, view, sizes), self.base_point)
+            consistency[:, v] = view_consistencies(kept, _unmapped(aug, view, kinds), self.base_point)
         scores = 2.0 - consistency.mean(axis=1)
         m = min(len(pool), max(n, math.ceil(self.candidate_ratio * n - 1e-9)))
         candidates = select_top(pool, scores, m, context.rng)
@@ -418,13 +425,17 @@ class Cald(Strategy):
         return Selection([pool[r] for r in rows[order]], div.tolist(), info)
 
 
-def _unmapped(aug: FlatDetections, view: View, sizes: np.ndarray) -> FlatDetections:
-    """``aug`` with its boxes mapped back to the original images (``sizes`` ``[P, 2]``: width,
-    height), one ``unmap`` call per image size (the maps work box by box)."""
-    boxes = aug.boxes.copy()
-    kinds, which = np.unique(sizes, axis=0, return_inverse=True) if len(sizes) else (np.zeros((0, 2)), None)
-    box_kind = np.repeat(np.asarray(which).reshape(-1), aug.counts)
-    for k, (w, h) in enumerate(kinds):
-        at = box_kind == k
-        boxes[at] = view.unmap(aug.boxes[at], int(w), int(h))
+def _unmapped(aug: FlatDetections, view: View, kinds: tuple[np.ndarray, np.ndarray | None]) -> FlatDetections:
+    """``aug`` with its boxes mapped back to the original images, one ``unmap`` call per image size
+    (the maps work box by box). ``kinds``: the distinct ``(width, height)`` ``[S, 2]`` and each
+    image's row of them (``np.unique(sizes, axis=0, return_inverse=True)``)."""
+    kinds, which = kinds
+    if len(kinds) == 1:  # one image size: all boxes at once
+        boxes = view.unmap(aug.boxes, int(kinds[0, 0]), int(kinds[0, 1]))
+    else:
+        boxes = aug.boxes.copy()
+        box_kind = np.repeat(np.asarray(which).reshape(-1), aug.counts)
+        for k, (w, h) in enumerate(kinds):
+            at = box_kind == k
+            boxes[at] = view.unmap(aug.boxes[at], int(w), int(h))
     return FlatDetections(aug.counts, boxes, aug.scores, aug.cols, aug.probs)

@@ -63,6 +63,7 @@ from mgral.strategies._detection_math import (
     check_int,
     check_number,
     flatten_detections,
+    ordered_map,
 )
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 
@@ -144,33 +145,49 @@ class MatchingDistance:
 
     def matrix(self, dtype: type = np.float64) -> np.ndarray:
         """float64 ``[M, M]``. ``dtype``: of the cosine dot products; with ``np.float32`` every entry
-        is within :meth:`error` of the float64 one (sums and weights stay float64)."""
+        is within :meth:`error` of the float64 one (sums and weights stay float64). The categories
+        are computed on the run's threads (:func:`ordered_map`) and added in their order."""
         m, sums = self.m, self.sums
         num = np.repeat(sums[:, None], m, axis=1)  # every box unmatched (distance 1) until a same-category box is found
-        size = max(1, math.isqrt(CHUNK_ELEMENTS))
-        for f, w, owner, images, starts, boxes in self.categories:
-            f = f.astype(dtype, copy=False)
-            by_count = np.argsort(boxes, kind="stable")
-            images, starts, boxes = images[by_count], starts[by_count], boxes[by_count]
-            acc = np.zeros((len(images), len(images)))  # [box's image, other image]: sum of w * distance
-            blocks = _slot_blocks(starts, boxes, size)
-            feats_of = [f[rows] for _, rows in blocks]
-            for k, (a, a_rows) in enumerate(blocks):
-                f_a, w_a = feats_of[k], w[a_rows]
-                for (b, b_rows), f_b in zip(blocks[k:], feats_of[k:], strict=True):
-                    # the dot products are symmetric: one block gives both images' nearest boxes;
-                    # clip(1 - x, 0, 1) does not increase with x, so the nearest box of an image
-                    # (the smallest distance) is the one of largest dot product: reduce, then map
-                    dots = f_b @ f_a.T  # [b's boxes, a's boxes], both slot by slot
-                    slots_b, slots_a = len(b_rows) // (b.stop - b.start), len(a_rows) // (a.stop - a.start)
-                    nearest = dots.reshape(slots_b, b.stop - b.start, -1).max(axis=0)  # [b images, a's boxes]
-                    acc[a, b] += _sum_slots(w_a * _distance(nearest), slots_a, axis=1).T
-                    if b != a:
-                        nearest = dots.reshape(len(b_rows), slots_a, -1).max(axis=1)  # [b's boxes, a images]
-                        acc[b, a] += _sum_slots(w[b_rows, None] * _distance(nearest), slots_b, axis=0)
-            mass = np.bincount(owner, weights=w, minlength=m)[images]
-            num[np.ix_(images, images)] -= mass[:, None] - acc
+        parts = ordered_map(lambda category: self._matched(category, dtype), self.categories, len(self.categories))
+        for images, matched in parts:
+            if images is None:
+                num -= matched
+            else:
+                num[np.ix_(images, images)] -= matched
         return self._symmetric(num, num, np.arange(m))
+
+    def _matched(self, category: tuple, dtype: type) -> tuple[np.ndarray | None, np.ndarray]:
+        """One category's ``(images, mass - acc)``: its images and, per pair of them, how much their
+        matches take off the unmatched sum (the box weights, less the weighted distances). A category
+        of at least half the images gives ``(None, [M, M])``, 0 for the pairs it does not have (``x - 0``
+        is ``x``): one pass over the matrix takes it off, instead of a scatter on the calling thread."""
+        f, w, owner, images, starts, boxes = category
+        f = f.astype(dtype, copy=False)
+        by_count = np.argsort(boxes, kind="stable")
+        images, starts, boxes = images[by_count], starts[by_count], boxes[by_count]
+        acc = np.zeros((len(images), len(images)))  # [box's image, other image]: sum of w * distance
+        blocks = _slot_blocks(starts, boxes, max(1, math.isqrt(CHUNK_ELEMENTS)))
+        feats_of = [f[rows] for _, rows in blocks]
+        for k, (a, a_rows) in enumerate(blocks):
+            f_a, w_a = feats_of[k], w[a_rows]
+            for (b, b_rows), f_b in zip(blocks[k:], feats_of[k:], strict=True):
+                # the dot products are symmetric: one block gives both images' nearest boxes;
+                # clip(1 - x, 0, 1) does not increase with x, so the nearest box of an image
+                # (the smallest distance) is the one of largest dot product: reduce, then map
+                dots = f_b @ f_a.T  # [b's boxes, a's boxes], both slot by slot
+                slots_b, slots_a = len(b_rows) // (b.stop - b.start), len(a_rows) // (a.stop - a.start)
+                nearest = dots.reshape(slots_b, b.stop - b.start, -1).max(axis=0)  # [b images, a's boxes]
+                acc[a, b] += _sum_slots(w_a * _distance(nearest), slots_a, axis=1).T
+                if b != a:
+                    nearest = dots.reshape(len(b_rows), slots_a, -1).max(axis=1)  # [b's boxes, a images]
+                    acc[b, a] += _sum_slots(w[b_rows, None] * _distance(nearest), slots_b, axis=0)
+        mass = np.bincount(owner, weights=w, minlength=self.m)[images]
+        if 2 * len(images) < self.m:
+            return images, mass[:, None] - acc
+        matched = np.zeros((self.m, self.m))
+        matched[np.ix_(images, images)] = mass[:, None] - acc
+        return None, matched
 
     def rows(self, rows: Sequence[int]) -> np.ndarray:
         """float64 ``[len(rows), M]``: the rows of the (float64) :meth:`matrix` of these distinct
@@ -181,10 +198,12 @@ class MatchingDistance:
         num_in = np.repeat(sums[:, None], len(rows), axis=1)  # [image, row]: the image's boxes to the row
         position = np.full(m, -1)
         position[rows] = np.arange(len(rows))
-        for f, w, owner, images, starts, _ in self.categories:
+
+        def matched(category: tuple) -> tuple | None:  # as in matrix: what the category's matches take off
+            f, w, owner, images, starts, _ = category
             mine = np.flatnonzero(position[owner] >= 0)  # boxes of the rows, grouped by image
             if not len(mine):
-                continue
+                return None
             row_images, row_starts = np.unique(owner[mine], return_index=True)
             dots = f[mine] @ f.T  # [rows' boxes, boxes]
             nearest = _distance(np.maximum.reduceat(dots, starts, axis=1))  # [rows' boxes, images]
@@ -192,9 +211,13 @@ class MatchingDistance:
             nearest = _distance(np.maximum.reduceat(dots, row_starts, axis=0))  # [row images, boxes]
             back = np.add.reduceat(w[None, :] * nearest, starts, axis=1)  # [row images, images]
             mass = np.bincount(owner, weights=w, minlength=m)
-            at = position[row_images]
-            num[np.ix_(at, images)] -= mass[row_images, None] - to
-            num_in[np.ix_(images, at)] -= (mass[None, images] - back).T
+            return position[row_images], images, mass[row_images, None] - to, (mass[None, images] - back).T
+
+        for part in ordered_map(matched, self.categories, len(self.categories)):
+            if part is not None:
+                at, images, taken_out, taken_in = part
+                num[np.ix_(at, images)] -= taken_out
+                num_in[np.ix_(images, at)] -= taken_in
         num_in[rows] = num[:, rows]  # among the rows, both ways from the same sums
         return self._symmetric(num, num_in, rows)
 
@@ -244,10 +267,11 @@ def _sum_slots(values: np.ndarray, slots: int, axis: int) -> np.ndarray:
     """Sum of the ``slots`` equal slabs of ``values`` along ``axis``, added one after the other
     from zero (an image's boxes in their order: the same sums, rounding included, as adding the
     boxes' terms one by one)."""
-    slabs = np.split(values, slots, axis=axis)
-    out = np.zeros_like(slabs[0])
-    for slab in slabs:
-        out += slab
+    slabs = values.reshape(values.shape[:axis] + (slots, -1) + values.shape[axis + 1 :])
+    at = (slice(None),) * axis
+    out = np.zeros_like(slabs[at + (0,)])
+    for slot in range(slots):
+        out += slabs[at + (slot,)]
     return out
 
 
