@@ -401,3 +401,13 @@ def test_dry_run_refuses_a_split_too_small_and_a_resume(tmp_path):
     with pytest.raises(ConfigError, match=r"the pool splits .* hold 2 images .* a dry run needs 4 and 1"):
         dry_run(config, tmp_path / "dry", **MICRO)
     assert main(["run", str(PAPER / "retinanet_voc0712.yaml"), "--dry-run", "--resume"]) == 2
+
+
+def test_the_workload_counts_the_schedule_floor():
+    from mgral.detectors.training import make_config
+    from mgral.planning import _trained
+
+    floor = make_config({"epochs": 2, "batch_size": 4, "min_iterations": 25})
+    assert _trained(floor, 10) == 100  # 2 epochs of 10 images < 25 steps of 4
+    assert _trained(floor, 100) == 200  # 2 epochs of 100 images: the floor does not bind
+    assert _trained(make_config({"iterations": 30, "batch_size": 4}), 10) == 120

@@ -29,13 +29,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mgral.config import ExperimentConfig, config_from_dict, config_to_dict
 from mgral.data.records import Dataset, ImageId
 from mgral.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mgral.detectors.training import TrainConfig
 
 # -- the cost of a run ----------------------------------------------------------------------
 
@@ -60,18 +63,19 @@ class Workload:
         return (self.train_images / train_rate + self.infer_images / infer_rate) / 3600
 
 
-def _train_length(config: ExperimentConfig, extra: dict[str, Any] | None = None) -> tuple[int | None, int | None, int]:
-    """(epochs, iterations, batch_size) of one training, as the detector will read them."""
+def _train_length(config: ExperimentConfig, extra: dict[str, Any] | None = None) -> TrainConfig:
+    """The settings of one training, as the detector will read them."""
     from mgral.detectors.models import PRESETS
     from mgral.detectors.training import make_config
 
-    train = make_config(PRESETS.get(config.detector.preset).train_defaults, config.detector.train, extra or {})
-    return train.epochs, train.iterations, train.batch_size
+    return make_config(PRESETS.get(config.detector.preset).train_defaults, config.detector.train, extra or {})
 
 
-def _trained(length: tuple[int | None, int | None, int], labeled: int) -> float:
-    epochs, iterations, batch = length
-    return float(iterations * batch if iterations is not None else epochs * labeled)
+def _trained(train: TrainConfig, labeled: int) -> float:
+    """Images seen by one training on ``labeled`` images: ``epochs`` passes over them, or
+    ``iterations`` full batches, and at least ``min_iterations`` full batches."""
+    seen = train.iterations * train.batch_size if train.iterations is not None else train.epochs * labeled
+    return float(max(seen, train.min_iterations * train.batch_size))
 
 
 def _selection(
@@ -207,8 +211,8 @@ def _micro_config(
         "clip_boxes": config.dataset.clip_boxes,
     }
     initial, budget = max(2, pool // 2), max(1, pool // 4)
-    _, _, batch = _train_length(config)
-    train = {k: v for k, v in config.detector.train.items() if k not in ("epochs", "iterations")}
+    batch = _train_length(config).batch_size
+    train = {k: v for k, v in config.detector.train.items() if k not in ("epochs", "iterations", "min_iterations")}
     data["detector"]["train"] = {
         **train,
         "iterations": iterations,

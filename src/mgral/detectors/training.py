@@ -34,7 +34,9 @@ from mgral.progress import bar
 class TrainConfig(BaseModel):
     """Training settings (validated; unknown keys are refused).
 
-    Exactly one of ``epochs`` / ``iterations`` sets the length. The learning rate warms up
+    Exactly one of ``epochs`` / ``iterations`` sets the length; ``epochs`` makes it follow the
+    number of training images, and ``min_iterations`` is a floor on it (a few epochs of a small
+    labeled set are otherwise a handful of steps). The learning rate warms up
     linearly over ``warmup_iters`` then follows ``schedule`` (``cosine`` to zero, ``step``
     by ``gamma`` at the fractions ``milestones`` of the run, or ``constant``).
     ``ignored_boxes``: ``skip`` (default) leaves VOC ``difficult`` and COCO ``iscrowd`` boxes
@@ -46,6 +48,7 @@ class TrainConfig(BaseModel):
 
     epochs: int | None = Field(default=None, ge=1)
     iterations: int | None = Field(default=None, ge=1)
+    min_iterations: int = Field(default=0, ge=0)
     batch_size: int = Field(default=4, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.01, gt=0)
@@ -351,6 +354,15 @@ def maybe_init_distributed(device: torch.device) -> bool:
     return True
 
 
+def schedule_length(config: TrainConfig, images: int, world: int = 1) -> int:
+    """Optimizer steps of one training on ``images`` images over ``world`` processes:
+    ``iterations``, or ``epochs`` passes of ``ceil(images / (batch_size * world))`` steps,
+    and at least ``min_iterations``."""
+    per_epoch = max(1, math.ceil(images / (config.batch_size * world)))
+    length = config.iterations if config.iterations is not None else config.epochs * per_epoch
+    return max(length, config.min_iterations)
+
+
 def train(
     model: nn.Module,
     data: DetectionData,
@@ -370,8 +382,8 @@ def train(
     if n == 0:
         raise ConfigError("cannot train on an empty set of images; label some images first")
     per_epoch = max(1, math.ceil(n / (config.batch_size * world)))
-    epochs = config.epochs if config.epochs is not None else math.ceil(config.iterations / per_epoch)
-    total = epochs * per_epoch if config.iterations is None else config.iterations
+    total = schedule_length(config, n, world)
+    epochs = math.ceil(total / per_epoch)
 
     model.to(device)
     net = model
