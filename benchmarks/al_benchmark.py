@@ -12,7 +12,12 @@ this script
    full-data mAP, per-phase wall seconds), ``selections.csv`` (every chosen image id per
    strategy, seed and cycle), the curve plots, MGRAL's diagnostics, and ``run.md`` (machine,
    command, wall time);
-3. writes ``OUT/summary.md`` over every dataset published so far, and replaces the block
+3. checks that the full-data reference's schedule converged: the first seed's reference is
+   trained with its schedule and for twice as long, both on this machine
+   (``RUNS/<name>.converged/``), and doubling must add less than 5% of its test mAP, relative; ``OUT/<name>/converged.json`` says whether it held (and
+   spares a fresh clone the training while the settings stay those it was made with;
+   ``--no-converged-check`` skips it);
+4. writes ``OUT/summary.md`` over every dataset published so far, and replaces the block
    between the ``al-benchmark`` markers of ``benchmarks/README.md`` with it (links rewritten
    to lead there).
 
@@ -67,6 +72,109 @@ RECORDS = "records"  # OUT/<name>/records/: the finished series' own files (see 
 IDLE_SECONDS = 60  # an invocation shorter than this found nothing to run: run.md counts it, not lists it
 WALL_SUFFIX = ".wall.json"  # RUNS/<name>.wall.json, beside the run directory: one entry per invocation
 MARKERS = ("<!-- al-benchmark:start -->", "<!-- al-benchmark:end -->")
+CONVERGED = "converged.json"  # OUT/<name>/converged.json: the schedule check (see converged_check)
+CONVERGED_SUFFIX = ".converged"  # RUNS/<name>.converged/: its training, beside the run directory
+CONVERGED_GAIN = 0.05  # doubling the reference schedule must add less than this, relative
+
+
+# -- is the reference converged? ------------------------------------------------------------
+
+
+def doubled(train: dict) -> dict:
+    """Training settings with twice the length: ``epochs`` or ``iterations``, and the floor."""
+    out = dict(train)
+    for key in ("epochs", "iterations", "min_iterations"):
+        if out.get(key):
+            out[key] = 2 * int(out[key])
+    return out
+
+
+def length_text(train: dict) -> str:
+    text = f"{train['iterations']} iterations" if train.get("iterations") else f"{train.get('epochs', 10)} epochs"
+    return text + (f" (at least {train['min_iterations']})" if train.get("min_iterations") else "")
+
+
+def converged_check(config, run_dir: Path, out_dir: Path, *, train: bool = True, log=print) -> dict | None:
+    """Does the full-data reference's schedule converge? The first seed's reference is trained
+    as the run trains it (same seed, pool, oracle and evaluation), once with its schedule and
+    once for twice as long, both here (training is deterministic only on one machine, and the
+    run's reference may have been made on another); converged when doubling adds less than
+    ``CONVERGED_GAIN`` of the test mAP, relative.
+
+    The trainings live in ``RUNS/<name>.converged/`` (resumable: an interrupted one continues
+    from its epoch checkpoint); the result is published as ``OUT/<name>/converged.json`` and
+    reused while the settings it was made with hold. None when the config has no full-data
+    reference, or when ``train`` is false and nothing matching is published.
+    """
+    from mgral._io import atomic_write_json
+    from mgral.loop import _torch_threads, open_experiment, seed_oracle
+    from mgral.report.load import load_reference
+    from mgral.runs import CycleDir, RunDir
+    from mgral.series import train_and_evaluate, train_settings, visible_dataset
+
+    if not config.full_data_reference:
+        return None
+    seed = config.seeds[0]
+    once = train_settings(config, reference=True)
+    once.pop("progress", None)
+    twice = doubled(once)
+    published = out_dir / CONVERGED
+    if published.exists():
+        check = json.loads(published.read_text(encoding="utf-8"))
+        if check.get("train") == once and check.get("seed") == seed and check.get("preset") == config.detector.preset:
+            return check
+    if not train:
+        return None
+    work = run_dir.parent / f"{run_dir.name}{CONVERGED_SUFFIX}"
+    results, seconds = {}, {}
+    for key, settings in (("once", once), ("twice", twice)):
+        exp = open_experiment(config.model_copy(update={"reference_train": settings}), RunDir(run_dir), log, False)
+        oracle = seed_oracle(exp, seed)
+        view = visible_dataset(exp.dataset, {i: oracle.labels_for(i) for i in exp.pool})
+        log(f"{run_dir.name}: converged check, the seed-{seed} reference for {length_text(settings)}")
+        spent: dict[str, float] = {}
+        with _torch_threads(config.threads if config.executor == "inline" else (config.threads or 1)):  # as the run's
+            wdir = CycleDir(work / key / f"seed-{seed}")
+            _, result = train_and_evaluate(exp, seed, 0, wdir, view, exp.pool, spent, None, True)
+        results[key], seconds[key] = float(result["mAP"]), spent.get("train")
+    gain = (results["twice"] - results["once"]) / results["once"] if results["once"] > 0 else float("inf")
+    reference = (load_reference([run_dir]) or {}).get(seed)
+    check = {
+        "seed": seed,
+        "preset": config.detector.preset,
+        "train": once,
+        "train_twice": twice,
+        "mAP": results["once"],
+        "mAP_twice": results["twice"],
+        "relative_gain": gain,
+        "threshold": CONVERGED_GAIN,
+        "converged": bool(gain < CONVERGED_GAIN),
+        "run_reference_mAP": None if reference is None else float(reference["mAP"]),
+        "train_seconds": seconds["once"],
+        "train_seconds_twice": seconds["twice"],
+        "machine": machine_line(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(published, check, indent=1)
+    return check
+
+
+def converged_text(check: dict | None) -> str:
+    """The check in one sentence (for run.md and the summary)."""
+    if check is None:
+        return "Converged: not checked (no finished full-data reference, or the check was skipped)"
+    verdict = "**yes**" if check["converged"] else "**no**"
+    return (
+        f"Converged: {verdict}: the seed-{check['seed']} reference trained twice as long "
+        f"({length_text(check['train'])} -> {length_text(check['train_twice'])}) scores test mAP "
+        f"{check['mAP']:.4f} -> {check['mAP_twice']:.4f} ({check['relative_gain']:+.1%}; converged below "
+        f"+{check['threshold']:.0%}; both trained on {check.get('machine', '?')}"
+        + (
+            f", where the run's own reference of that seed scored {check['run_reference_mAP']:.4f})"
+            if check.get("run_reference_mAP") is not None
+            else ")"
+        )
+    )
 
 
 # -- wall time, across invocations ---------------------------------------------------------
@@ -132,7 +240,7 @@ def config_path(name: str) -> Path:
     return path
 
 
-def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
+def publish(name: str, run_dir: Path, out_dir: Path, command: str, converged: dict | None = None) -> Path:
     """Write the report of ``run_dir`` and copy the files a reader needs into ``out_dir``,
     with ``run.md`` (how it was made, for readers) and ``run.json`` (the same facts and the
     full-data reference, for :func:`summary_markdown`)."""
@@ -172,6 +280,7 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
     if idle:
         lines.append(f"  - and {len(idle)} that found the run finished ({sum(e['seconds'] for e in idle):.0f} s)")
     lines += [
+        f"- {converged_text(converged)}",
         f"- Detector: `{config['detector']['preset']}`, training {json.dumps(config['detector']['train'])}, "
         f"warm start {config['detector'].get('warm_start', False)}; reference training "
         f"{json.dumps(config.get('reference_train', {}))}",
@@ -194,6 +303,7 @@ def publish(name: str, run_dir: Path, out_dir: Path, command: str) -> Path:
         "metric": metric_name([run_dir]),
         "reference_map": reference_map(reference),
         "reference_seeds": len(reference or {}),
+        "converged": converged,
         "wall_seconds": total,
         "invocations": wall,
     }
@@ -352,6 +462,8 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
             f"{reference}. Wall time: {facts['wall_seconds'] / 3600:.2f} h. "
             f"Details: [`{name}/results.md`]({name}/results.md).",
             "",
+            f"{converged_text(facts.get('converged'))}.",
+            "",
             "| strategy | seeds | cycles | nAUC | vs random (wins) | imgs to 90% | select s / cycle |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
@@ -423,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto, ray://head:10001)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--report-only", action="store_true", help="publish what the runs hold; run nothing")
+    p.add_argument(
+        "--no-converged-check", action="store_true", help="skip training the reference twice as long (see converged_check)"
+    )
     args = p.parse_args(argv)
 
     from mgral.config import load_config
@@ -456,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
             with WallClock(run_dir, note):
                 run_experiment(config, run_dir, resume=True)
         if run_dir.exists():
-            publish(name, run_dir, args.out / name, command.strip())
+            train = not (args.report_only or args.no_converged_check)
+            check = converged_check(config, run_dir, args.out / name, train=train)
+            publish(name, run_dir, args.out / name, command.strip(), check)
             print(f"{name}: published {args.out / name}")
     known = [n for n in dict.fromkeys([*DATASETS, *names]) if (args.out / n / "results.csv").exists()]
     print(write_summary(args.out, known, args.readme))

@@ -58,12 +58,22 @@ def test_driver_runs_two_series_on_local_ray_and_publishes(tmp_path, monkeypatch
     assert sorted((r["strategy"], r["cycle"]) for r in chosen) == [("entropy", "0")] * 5 + [("random", "0")] * 5
     assert all(r["file_name"].endswith(".png") or r["file_name"].endswith(".jpg") for r in chosen)
 
+    check = json.loads((out / "converged.json").read_text())  # the seed-0 reference, trained twice as long
+    assert check["train"]["iterations"] == 3 and check["train_twice"]["iterations"] == 6 and check["seed"] == 0
+    for key in ("once", "twice"):
+        assert (tmp_path / "runs" / "micro.converged" / key / "seed-0" / "evaluation.json").is_file()
+    # the same training on the same machine as the run's reference: the same model
+    assert check["mAP"] == check["run_reference_mAP"] == json.loads((out / "run.json").read_text())["reference_map"]
+    assert check["converged"] == (check["mAP_twice"] - check["mAP"] < 0.05 * check["mAP"])
+    assert "Converged: **" in (out / "run.md").read_text()
+
     wall = json.loads((tmp_path / "runs" / "micro.wall.json").read_text())
     assert len(wall) == 1 and wall[0]["seconds"] > 0 and wall[0]["executor"] == "ray" and wall[0]["workers"] == 2
     text = readme.read_text()
     assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{driver.MARKERS[1]}\nafter\n")
     assert "old" not in text and "### micro" in text and "| entropy | 1 | 2 |" in text
     assert "Full-data reference: test mAP@[.5:.95]" in text
+    assert f"-> {check['mAP_twice']:.4f}" in text  # the summary says whether the schedule converged
     assert "Details: [`micro/results.md`](out/micro/results.md)" in text  # led from the README's folder
     assert "](micro/results.md)" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "summary.md").read_text().count("### micro") == 1
@@ -172,3 +182,18 @@ def test_run_md_flags_a_seed_whose_series_started_from_different_cycle0_models(t
         sdir.mkdir(parents=True)
         (sdir / "cycles.jsonl").write_text(json.dumps({"cycle": 0, "mAP": cycle0}) + "\n")
     assert driver.cycle0_maps(tmp_path) == {3: [0.2, 0.25]}
+
+
+def test_converged_check_doubles_the_length_and_says_whether_it_held():
+    driver = _driver()
+    assert driver.doubled({"epochs": 10, "min_iterations": 60, "lr": 0.01}) == {
+        "epochs": 20, "min_iterations": 120, "lr": 0.01
+    }
+    assert driver.doubled({"iterations": 360, "min_iterations": 0}) == {"iterations": 720, "min_iterations": 0}
+    check = {
+        "seed": 0, "train": {"iterations": 360}, "train_twice": {"iterations": 720},
+        "mAP": 0.5, "mAP_twice": 0.53, "relative_gain": 0.06, "threshold": 0.05, "converged": False,
+    }
+    text = driver.converged_text(check)
+    assert "**no**" in text and "360 iterations -> 720 iterations" in text and "0.5000 -> 0.5300 (+6.0%" in text
+    assert "not checked" in driver.converged_text(None)
