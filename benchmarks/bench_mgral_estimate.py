@@ -304,8 +304,13 @@ def write(results: list[dict], loads: tuple) -> None:
     lines = [
         "# MGRAL label-free gain estimate (`benchmarks/bench_mgral_estimate.py`)",
         "",
-        f"Machine: {machine_line(gpu_used=False)}. Run {dt.datetime.now().isoformat(timespec='minutes')}; load "
-        f"average at start {loads[0]:.2f} (2 cores shared with other jobs: seconds are indicative).",
+        "Runs: "
+        + "; ".join(
+            f"{r['dataset']} on {r.get('machine', '?')}, {r.get('run', '?')}, load average at start "
+            f"{r.get('load_at_start', float('nan')):.2f}"
+            for r in results
+        )
+        + " (2 cores shared with other jobs: seconds are indicative).",
         "",
         "State and batches: those of `mgral_head_fidelity.md` (seed 0: `mobilenet_v2_fpn` trained on 15 seeded "
         "images; 30 random batches of 20). Truth: **head gain** (box predictor fine-tuned on L + B with true "
@@ -393,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         check = truth_check(name, published[name])
         log(f"{name}: truth check {check}")
         results[name] = figures(name, done, published[name], check, uncertainty_baselines(name))
-        results[name].update(machine=machine_line(gpu_used=False), load_at_start=loads[0])
+        results[name].update(
+            machine=machine_line(gpu_used=False),
+            load_at_start=loads[0],
+            run=dt.datetime.now().isoformat(timespec="minutes"),
+        )
         atomic_write_json(path, list(results.values()), indent=1)
         write(list(results.values()), loads)
     return 0
