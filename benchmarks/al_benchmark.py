@@ -431,7 +431,7 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
     import csv
     import math
 
-    from mgral.report.tables import mean_std, vs_random_text
+    from mgral.report.tables import Paired, mean_std, vs_random_text
 
     def num(text: str) -> float:  # an empty cell is a missing value (a std over one seed)
         return math.nan if text == "" else float(text)
@@ -464,19 +464,23 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
             "",
             f"{converged_text(facts.get('converged'))}.",
             "",
-            "| strategy | seeds | cycles | nAUC | vs random (wins) | imgs to 90% | select s / cycle |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| strategy | seeds | cycles | nAUC | vs random [95% interval] (wins, sign p) | imgs to 90% "
+            "| select s / cycle | select / train |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             partial = "*" if r["in_progress"] == "1" else ""
             vs = vs_random_text(
                 None
                 if r["nauc_vs_random_mean"] == ""
-                else (
+                else Paired(
                     num(r["nauc_vs_random_mean"]),
                     num(r["nauc_vs_random_std"]),
                     int(r["wins_vs_random"]),
                     int(r["paired_seeds"]),
+                    num(r.get("nauc_vs_random_low", "")),  # tables published before the intervals lack them
+                    num(r.get("nauc_vs_random_high", "")),
+                    num(r.get("sign_p_vs_random", "")),
                 )
             )
             reach = f(r["labels_to_90pct"], ".0f")
@@ -485,7 +489,7 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
             nauc = mean_std(num(r["nauc_mean"]), num(r["nauc_std"]))
             parts.append(
                 f"| {r['label']}{partial} | {r['seeds']} | {r['cycles']} | {nauc} | {vs} | {reach} | "
-                f"{f(r['seconds_select'], '.1f')} |"
+                f"{f(r['seconds_select'], '.1f')} | {f(r.get('select_per_train', ''), '.2f')} |"
             )
         parts.append("")
     if not parts:
@@ -494,7 +498,9 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
         f"Machine: {'; '.join(machines)}.",
         "",
         "nAUC: mean test mAP over the labeling range (mean ± std over seeds); vs random: the nAUC "
-        "difference to random on the same seed (same initial set), with the seeds where it is higher; "
+        "difference to random on the same seed (same initial set), its 95% percentile-bootstrap interval over "
+        "seeds, the seeds where it is higher and the two-sided sign test's p (*not distinguishable*: the "
+        "interval covers 0); select / train: selection seconds per training second; "
         "`*`: still running (the seeds that got furthest, on the cycles they finished). Sorted by nAUC.",
         "",
     ]

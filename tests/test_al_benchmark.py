@@ -112,9 +112,20 @@ def test_summary_reads_the_published_tables(tmp_path):
     (out / "run.json").write_text(json.dumps(facts))
     text = driver.summary_markdown(tmp_path / "out", ["d", "missing"])
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    assert lines[1] == "| mgral* | 3 | 4 | 0.3000 ± 0.0200 | +0.0500 ± 0.0100 (3/3) | 90 (2/3) | 30.0 |"
-    assert lines[2] == "| entropy | 1 | 6 | 0.2800 | +0.0300 (1/1) | — | 1.0 |"
-    assert lines[3] == "| random | 3 | 6 | 0.2500 ± 0.0100 | — | 120 | 0.0 |"
+    # tables published before the intervals and the cost ratio: those cells stay empty
+    assert lines[1] == "| mgral* | 3 | 4 | 0.3000 ± 0.0200 | +0.0500 ± 0.0100 (3/3) | 90 (2/3) | 30.0 | — |"
+    assert lines[2] == "| entropy | 1 | 6 | 0.2800 | +0.0300 (1/1) | — | 1.0 | — |"
+    assert lines[3] == "| random | 3 | 6 | 0.2500 ± 0.0100 | — | 120 | 0.0 | — |"
+    rows = (out / "results.csv").read_text().splitlines()
+    rows[0] += ",nauc_vs_random_low,nauc_vs_random_high,sign_p_vs_random,select_per_train"
+    rows[1] += ",,,,0.0"
+    rows[2] += ",-0.01,0.11,0.25,1.5"
+    rows[3] += ",,,,0.1"
+    (out / "results.csv").write_text("\n".join(rows) + "\n")
+    lines = [ln for ln in driver.summary_markdown(tmp_path / "out", ["d"]).splitlines() if ln.startswith("| ")]
+    assert lines[1].endswith(
+        "| +0.0500 ± 0.0100 [-0.0100, +0.1100] (3/3, p 0.25, not distinguishable) | 90 (2/3) | 30.0 | 1.50 |"
+    )
     assert "test mAP@[.5:.95] 0.5000 (mean over 3 seed(s)). Wall time: 1.50 h." in text
     assert text.startswith("Machine: box A; box B.\n")
 

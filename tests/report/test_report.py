@@ -277,7 +277,9 @@ def test_vs_random_pairs_seeds_and_their_common_cycles(run, tmp_path):
     assert (ent["wins_vs_random"], ent["paired_seeds"]) == ("3", "3")
     assert rows["random"]["nauc_vs_random_mean"] == ""  # no pair with itself
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| +0.0450 ± 0.0000 (3/3) |" in md
+    # the same difference on every seed: the interval is that value, and the sign test's p is 2 / 2^3
+    assert "| +0.0450 ± 0.0000 [+0.0450, +0.0450] (3/3, p 0.25) |" in md
+    assert (ent["distinguishable_from_random"], float(ent["sign_p_vs_random"])) == ("1", 0.25)
 
 
 def test_vs_random_uses_only_common_seeds_and_cycles(tmp_path):
@@ -291,10 +293,39 @@ def test_vs_random_uses_only_common_seeds_and_cycles(tmp_path):
     series = load_series([run])
     group = [s for s in series if s.label == "mgral"]
     rnd = [s for s in series if s.label == "random"]
-    mean, std, wins, paired = paired_vs_random(group, rnd)
-    # seed 1 only, on cycles 0-1: (0.1 + 0.3) / 2 - (0.1 + 0.2) / 2; one pair: no spread
-    assert (mean, wins, paired) == (pytest.approx(0.05), 1, 1) and math.isnan(std)
+    v = paired_vs_random(group, rnd)
+    # seed 1 only, on cycles 0-1: (0.1 + 0.3) / 2 - (0.1 + 0.2) / 2; one pair: no spread, no interval
+    assert (v.mean, v.wins, v.n) == (pytest.approx(0.05), 1, 1) and math.isnan(v.std) and math.isnan(v.low)
+    assert not v.distinguishable
     assert paired_vs_random([s for s in group if s.seed == 2], rnd) is None
+
+
+def test_paired_intervals_over_eight_seeds_say_which_differences_are_real(tmp_path):
+    run = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for seed in range(8):
+        base = 0.2 + 0.05 * rng.random()  # seeds differ far more than the strategies do
+        write_series(run, "random", seed, [base, base + 0.10, base + 0.20])
+        write_series(run, "good", seed, [base, base + 0.12 + 0.002 * seed, base + 0.22], train=20.0)
+        noise = 0.01 if seed % 2 else -0.01  # wins on half the seeds, by as much as it loses
+        write_series(run, "coin", seed, [base, base + 0.10 + noise, base + 0.20])
+    write_report([run], tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    good, coin = rows["good"], rows["coin"]
+    assert good["distinguishable_from_random"] == "1" and float(good["nauc_vs_random_low"]) > 0
+    assert float(good["sign_p_vs_random"]) == pytest.approx(2 / 2**8)
+    assert coin["distinguishable_from_random"] == "0"
+    assert float(coin["nauc_vs_random_low"]) < 0 < float(coin["nauc_vs_random_high"])
+    assert float(coin["sign_p_vs_random"]) == 1.0
+    # vs best other: good's rival is the next best (coin and random tie on the mean; max keeps the first)
+    assert coin["best_other"] == "good" and float(coin["nauc_vs_best_high"]) < 0 and coin["wins_vs_best"] == "0"
+    assert good["best_other"] in ("coin", "random") and good["paired_seeds_vs_best"] == "8"
+    # the cost column: select seconds (0.5) per training second
+    assert float(good["select_per_train"]) == pytest.approx(0.5 / 20) and float(coin["select_per_train"]) == 0.05
+    md = (tmp_path / "out" / "results.md").read_text()
+    coin_line = next(ln for ln in md.splitlines() if ln.startswith("| coin |"))
+    assert "not distinguishable" in coin_line and "| good: -" in coin_line
+    assert "not distinguishable" not in next(ln for ln in md.splitlines() if ln.startswith("| good |"))
 
 
 def test_selections_csv_lists_every_chosen_image_in_order(tmp_path):

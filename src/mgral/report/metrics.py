@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -125,3 +126,39 @@ def aggregate(series_list: Iterable[Series], x_key: str = "num_labeled", y_key: 
             std=std_over_seeds(ys),
         )
     return curves
+
+
+BOOTSTRAP_RESAMPLES = 9999
+"""Resamples of every bootstrap interval in the reports (seeded: the same data, the same interval)."""
+
+
+def bootstrap_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The percentile-bootstrap interval of the mean of ``values`` (scipy.stats.bootstrap,
+    :data:`BOOTSTRAP_RESAMPLES` resamples, seed 0); NaN with fewer than 2 values, the value
+    itself when they are all equal (no spread to resample)."""
+    from scipy.stats import bootstrap
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return math.nan, math.nan
+    if np.ptp(v) == 0:
+        return float(v[0]), float(v[0])
+    res = bootstrap(
+        (v,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def sign_test(differences: Sequence[float] | np.ndarray) -> float:
+    """Two-sided sign-test p-value of paired differences (scipy.stats.binomtest on the nonzero
+    ones; 1 when every difference is 0)."""
+    from scipy.stats import binomtest
+
+    d = np.asarray(differences, dtype=float)
+    d = d[d != 0]
+    return 1.0 if len(d) == 0 else float(binomtest(int((d > 0).sum()), len(d), 0.5).pvalue)

@@ -21,11 +21,39 @@ from mgral.report.load import (
     reference_map,
     run_title,
 )
-from mgral.report.metrics import by_label, labels_to_reach, normalized_auc, std_over_seeds
+from mgral.report.metrics import (
+    bootstrap_interval,
+    by_label,
+    labels_to_reach,
+    normalized_auc,
+    sign_test,
+    std_over_seeds,
+)
 
 PHASES = ("train", "evaluate", "predict", "select")
 FRACTIONS = (0.9, 0.95)
 """Targets for "labels to reach": these fractions of the full-data mAP."""
+
+
+@dataclass(frozen=True)
+class Paired:
+    """nAUC(a) - nAUC(b) paired by seed (same initial set, same cycle-0 model), on the cycles
+    both series of a seed finished: ``mean``, sample ``std`` (NaN with one pair), ``wins`` (seeds
+    where ``a`` is higher) of ``n`` paired, the 95% percentile-bootstrap interval of the mean
+    over seeds (``low``, ``high``; NaN with one pair) and the two-sided sign test's ``sign_p``."""
+
+    mean: float
+    std: float
+    wins: int
+    n: int
+    low: float = math.nan
+    high: float = math.nan
+    sign_p: float = math.nan
+
+    @property
+    def distinguishable(self) -> bool:
+        """The interval excludes 0 (False where there is no interval)."""
+        return not math.isnan(self.low) and (self.low > 0 or self.high < 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,9 +72,9 @@ class Row:
     that have started, whichever is more (None if unknown). :attr:`in_progress`: more cycles
     or seeds are still to come.
     ``vs_random``: the nAUC minus the ``random`` label's nAUC on the same seed (same initial
-    set, so the pairs share their cycle-0 model), over the seeds both have on the cycles both
-    finished: (mean, sample std (NaN with one pair), seeds where it is higher, seeds paired); None
-    without a random row, for the random row itself, or with no seed in common.
+    set, so the pairs share their cycle-0 model), a :class:`Paired`; None without a random
+    row, for the random row itself, or with no seed in common. ``vs_best``: (the label of the
+    highest mean nAUC among the other rows, this row's :class:`Paired` difference to it).
     """
 
     label: str
@@ -61,8 +89,15 @@ class Row:
     auc_std: float
     reach: dict[float, tuple[float | None, int]]
     seconds: dict[str, float]
-    vs_random: tuple[float, float, int, int] | None = None
+    vs_random: Paired | None = None
+    vs_best: tuple[str, Paired | None] | None = None
     planned_seeds: int | None = None
+
+    @property
+    def select_per_train(self) -> float:
+        """Selection seconds per training second (the cost of choosing, in trainings)."""
+        train, select = self.seconds.get("train", math.nan), self.seconds.get("select", math.nan)
+        return select / train if train > 0 else math.nan
 
     @property
     def in_progress(self) -> bool:
@@ -139,11 +174,10 @@ RANDOM_LABEL = "random"
 """The label of the baseline every strategy is paired with (``vs_random``)."""
 
 
-def paired_vs_random(group: list[Series], random: list[Series]) -> tuple[float, float, int, int] | None:
-    """nAUC(group) - nAUC(random), paired by seed on the cycles both series of a seed finished:
-    (mean, sample std (NaN with one pair), seeds where ``group`` is higher, seeds paired), or None
-    with no common seed."""
-    baseline = {s.seed: s for s in random}
+def paired_difference(group: list[Series], other: list[Series]) -> Paired | None:
+    """nAUC(group) - nAUC(other), paired by seed on the cycles both series of a seed finished
+    (:class:`Paired`), or None with no common seed."""
+    baseline = {s.seed: s for s in other}
     diffs = []
     for s in group:
         r = baseline.get(s.seed)
@@ -154,7 +188,13 @@ def paired_vs_random(group: list[Series], random: list[Series]) -> tuple[float, 
     if not diffs:
         return None
     d = np.array(diffs)
-    return float(d.mean()), float(_spread(d[:, None])[0]), int((d > 0).sum()), len(d)
+    low, high = bootstrap_interval(d)
+    return Paired(float(d.mean()), float(_spread(d[:, None])[0]), int((d > 0).sum()), len(d), low, high, sign_test(d))
+
+
+def paired_vs_random(group: list[Series], random: list[Series]) -> Paired | None:
+    """:func:`paired_difference` to the random baseline."""
+    return paired_difference(group, random)
 
 
 def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, Any]] | None = None) -> Table:
@@ -180,6 +220,12 @@ def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, 
             r if r.label == RANDOM_LABEL else replace(r, vs_random=paired_vs_random(groups[r.label], baseline))
             for r in rows
         ]
+    if len(rows) > 1:
+        best = {}
+        for r in rows:
+            rival = max((o for o in rows if o.label != r.label), key=lambda o: o.auc_mean)
+            best[r.label] = (rival.label, paired_difference(groups[r.label], groups[rival.label]))
+        rows = [replace(r, vs_best=best[r.label]) for r in rows]
     width = max(r.cycles for r in rows)
     headings = np.array([np.mean([r.num_labeled[c] for r in rows if c < r.cycles]) for c in range(width)])
     return Table(
@@ -206,8 +252,11 @@ def write_csv(table: Table, path: str | Path) -> None:
     header = ["label", "strategy_name", "seeds", "cycles", "max_cycles", "in_progress"]
     header += [f"c{c}_{k}" for c in range(width) for k in ("num_labeled", "mAP_mean", "mAP_std")]
     header += ["nauc_mean", "nauc_std", "nauc_vs_random_mean", "nauc_vs_random_std", "wins_vs_random", "paired_seeds"]
+    header += ["nauc_vs_random_low", "nauc_vs_random_high", "sign_p_vs_random", "distinguishable_from_random"]
+    header += ["best_other", "nauc_vs_best_mean", "nauc_vs_best_low", "nauc_vs_best_high", "wins_vs_best"]
+    header += ["paired_seeds_vs_best", "sign_p_vs_best"]
     header += [f"labels_to_{_pct(f)}{k}" for f in FRACTIONS for k in ("", "_seeds")]
-    header += [f"seconds_{p}" for p in PHASES]
+    header += [f"seconds_{p}" for p in PHASES] + ["select_per_train"]
 
     def cell(v: float | None) -> str:
         return "" if v is None or math.isnan(v) else repr(float(v))
@@ -221,16 +270,40 @@ def write_csv(table: Table, path: str | Path) -> None:
             line += [cell(a[c]) if c < r.cycles else "" for a in (r.num_labeled, r.map_mean, r.map_std)]
         line += [cell(r.auc_mean), cell(r.auc_std)]
         v = r.vs_random
-        line += ["", "", "", ""] if v is None else [cell(v[0]), cell(v[1]), v[2], v[3]]
+        line += ["", "", "", ""] if v is None else [cell(v.mean), cell(v.std), v.wins, v.n]
+        line += ["", "", "", ""] if v is None else [cell(v.low), cell(v.high), cell(v.sign_p), int(v.distinguishable)]
+        rival, b = r.vs_best if r.vs_best is not None else ("", None)
+        line += [rival] + (["", "", "", "", "", ""] if b is None else [cell(b.mean), cell(b.low), cell(b.high), b.wins, b.n, cell(b.sign_p)])
         line += [v for f in FRACTIONS for v in (cell(r.reach[f][0]), r.reach[f][1])]
-        line += [cell(r.seconds[p]) for p in PHASES]
+        line += [cell(r.seconds[p]) for p in PHASES] + [cell(r.select_per_train)]
         writer.writerow(line)
     atomic_write_text(path, buffer.getvalue())
 
 
-def vs_random_text(v: tuple[float, float, int, int] | None) -> str:
-    """:attr:`Row.vs_random` as the tables print it, e.g. ``+0.0450 ± 0.0100 (3/3)``; — without one."""
-    return "—" if v is None else f"{mean_std(v[0], v[1], '+.4f')} ({v[2]}/{v[3]})"
+def interval_text(low: float, high: float) -> str:
+    """A 95% interval as the tables print it, e.g. ``[+0.0050, +0.0200]``; empty without one."""
+    return "" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"
+
+
+def vs_random_text(v: Paired | None) -> str:
+    """A :class:`Paired` difference as the tables print it, e.g. ``+0.0450 ± 0.0100 [+0.0330, +0.0560]
+    (3/3, p 0.25)``, with ``not distinguishable`` where the interval covers 0; — without one."""
+    if v is None:
+        return "—"
+    p = "" if math.isnan(v.sign_p) or v.n < 2 else f", p {v.sign_p:.2g}"
+    flag = "" if v.distinguishable or math.isnan(v.low) else ", not distinguishable"
+    return f"{mean_std(v.mean, v.std, '+.4f')}{interval_text(v.low, v.high)} ({v.wins}/{v.n}{p}{flag})"
+
+
+def vs_best_text(best: tuple[str, Paired | None] | None) -> str:
+    """:attr:`Row.vs_best` as the tables print it: the rival's label, then the difference."""
+    if best is None:
+        return "—"
+    rival, v = best
+    if v is None:
+        return f"{rival}: —"
+    p = "" if math.isnan(v.sign_p) or v.n < 2 else f", p {v.sign_p:.2g}"
+    return f"{rival}: {v.mean:+.4f}{interval_text(v.low, v.high)} ({v.wins}/{v.n}{p})"
 
 
 def markdown_text(table: Table) -> str:
@@ -252,10 +325,12 @@ def markdown_text(table: Table) -> str:
         "(last - first labeled count), i.e. the mean mAP over the labeling range (0..1); mean ± std over seeds "
         "(the value alone with 1 seed).",
         "- vs random: nAUC minus random's nAUC on the same seed (same initial set), mean ± std over the paired "
-        "seeds (the value alone with 1 pair), and on how many seeds it is higher.",
+        "seeds (the value alone with 1 pair), its 95% percentile-bootstrap interval over seeds [low, high], on how "
+        "many seeds it is higher and the two-sided sign test's p; *not distinguishable* where the interval "
+        "covers 0. vs best other: the same difference to the other strategy of the highest mean nAUC.",
         "- imgs to P%: labeled images at which a seed's curve (linear between cycles) first reaches P% of the "
         "full-data mAP; mean over the seeds that reach it ((k/n) when only k of n do); — if none or no reference.",
-        "- Timings: mean wall seconds per cycle.",
+        "- Timings: mean wall seconds per cycle; select / train: selection seconds per training second.",
     ]
     if partial:
         lines.append(
@@ -265,16 +340,18 @@ def markdown_text(table: Table) -> str:
             + ")."
         )
     heads = ["strategy", "seeds"] + [f"c{c} ({n:.0f} imgs)" for c, n in enumerate(table.num_labeled)]
-    heads += ["nAUC", "vs random"] + [f"imgs to {round(f * 100)}%" for f in FRACTIONS] + [f"{p} s" for p in PHASES]
+    heads += ["nAUC", "vs random", "vs best other"] + [f"imgs to {round(f * 100)}%" for f in FRACTIONS]
+    heads += [f"{p} s" for p in PHASES] + ["select / train"]
     lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
     for r in table.rows:
         cells = [r.label + ("*" if r.in_progress else ""), str(r.seeds)]
         cells += [mean_std(r.map_mean[c], r.map_std[c]) if c < r.cycles else "" for c in range(len(table.num_labeled))]
-        cells += [mean_std(r.auc_mean, r.auc_std), vs_random_text(r.vs_random)]
+        cells += [mean_std(r.auc_mean, r.auc_std), vs_random_text(r.vs_random), vs_best_text(r.vs_best)]
         for f in FRACTIONS:
             value, k = r.reach[f]
             cells.append("—" if value is None else f"{value:.1f}" + ("" if k == r.seeds else f" ({k}/{r.seeds})"))
         cells += ["—" if math.isnan(r.seconds[p]) else f"{r.seconds[p]:.2f}" for p in PHASES]
+        cells.append("—" if math.isnan(r.select_per_train) else f"{r.select_per_train:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
