@@ -328,6 +328,30 @@ def test_paired_intervals_over_eight_seeds_say_which_differences_are_real(tmp_pa
     assert "not distinguishable" not in next(ln for ln in md.splitlines() if ln.startswith("| good |"))
 
 
+def test_curves_get_a_paired_difference_panel_when_random_is_there(tmp_path):
+    from PIL import Image
+
+    from mgral.report.metrics import paired_curves
+
+    run = tmp_path / "run"
+    for seed, base in enumerate([0.1, 0.2, 0.15]):
+        write_series(run, "random", seed, [base, base + 0.1, base + 0.2])
+        write_series(run, "entropy", seed, [base, base + 0.1 + 0.01 * (seed + 1), base + 0.25])
+    write_series(run, "margin", 9, [0.1, 0.2])  # no random series on its seed: no paired curve
+    series = load_series([run])
+    paired = paired_curves(series, "random")
+    assert list(paired) == ["entropy"] and paired["entropy"].seeds == 3
+    np.testing.assert_allclose(paired["entropy"].mean, [0.0, 0.02, 0.05])
+    np.testing.assert_allclose(paired["entropy"].x, [20, 40, 60])
+    assert paired["entropy"].low[1] >= 0.01 - 1e-12 and paired["entropy"].high[1] <= 0.03 + 1e-12
+    assert paired["entropy"].low[0] == paired["entropy"].high[0] == 0.0  # cycle 0: the same model
+    tall = plot_curves(series, tmp_path / "a", formats=("png",))[0]
+    flat = plot_curves([s for s in series if s.label != "random"], tmp_path / "b", formats=("png",))[0]
+    boxes = plot_curves(series, tmp_path / "c", x_key="num_boxes_labeled", formats=("png",))[0]
+    with Image.open(tall) as a, Image.open(flat) as b, Image.open(boxes) as c:
+        assert a.height > 1.5 * b.height and c.height == b.height  # the panel: against images, beside random
+
+
 def test_selections_csv_lists_every_chosen_image_in_order(tmp_path):
     run = tmp_path / "run"
     path = write_series(run, "entropy", 3, [0.1, 0.2, 0.3])

@@ -162,3 +162,43 @@ def sign_test(differences: Sequence[float] | np.ndarray) -> float:
     d = np.asarray(differences, dtype=float)
     d = d[d != 0]
     return 1.0 if len(d) == 0 else float(binomtest(int((d > 0).sum()), len(d), 0.5).pvalue)
+
+
+@dataclass(frozen=True, eq=False)
+class PairedCurve:
+    """Per cycle, a strategy's ``y`` minus the baseline's on the same seed (same initial set,
+    same cycle-0 model), over the seeds both have, on the cycles all those pairs finished:
+    ``x`` (mean over the pairs), ``mean``, and the 95% percentile-bootstrap interval over
+    seeds (``low``, ``high``; NaN with one pair)."""
+
+    label: str
+    seeds: int
+    x: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+def paired_curves(
+    series_list: Iterable[Series], baseline: str, x_key: str = "num_labeled", y_key: str = "mAP"
+) -> dict[str, PairedCurve]:
+    """:class:`PairedCurve` of every label but ``baseline`` that shares a seed with it (sorted)."""
+    groups = by_label(series_list)
+    base = {s.seed: s for s in groups.get(baseline, [])}
+    curves = {}
+    for label, group in groups.items():
+        pairs = [(s, base[s.seed]) for s in group if s.seed in base and label != baseline]
+        if not pairs:
+            continue
+        n = min(min(len(s), len(b)) for s, b in pairs)
+        d = np.stack([s.column(y_key)[:n] - b.column(y_key)[:n] for s, b in pairs])
+        intervals = np.array([bootstrap_interval(d[:, c]) for c in range(n)]).reshape(n, 2)
+        curves[label] = PairedCurve(
+            label=label,
+            seeds=len(pairs),
+            x=np.stack([s.column(x_key)[:n] for s, _ in pairs]).mean(axis=0),
+            mean=d.mean(axis=0),
+            low=intervals[:, 0],
+            high=intervals[:, 1],
+        )
+    return curves

@@ -12,7 +12,7 @@ import numpy as np
 
 from mgral._io import atomic_write_bytes
 from mgral.report.load import X_KEYS, Y_KEYS, MgralCycle, Series, reference_map
-from mgral.report.metrics import aggregate
+from mgral.report.metrics import aggregate, paired_curves
 from mgral.runs import REWARD_WINDOW, reward_trend
 
 X_LABELS = {"num_labeled": "labeled images", "num_boxes_labeled": "labeled boxes", "labeling_cost": "labeling cost"}
@@ -40,7 +40,9 @@ def plot_curves(
 
     One line per strategy label (:func:`~mgral.report.metrics.aggregate`: mean over seeds
     on the cycles all seeds finished) with markers at cycles and a shaded ±1 std band;
-    the full-data reference (:func:`~mgral.report.load.load_reference`), if given, is a
+    against labeled images, with a ``random`` series beside others, a second panel draws each
+    strategy's paired difference to random per cycle (:func:`~mgral.report.metrics.paired_curves`:
+    same seed, same initial set) with its 95% bootstrap band over seeds. The full-data reference (:func:`~mgral.report.load.load_reference`), if given, is a
     dashed horizontal line at its mean ``metric`` over seeds. Colours and markers follow the
     sorted labels, so plots of the same strategies match. PNG at 150 dpi; SVG bytes are
     reproducible (fixed id salt, no date). Only Figure objects are used (no pyplot state);
@@ -65,9 +67,14 @@ def plot_curves(
     curves = aggregate(series_list, x_key, metric)
     palette = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors
     with matplotlib.rc_context(_RC):
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        paired = paired_curves(series_list, "random", x_key, metric) if x_key == "num_labeled" else {}
+        fig = Figure(figsize=(7, 7.5 if paired else 4.5), layout="constrained")
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+        if paired:
+            ax, low_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+        else:
+            ax = fig.add_subplot()
+        colours = {label: palette[i % len(palette)] for i, label in enumerate(curves)}
         for i, curve in enumerate(curves.values()):
             colour, marker = palette[i % len(palette)], _MARKERS[i % len(_MARKERS)]
             note = f"n={curve.seeds}"
@@ -78,12 +85,24 @@ def plot_curves(
         full = reference_map(reference, metric)
         if full is not None:
             ax.axhline(full, color="0.25", linestyle="--", linewidth=1.2, label=f"full data ({full:.3f})")
-        ax.set_xlabel(X_LABELS[x_key])
+        (low_ax if paired else ax).set_xlabel(X_LABELS[x_key])
         y_label = y_label or Y_LABELS[metric]  # e.g. "test VOC07 AP@0.5" for a VOC-style run
         ax.set_ylabel(y_label)
         ax.set_title(f"{title}: {y_label}" if title else y_label)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
+        if paired:
+            low_ax.axhline(0.0, color="0.25", linewidth=1.0)
+            for label, curve in paired.items():
+                i = list(curves).index(label)
+                colour, marker = colours[label], _MARKERS[i % len(_MARKERS)]
+                low_ax.plot(curve.x, curve.mean, color=colour, marker=marker, markersize=4, label=label)
+                band = np.isfinite(curve.low)
+                if band.any():
+                    low_ax.fill_between(curve.x, curve.low, curve.high, where=band, color=colour, alpha=0.15, lw=0)
+            low_ax.set_ylabel("minus random, same seed")
+            low_ax.set_title("paired difference to random (95% bootstrap interval over seeds)", fontsize="medium")
+            low_ax.grid(True, alpha=0.3)
         stem = f"curves_{_STEMS[x_key]}" + ("" if metric == "mAP" else f"_{metric}")
         return _save(fig, Path(out_dir) / stem, formats)
 
