@@ -260,6 +260,20 @@ def test_a_dataset_without_a_test_split_names_the_fix(digits, tmp_path):
         prepare_dataset(config)
 
 
+def test_a_test_split_list_evaluates_on_every_split_named(digits, tmp_path):
+    from mgral.loop import open_experiment
+    from mgral.runs import RunDir
+
+    data = {"name": "t", "dataset": {"path": str(digits.root), "test_split": ["val", "test"]}}
+    config = config_from_dict({**data, "strategies": [{"name": "random"}], "budget": 5})
+    exp = open_experiment(config, RunDir(tmp_path / "run"), progress=False)
+    assert exp.test == digits.image_ids(["val", "test"]) and set(exp.test).isdisjoint(exp.pool)
+    assert len(exp.test) == len(digits.image_ids("val")) + len(digits.image_ids("test")) > len(digits.image_ids("test"))
+    for bad, message in (([], "test_split is an empty list"), (["val", "train"], "test_split 'train' is also a pool")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({**data, "dataset": {**data["dataset"], "test_split": bad}, "strategies": [{"name": "random"}]})
+
+
 def test_a_human_run_puts_every_image_without_a_split_in_the_pool(digits, tmp_path):
     export = _export_without_splits(digits, tmp_path / "export")
     data = {"name": "t", "dataset": {"path": str(export)}, "strategies": [{"name": "random"}], "budget": 5}

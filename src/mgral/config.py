@@ -69,7 +69,8 @@ class DatasetConfig(_Section):
 
     ``synth`` (the parameters of :class:`mgral.data.synth.SynthConfig`, e.g.
     ``{images: 600, seed: 0}``): if ``path`` does not exist, generate the built-in digits
-    scenes there first. ``test_split`` must not be one of the ``pool_splits``.
+    scenes there first. ``test_split``: one split or a list of them (``[val, test]`` where one
+    test split is too small to rank strategies); none may be one of the ``pool_splits``.
 
     ``format: voc0712`` / ``coco2017`` read the published data sets in their standard
     folders (:mod:`mgral.data.voc0712`, :mod:`mgral.data.coco2017`). Their splits have the
@@ -91,7 +92,7 @@ class DatasetConfig(_Section):
     format: Literal["coco", "voc", "yolo", "voc0712", "coco2017"] | None = None
     image_root: str | None = None
     pool_splits: list[str] = Field(default=["train"], min_length=1)
-    test_split: str = "test"
+    test_split: str | list[str] = "test"
     clip_boxes: bool = False
     follow_links: bool = False
     synth: dict[str, Any] | None = None
@@ -126,20 +127,27 @@ class DatasetConfig(_Section):
     def _check_splits(self) -> DatasetConfig:
         if self.format in _LAYOUTS:
             names, _, _ = _layout_splits(self.format)
-            for split in [*self.pool_splits, self.test_split]:
+            for split in [*self.pool_splits, *self.test_splits]:
                 if split not in names:
                     raise ValueError(
                         f"split {split!r} is not one of the {self.format} layout's splits ({', '.join(names)}); "
                         "leave pool_splits and test_split out for the AL papers' choice"
                     )
-        if self.test_split in self.pool_splits:
+        if isinstance(self.test_split, list) and not self.test_split:
+            raise ValueError("test_split is an empty list; name the split(s) the test images are in, e.g. test")
+        if both := [s for s in self.test_splits if s in self.pool_splits]:
             raise ValueError(
-                f"test_split {self.test_split!r} is also a pool split ({self.pool_splits}); the test "
+                f"test_split {both[0]!r} is also a pool split ({self.pool_splits}); the test "
                 "images must stay out of the pool"
             )
         if self.synth is not None and self.format not in (None, "coco"):
             raise ValueError(f"synth generates a COCO dataset but format is {self.format!r}; remove format")
         return self
+
+    @property
+    def test_splits(self) -> list[str]:
+        """``test_split`` as a list."""
+        return [self.test_split] if isinstance(self.test_split, str) else list(self.test_split)
 
     def split_setting(self, dataset: Any, *, human: bool) -> SplitConfig | None:
         """How this config assigns the unassigned images of ``dataset`` (a
@@ -161,13 +169,13 @@ class DatasetConfig(_Section):
             ConfigError: naming the empty split, the dataset's splits and the fix.
         """
         counts = Counter(r.split or "unassigned" for r in dataset)
-        others = [k for k in counts if k not in ("unassigned", self.test_split, *self.pool_splits)]
+        others = [k for k in counts if k not in ("unassigned", *self.test_splits, *self.pool_splits)]
         if not dataset.image_ids(self.pool_splits):
             empty = f"the pool splits {self.pool_splits} hold"
             fix = f"set dataset.pool_splits: [{others[0]}]" if others else "give the pool images the split train"
         elif not human and not dataset.image_ids(self.test_split):
             empty = f"the test split {self.test_split!r} holds"
-            fix = f"set dataset.test_split: {others[0]}" if others else f"give some images the split {self.test_split}"
+            fix = f"set dataset.test_split: {others[0]}" if others else f"give some images the split {self.test_splits[0]}"
         else:
             return
         has = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no image"

@@ -176,7 +176,7 @@ class DryRun:
         splits = ", ".join(f"{name} {n}" for name, n in self.split_sizes.items())
         lines = [
             f"data: {splits}; pool {self.pool_size} images ({', '.join(c.dataset.pool_splits)}), test "
-            f"{self.test_size} ({c.dataset.test_split})",
+            f"{self.test_size} ({', '.join(c.dataset.test_splits)})",
             f"micro cycle (in {self.run_dir}): "
             + "; ".join(
                 f"{label}: {' -> '.join(str(r['num_labeled']) for r in recs)} images, {c.evaluation.style} mAP "
