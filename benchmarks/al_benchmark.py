@@ -58,7 +58,7 @@ from mgral._machine import machine_line
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIGS = HERE / "configs"
-DATASETS = ("digits", "bccd", "pinochle")
+DATASETS = ("digits", "bccd", "pinochle", "chess")
 PUBLISHED = (
     "results.md",
     "results.csv",

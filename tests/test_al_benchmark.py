@@ -208,3 +208,15 @@ def test_converged_check_doubles_the_length_and_says_whether_it_held():
     text = driver.converged_text(check)
     assert "**no**" in text and "360 iterations -> 720 iterations" in text and "0.5000 -> 0.5300 (+6.0%" in text
     assert "not checked" in driver.converged_text(None)
+
+
+def test_the_chess_config_tests_on_val_and_test():
+    from mgral.config import load_config
+    from mgral.loop import prepare_dataset
+
+    config = load_config(ROOT / "benchmarks" / "configs" / "chess.yaml")
+    if not (Path(config.dataset.path)).exists():
+        pytest.skip(f"{config.dataset.path} is not on this machine")
+    dataset = prepare_dataset(config)
+    pool, test = dataset.image_ids(config.dataset.pool_splits), dataset.image_ids(config.dataset.test_split)
+    assert (len(pool), len(test)) == (202, 58 + 29) and len(config.seeds) == 8
