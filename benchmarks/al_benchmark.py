@@ -498,8 +498,8 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
         f"Machine: {'; '.join(machines)}.",
         "",
         "nAUC: mean test mAP over the labeling range (mean ± std over seeds); vs random: the nAUC "
-        "difference to random on the same seed (same initial set), its 95% percentile-bootstrap interval over "
-        "seeds, the seeds where it is higher and the two-sided sign test's p (*not distinguishable*: the "
+        "difference to random on the same seed (same initial set), the 95% interval of its mean over seeds "
+        "(Student t), the seeds where it is higher and the two-sided sign test's p (*not distinguishable*: the "
         "interval covers 0); select / train: selection seconds per training second; "
         "`*`: still running (the seeds that got furthest, on the cycles they finished). Sorted by nAUC.",
         "",

@@ -42,7 +42,7 @@ def plot_curves(
     on the cycles all seeds finished) with markers at cycles and a shaded ±1 std band;
     against labeled images, with a ``random`` series beside others, a second panel draws each
     strategy's paired difference to random per cycle (:func:`~mgral.report.metrics.paired_curves`:
-    same seed, same initial set) with its 95% bootstrap band over seeds. The full-data reference (:func:`~mgral.report.load.load_reference`), if given, is a
+    same seed, same initial set) with the 95% interval of its mean over seeds. The full-data reference (:func:`~mgral.report.load.load_reference`), if given, is a
     dashed horizontal line at its mean ``metric`` over seeds. Colours and markers follow the
     sorted labels, so plots of the same strategies match. PNG at 150 dpi; SVG bytes are
     reproducible (fixed id salt, no date). Only Figure objects are used (no pyplot state);
@@ -101,7 +101,7 @@ def plot_curves(
                 if band.any():
                     low_ax.fill_between(curve.x, curve.low, curve.high, where=band, color=colour, alpha=0.15, lw=0)
             low_ax.set_ylabel("minus random, same seed")
-            low_ax.set_title("paired difference to random (95% bootstrap interval over seeds)", fontsize="medium")
+            low_ax.set_title("paired difference to random (95% interval over seeds)", fontsize="medium")
             low_ax.grid(True, alpha=0.3)
         stem = f"curves_{_STEMS[x_key]}" + ("" if metric == "mAP" else f"_{metric}")
         return _save(fig, Path(out_dir) / stem, formats)

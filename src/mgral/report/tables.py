@@ -22,9 +22,9 @@ from mgral.report.load import (
     run_title,
 )
 from mgral.report.metrics import (
-    bootstrap_interval,
     by_label,
     labels_to_reach,
+    mean_interval,
     normalized_auc,
     sign_test,
     std_over_seeds,
@@ -39,8 +39,9 @@ FRACTIONS = (0.9, 0.95)
 class Paired:
     """nAUC(a) - nAUC(b) paired by seed (same initial set, same cycle-0 model), on the cycles
     both series of a seed finished: ``mean``, sample ``std`` (NaN with one pair), ``wins`` (seeds
-    where ``a`` is higher) of ``n`` paired, the 95% percentile-bootstrap interval of the mean
-    over seeds (``low``, ``high``; NaN with one pair) and the two-sided sign test's ``sign_p``."""
+    where ``a`` is higher) of ``n`` paired, the 95% interval of the mean over seeds
+    (:func:`~mgral.report.metrics.mean_interval`, Student t; ``low``, ``high``; NaN with one
+    pair) and the two-sided sign test's ``sign_p``."""
 
     mean: float
     std: float
@@ -188,7 +189,7 @@ def paired_difference(group: list[Series], other: list[Series]) -> Paired | None
     if not diffs:
         return None
     d = np.array(diffs)
-    low, high = bootstrap_interval(d)
+    low, high = mean_interval(d)
     return Paired(float(d.mean()), float(_spread(d[:, None])[0]), int((d > 0).sum()), len(d), low, high, sign_test(d))
 
 
@@ -325,7 +326,7 @@ def markdown_text(table: Table) -> str:
         "(last - first labeled count), i.e. the mean mAP over the labeling range (0..1); mean ± std over seeds "
         "(the value alone with 1 seed).",
         "- vs random: nAUC minus random's nAUC on the same seed (same initial set), mean ± std over the paired "
-        "seeds (the value alone with 1 pair), its 95% percentile-bootstrap interval over seeds [low, high], on how "
+        "seeds (the value alone with 1 pair), the 95% interval of that mean over seeds [low, high] (Student t), on how "
         "many seeds it is higher and the two-sided sign test's p; *not distinguishable* where the interval "
         "covers 0. vs best other: the same difference to the other strategy of the highest mean nAUC.",
         "- imgs to P%: labeled images at which a seed's curve (linear between cycles) first reaches P% of the "
