@@ -424,6 +424,32 @@ def restore_records(config, source: Path, run_dir: Path, out_dir: Path) -> list[
     return todo
 
 
+def paired_from_csv(row: dict):
+    """The :class:`~mgral.report.tables.Paired` difference to random of a ``results.csv`` row.
+    A table published before the intervals has the mean, std, seeds and wins: its t interval
+    and sign test are computed from those (as the report computes them from the seeds)."""
+    import math
+
+    from scipy.stats import binomtest
+    from scipy.stats import t as student_t
+
+    from mgral.report.tables import Paired
+
+    def num(key: str) -> float:
+        text = row.get(key, "")
+        return math.nan if text == "" else float(text)
+
+    mean, std, wins, n = num("nauc_vs_random_mean"), num("nauc_vs_random_std"), int(row["wins_vs_random"]), int(
+        row["paired_seeds"]
+    )
+    low, high, p = num("nauc_vs_random_low"), num("nauc_vs_random_high"), num("sign_p_vs_random")
+    if math.isnan(low) and n >= 2 and not math.isnan(std):
+        half = student_t.ppf(0.975, n - 1) * std / math.sqrt(n)
+        low, high = mean - half, mean + half
+        p = binomtest(wins, n, 0.5).pvalue  # no seed ties exactly
+    return Paired(mean, std, wins, n, low, high, p)
+
+
 def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
     """The cross-dataset summary: per dataset, every strategy's nAUC, its paired difference to
     random, labels to reach 90% of the full-data mAP, and what it cost; read from each
@@ -431,7 +457,7 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
     import csv
     import math
 
-    from mgral.report.tables import Paired, mean_std, vs_random_text
+    from mgral.report.tables import mean_std, vs_random_text
 
     def num(text: str) -> float:  # an empty cell is a missing value (a std over one seed)
         return math.nan if text == "" else float(text)
@@ -470,19 +496,7 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
         ]
         for r in rows:
             partial = "*" if r["in_progress"] == "1" else ""
-            vs = vs_random_text(
-                None
-                if r["nauc_vs_random_mean"] == ""
-                else Paired(
-                    num(r["nauc_vs_random_mean"]),
-                    num(r["nauc_vs_random_std"]),
-                    int(r["wins_vs_random"]),
-                    int(r["paired_seeds"]),
-                    num(r.get("nauc_vs_random_low", "")),  # tables published before the intervals lack them
-                    num(r.get("nauc_vs_random_high", "")),
-                    num(r.get("sign_p_vs_random", "")),
-                )
-            )
+            vs = vs_random_text(None if r["nauc_vs_random_mean"] == "" else paired_from_csv(r))
             reach = f(r["labels_to_90pct"], ".0f")
             if reach != "—" and r["labels_to_90pct_seeds"] != r["seeds"]:
                 reach += f" ({r['labels_to_90pct_seeds']}/{r['seeds']})"

@@ -112,8 +112,10 @@ def test_summary_reads_the_published_tables(tmp_path):
     (out / "run.json").write_text(json.dumps(facts))
     text = driver.summary_markdown(tmp_path / "out", ["d", "missing"])
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    # tables published before the intervals and the cost ratio: those cells stay empty
-    assert lines[1] == "| mgral* | 3 | 4 | 0.3000 ± 0.0200 | +0.0500 ± 0.0100 (3/3) | 90 (2/3) | 30.0 | — |"
+    # tables published before the intervals: computed from mean, std and seeds (t: 4.303 at 2 df)
+    assert lines[1] == (
+        "| mgral* | 3 | 4 | 0.3000 ± 0.0200 | +0.0500 ± 0.0100 [+0.0252, +0.0748] (3/3, p 0.25) | 90 (2/3) | 30.0 | — |"
+    )
     assert lines[2] == "| entropy | 1 | 6 | 0.2800 | +0.0300 (1/1) | — | 1.0 | — |"
     assert lines[3] == "| random | 3 | 6 | 0.2500 ± 0.0100 | — | 120 | 0.0 | — |"
     rows = (out / "results.csv").read_text().splitlines()
