@@ -14,9 +14,10 @@ this script
    command, wall time);
 3. checks that the full-data reference's schedule converged: the first seed's reference is
    trained with its schedule and for twice as long, both on this machine
-   (``RUNS/<name>.converged/``), and doubling must add less than 5% of its test mAP, relative; ``OUT/<name>/converged.json`` says whether it held (and
-   spares a fresh clone the training while the settings stay those it was made with;
-   ``--no-converged-check`` skips it);
+   (``RUNS/<name>.converged/``), and doubling must add less than 5% of its test mAP,
+   relative; ``OUT/<name>/converged.json`` says whether it held (and spares a fresh clone
+   the training while the settings stay those it was made with; ``--no-converged-check``
+   skips it);
 4. writes ``OUT/summary.md`` over every dataset published so far, and replaces the block
    between the ``al-benchmark`` markers of ``benchmarks/README.md`` with it (links rewritten
    to lead there).
@@ -439,8 +440,11 @@ def paired_from_csv(row: dict):
         text = row.get(key, "")
         return math.nan if text == "" else float(text)
 
-    mean, std, wins, n = num("nauc_vs_random_mean"), num("nauc_vs_random_std"), int(row["wins_vs_random"]), int(
-        row["paired_seeds"]
+    mean, std, wins, n = (
+        num("nauc_vs_random_mean"),
+        num("nauc_vs_random_std"),
+        int(row["wins_vs_random"]),
+        int(row["paired_seeds"]),
     )
     low, high, p = num("nauc_vs_random_low"), num("nauc_vs_random_high"), num("sign_p_vs_random")
     if math.isnan(low) and n >= 2 and not math.isnan(std):
@@ -556,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--report-only", action="store_true", help="publish what the runs hold; run nothing")
     p.add_argument(
-        "--no-converged-check", action="store_true", help="skip training the reference twice as long (see converged_check)"
+        "--no-converged-check",
+        action="store_true",
+        help="skip training the reference twice as long (see converged_check)",
     )
     args = p.parse_args(argv)
 

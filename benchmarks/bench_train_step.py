@@ -121,9 +121,11 @@ def measure(steps: int) -> dict:
 
 def write(r: dict, load: float) -> None:
     parts = "\n".join(f"| {k} | {v:.3f} |" for k, v in r["parts_s"].items())
+    run = dt.datetime.now().isoformat(timespec="minutes")
+    cached = f"trunk frozen and cached (the step above minus the trunk's forward, {r['trunk_forward_s']:.3f} s)"
     text = f"""# Training step of `mobilenet_v2_fpn` (`benchmarks/bench_train_step.py`)
 
-Machine: {machine_line(gpu_used=False)}. Run {dt.datetime.now().isoformat(timespec="minutes")}; load average at start {load:.2f}.
+Machine: {machine_line(gpu_used=False)}. Run {run}; load average at start {load:.2f}.
 BCCD training images, batches of {r["images_per_step"]}, hflip 0.5 and scale jitter 0.8-1.25 (the benchmark
 configs'), one torch thread, mean of {r["steps"]} steps after {WARMUP} warm-up steps.
 
@@ -131,7 +133,7 @@ configs'), one torch thread, mean of {r["steps"]} steps after {WARMUP} warm-up s
 |---|---|---|
 | as the benchmarks train (trunk blocks 2-17 trainable) | {r["full_s"]:.3f} | 1.00 |
 | trunk frozen, still computed | {r["frozen_trunk_s"]:.3f} | {r["frozen_trunk_s"] / r["full_s"]:.2f} |
-| trunk frozen and cached (the step above minus the trunk's forward, {r["trunk_forward_s"]:.3f} s) | {r["cached_trunk_s"]:.3f} | {r["cached_trunk_s"] / r["full_s"]:.2f} |
+| {cached} | {r["cached_trunk_s"]:.3f} | {r["cached_trunk_s"] / r["full_s"]:.2f} |
 
 Where the frozen-trunk step goes (wall seconds per step; the forwards of the listed modules,
 then the backward pass and the optimizer step):
@@ -145,7 +147,9 @@ above the trunk (FPN, RPN, RoI heads) and their backward pass, which a cache can
 cost the rest.
 """
     atomic_write_text(RESULTS / "train_step.md", text)
-    atomic_write_json(RESULTS / "train_step.json", {**r, "machine": machine_line(gpu_used=False), "load": load}, indent=1)
+    atomic_write_json(
+        RESULTS / "train_step.json", {**r, "machine": machine_line(gpu_used=False), "load": load}, indent=1
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

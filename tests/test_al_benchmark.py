@@ -200,12 +200,20 @@ def test_run_md_flags_a_seed_whose_series_started_from_different_cycle0_models(t
 def test_converged_check_doubles_the_length_and_says_whether_it_held():
     driver = _driver()
     assert driver.doubled({"epochs": 10, "min_iterations": 60, "lr": 0.01}) == {
-        "epochs": 20, "min_iterations": 120, "lr": 0.01
+        "epochs": 20,
+        "min_iterations": 120,
+        "lr": 0.01,
     }
     assert driver.doubled({"iterations": 360, "min_iterations": 0}) == {"iterations": 720, "min_iterations": 0}
     check = {
-        "seed": 0, "train": {"iterations": 360}, "train_twice": {"iterations": 720},
-        "mAP": 0.5, "mAP_twice": 0.53, "relative_gain": 0.06, "threshold": 0.05, "converged": False,
+        "seed": 0,
+        "train": {"iterations": 360},
+        "train_twice": {"iterations": 720},
+        "mAP": 0.5,
+        "mAP_twice": 0.53,
+        "relative_gain": 0.06,
+        "threshold": 0.05,
+        "converged": False,
     }
     text = driver.converged_text(check)
     assert "**no**" in text and "360 iterations -> 720 iterations" in text and "0.5000 -> 0.5300 (+6.0%" in text

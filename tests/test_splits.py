@@ -271,7 +271,9 @@ def test_a_test_split_list_evaluates_on_every_split_named(digits, tmp_path):
     assert len(exp.test) == len(digits.image_ids("val")) + len(digits.image_ids("test")) > len(digits.image_ids("test"))
     for bad, message in (([], "test_split is an empty list"), (["val", "train"], "test_split 'train' is also a pool")):
         with pytest.raises(ConfigError, match=message):
-            config_from_dict({**data, "dataset": {**data["dataset"], "test_split": bad}, "strategies": [{"name": "random"}]})
+            config_from_dict(
+                {**data, "dataset": {**data["dataset"], "test_split": bad}, "strategies": [{"name": "random"}]}
+            )
 
 
 def test_a_human_run_puts_every_image_without_a_split_in_the_pool(digits, tmp_path):

@@ -175,7 +175,11 @@ class DatasetConfig(_Section):
             fix = f"set dataset.pool_splits: [{others[0]}]" if others else "give the pool images the split train"
         elif not human and not dataset.image_ids(self.test_split):
             empty = f"the test split {self.test_split!r} holds"
-            fix = f"set dataset.test_split: {others[0]}" if others else f"give some images the split {self.test_splits[0]}"
+            fix = (
+                f"set dataset.test_split: {others[0]}"
+                if others
+                else f"give some images the split {self.test_splits[0]}"
+            )
         else:
             return
         has = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no image"

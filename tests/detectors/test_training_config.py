@@ -46,7 +46,11 @@ def test_training_runs_the_floor(squares):
     from mgral.detectors.torchvision_detector import TorchvisionDetector
 
     det = TorchvisionDetector(
-        "tiny", squares.categories, device="cpu", seed=0, pretrained=False,
+        "tiny",
+        squares.categories,
+        device="cpu",
+        seed=0,
+        pretrained=False,
         train={"progress": False, "batch_size": 4, "warmup_iters": 0, "epochs": 1, "min_iterations": 3},
     )
     ids = squares.image_ids("train")[:4]  # one step per epoch

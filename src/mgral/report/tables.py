@@ -274,7 +274,11 @@ def write_csv(table: Table, path: str | Path) -> None:
         line += ["", "", "", ""] if v is None else [cell(v.mean), cell(v.std), v.wins, v.n]
         line += ["", "", "", ""] if v is None else [cell(v.low), cell(v.high), cell(v.sign_p), int(v.distinguishable)]
         rival, b = r.vs_best if r.vs_best is not None else ("", None)
-        line += [rival] + (["", "", "", "", "", ""] if b is None else [cell(b.mean), cell(b.low), cell(b.high), b.wins, b.n, cell(b.sign_p)])
+        line += [rival] + (
+            ["", "", "", "", "", ""]
+            if b is None
+            else [cell(b.mean), cell(b.low), cell(b.high), b.wins, b.n, cell(b.sign_p)]
+        )
         line += [v for f in FRACTIONS for v in (cell(r.reach[f][0]), r.reach[f][1])]
         line += [cell(r.seconds[p]) for p in PHASES] + [cell(r.select_per_train)]
         writer.writerow(line)
