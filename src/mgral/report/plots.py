@@ -44,7 +44,8 @@ def plot_curves(
     strategy's paired difference to random per cycle (:func:`~mgral.report.metrics.paired_curves`:
     same seed, same initial set) with the 95% interval of its mean over seeds. The full-data
     reference (:func:`~mgral.report.load.load_reference`), if given, is a dashed horizontal
-    line at its mean ``metric`` over seeds. Colours and markers follow the sorted labels, so plots of the same strategies match. PNG at 150 dpi; SVG bytes are
+    line at its mean ``metric`` over seeds. Colours and markers follow the sorted labels, so plots
+    of the same strategies match. PNG at 150 dpi; SVG bytes are
     reproducible (fixed id salt, no date). Only Figure objects are used (no pyplot state);
     matplotlib's rcParams are changed inside an ``rc_context`` and restored on exit.
 
