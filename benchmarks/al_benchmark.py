@@ -139,7 +139,7 @@ def converged_check(config, run_dir: Path, out_dir: Path, *, train: bool = True,
             _, result = train_and_evaluate(exp, seed, 0, wdir, view, exp.pool, spent, None, True)
         results[key], seconds[key] = float(result["mAP"]), spent.get("train")
     gain = (results["twice"] - results["once"]) / results["once"] if results["once"] > 0 else float("inf")
-    reference = (load_reference([run_dir]) or {}).get(seed)
+    reference = (load_reference([run_dir]) or {}).get(seed) if run_dir.is_dir() else None  # none run yet
     check = {
         "seed": seed,
         "preset": config.detector.preset,
