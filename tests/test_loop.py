@@ -173,6 +173,29 @@ def test_references_are_planned_before_the_series_and_finished_tasks_are_not(inl
     assert plan_tasks(open_experiment(config, RunDir(finished), lambda _: None, False)) == ([], [])
 
 
+def test_reference_seeds_trains_the_reference_for_the_first_seeds_only(inline_two_seeds, tmp_path):
+    from mgral.loop import open_experiment, plan_tasks
+    from mgral.planning import estimate_workload
+    from mgral.tracking import _planned
+
+    cfg, _ = inline_two_seeds
+    one = config_from_dict({**cfg, "executor": "process", "reference_seeds": 1})
+    assert one.reference_seed_list == [0] and config_from_dict(cfg).reference_seed_list == [0, 1]
+    _, series = plan_tasks(open_experiment(one, RunDir(tmp_path / "run"), lambda _: None, False))
+    assert [t for t in series if t[1] == "reference"] == [("series", "reference", 0)]
+    both = estimate_workload(config_from_dict(cfg), 40, 10)
+    assert estimate_workload(one, 40, 10).parts["reference"][0] == both.parts["reference"][0] / 2
+    assert estimate_workload(one, 40, 10).series == both.series - 1
+    assert [k for k in _planned(config_to_dict(one)) if k.startswith("reference")] == ["reference/seed-0"]
+    assert "reference_seeds" not in config_to_dict(config_from_dict(cfg))  # old runs' configs still resume
+    for bad, message in (
+        ({"reference_seeds": 3}, "reference_seeds is 3 but there are 2 seeds"),
+        ({"reference_seeds": 1, "full_data_reference": False, "reference_train": {}}, "reference_seeds is set but"),
+    ):
+        with pytest.raises(Exception, match=message):
+            config_from_dict({**cfg, **bad})
+
+
 def test_the_costliest_strategies_are_planned_first_then_seed_by_seed(inline_two_seeds, tmp_path):
     """MGRAL's series (surrogate fine-tunes) start first, so a parallel run does not end with
     one of them running alone; equally cheap series keep the seed-by-seed, config order."""

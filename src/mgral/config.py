@@ -367,6 +367,10 @@ class ExperimentConfig(_Section):
     """Off by default (see :class:`TrackingConfig`)."""
     full_data_reference: bool = False
     reference_train: dict[str, Any] = {}
+    reference_seeds: int | None = Field(default=None, ge=1)
+    """The full-data reference is trained for the first this-many ``seeds`` (default: every
+    seed). Its mean is a ceiling line; a few seeds give it, and a converged reference for
+    each of 8 seeds costs more than several series."""
     """Training overrides for the full-data reference run, on top of ``detector.train`` (e.g.
     ``{iterations: 720}``: with ``warm_start`` a series' last model has trained for
     ``(cycles + 1) x`` the per-cycle iterations, so the reference should train as long)."""
@@ -375,6 +379,13 @@ class ExperimentConfig(_Section):
     @classmethod
     def _tracking_shorthand(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value
+
+    @property
+    def reference_seed_list(self) -> list[int]:
+        """The seeds the full-data reference is trained for (none without one)."""
+        if not self.full_data_reference:
+            return []
+        return list(self.seeds[: self.reference_seeds]) if self.reference_seeds is not None else list(self.seeds)
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
@@ -397,6 +408,13 @@ class ExperimentConfig(_Section):
             )
         if self.reference_train and not self.full_data_reference:
             raise ValueError("reference_train is set but full_data_reference is false; set it to true or remove it")
+        if self.reference_seeds is not None and not self.full_data_reference:
+            raise ValueError("reference_seeds is set but full_data_reference is false; set it to true or remove it")
+        if self.reference_seeds is not None and self.reference_seeds > len(self.seeds):
+            raise ValueError(
+                f"reference_seeds is {self.reference_seeds} but there are {len(self.seeds)} seeds; "
+                f"expected at most {len(self.seeds)}"
+            )
         if self.ray_address is not None and self.executor != "ray":
             raise ValueError(
                 f"ray_address is set but executor is {self.executor!r}; set executor: ray or remove ray_address"
@@ -493,6 +511,8 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
         del data["initial"]["from_dataset"]
     if not data["reference_train"]:
         del data["reference_train"]  # likewise
+    if data["reference_seeds"] is None:
+        del data["reference_seeds"]  # likewise
     if data["evaluation"] == EvaluationConfig().model_dump(mode="json"):
         del data["evaluation"]  # likewise
     if data["detector"]["kind"] == "torchvision":

@@ -208,7 +208,7 @@ def run_experiment(
         else:
             run.create(resolved)
         remove_stale_temp_files(run.path, recursive=True)  # nothing else writes here while we hold the lock
-        references = len(config.seeds) if config.full_data_reference else 0
+        references = len(config.reference_seed_list)
         with RunProgress(
             len(config.seeds) * len(strategies) + references,
             config.cycles,
@@ -223,7 +223,7 @@ def run_experiment(
             with _torch_threads(config.threads):
                 for seed in config.seeds:
                     initial = initials[seed]
-                    if config.full_data_reference:  # first: a run stopped part-way still has its ceiling
+                    if seed in config.reference_seed_list:  # first: a run stopped part-way still has its ceiling
                         run_series(exp, REFERENCE_LABEL, None, seed, exp.pool)
                     for label, strategy in strategies.items():
                         run_series(exp, label, strategy, seed, initial)
@@ -322,7 +322,7 @@ def plan_tasks(exp: Experiment) -> tuple[list[tuple[str, str, int]], list[tuple[
     series = [task for *_, task in sorted(order)]
     series = [t for t in series if not _series_done(exp, t[1], t[2])]
     first = [(_CYCLE0, "", s) for s in sorted({t[2] for t in series})] if exp.share_cycle0 else []
-    references = [(_SERIES, REFERENCE_LABEL, s) for s in config.seeds if config.full_data_reference]
+    references = [(_SERIES, REFERENCE_LABEL, s) for s in config.reference_seed_list]
     return first, [t for t in references if not _series_done(exp, t[1], t[2])] + series
 
 

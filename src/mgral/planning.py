@@ -132,14 +132,15 @@ def estimate_workload(config: ExperimentConfig, pool_size: int, test_size: int) 
                 train, infer = train + extra[0], infer + extra[1]
         parts[label] = (seeds * train, seeds * infer)
         trainings += seeds * config.cycles
-    if config.full_data_reference:
+    references = len(config.reference_seed_list)
+    if references:
         parts["reference"] = (
-            seeds * _trained(_train_length(config, config.reference_train), pool_size),
-            seeds * test_size,
+            references * _trained(_train_length(config, config.reference_train), pool_size),
+            references * test_size,
         )
-        trainings += seeds
+        trainings += references
     return Workload(
-        series=seeds * len(config.strategies) + (seeds if config.full_data_reference else 0),
+        series=seeds * len(config.strategies) + references,
         trainings=trainings,
         train_images=sum(t for t, _ in parts.values()),
         infer_images=sum(i for _, i in parts.values()),
@@ -226,6 +227,7 @@ def _micro_config(
     data.update(initial={"size": initial}, budget=budget, budget_boxes=None, cycles=1, seeds=config.seeds[:1])
     data.update(executor="inline", ray_address=None, workers=None, full_data_reference=False)
     data.pop("reference_train", None)
+    data.pop("reference_seeds", None)
     data.pop("tracking", None)  # a dry run logs nothing
     return config_from_dict(data, source=f"{config.name} (dry run)")
 

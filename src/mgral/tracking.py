@@ -283,9 +283,11 @@ def _last_cycle(config: Mapping[str, Any], label: str) -> float:
 def _planned(config: Mapping[str, Any]) -> list[str]:
     """The state keys of the series the config runs."""
     labels = [s["label"] for s in config["strategies"]]
+    keys = [f"{label}/seed-{seed}" for label in labels for seed in config["seeds"]]
     if config.get("full_data_reference"):
-        labels.append(REFERENCE_LABEL)
-    return [f"{label}/seed-{seed}" for label in labels for seed in config["seeds"]]
+        seeds = config["seeds"][: config.get("reference_seeds") or len(config["seeds"])]
+        keys += [f"{REFERENCE_LABEL}/seed-{seed}" for seed in seeds]
+    return keys
 
 
 def _read_state(path: Path) -> dict[str, Any]:
