@@ -160,6 +160,12 @@ def converged_check(config, run_dir: Path, out_dir: Path, *, train: bool = True,
     return check
 
 
+def published_check(out_dir: Path) -> dict | None:
+    """``OUT/<name>/converged.json``, or None (a dataset may be checked before its run is republished)."""
+    path = out_dir / CONVERGED
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def converged_text(check: dict | None) -> str:
     """The check in one sentence (for run.md and the summary)."""
     if check is None:
@@ -492,7 +498,7 @@ def summary_markdown(out_root: Path, names: Sequence[str]) -> str:
             f"{reference}. Wall time: {facts['wall_seconds'] / 3600:.2f} h. "
             f"Details: [`{name}/results.md`]({name}/results.md).",
             "",
-            f"{converged_text(facts.get('converged'))}.",
+            f"{converged_text(published_check(out_root / name))}.",
             "",
             "| strategy | seeds | cycles | nAUC | vs random [95% interval] (wins, sign p) | imgs to 90% "
             "| select s / cycle | select / train |",
