@@ -367,13 +367,13 @@ class ExperimentConfig(_Section):
     """Off by default (see :class:`TrackingConfig`)."""
     full_data_reference: bool = False
     reference_train: dict[str, Any] = {}
+    """Training overrides for the full-data reference run, on top of ``detector.train`` (e.g.
+    ``{iterations: 720}``: with ``warm_start`` a series' last model has trained for
+    ``(cycles + 1) x`` the per-cycle iterations, so the reference should train as long)."""
     reference_seeds: int | None = Field(default=None, ge=1)
     """The full-data reference is trained for the first this-many ``seeds`` (default: every
     seed). Its mean is a ceiling line; a few seeds give it, and a converged reference for
     each of 8 seeds costs more than several series."""
-    """Training overrides for the full-data reference run, on top of ``detector.train`` (e.g.
-    ``{iterations: 720}``: with ``warm_start`` a series' last model has trained for
-    ``(cycles + 1) x`` the per-cycle iterations, so the reference should train as long)."""
 
     @field_validator("tracking", mode="before")
     @classmethod
