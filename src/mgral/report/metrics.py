@@ -1,4 +1,5 @@
-"""Summary numbers of AL curves: normalized AUC, labels to reach a target, mean ± std over seeds."""
+"""Summary numbers of AL curves: normalized AUC, labels to reach a target, mean ± std over seeds,
+and paired differences between strategies (t intervals over seeds, the sign test, per-cycle curves)."""
 
 from __future__ import annotations
 
