@@ -42,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -119,19 +120,22 @@ def converged_check(config, run_dir: Path, out_dir: Path, *, train: bool = True,
     once = train_settings(config, reference=True)
     once.pop("progress", None)
     twice = doubled(once)
-    published = out_dir / CONVERGED
-    if published.exists():
-        check = json.loads(published.read_text(encoding="utf-8"))
-        if check.get("train") == once and check.get("seed") == seed and check.get("preset") == config.detector.preset:
-            return check
+    check = published_check(out_dir)
+    if check is not None and (check.get("train"), check.get("seed"), check.get("preset")) == (
+        once,
+        seed,
+        config.detector.preset,
+    ):
+        return check
     if not train:
         return None
     work = run_dir.parent / f"{run_dir.name}{CONVERGED_SUFFIX}"
+    base = open_experiment(config, RunDir(run_dir), log, False)
+    oracle = seed_oracle(base, seed)
+    view = visible_dataset(base.dataset, {i: oracle.labels_for(i) for i in base.pool})
     results, seconds = {}, {}
     for key, settings in (("once", once), ("twice", twice)):
-        exp = open_experiment(config.model_copy(update={"reference_train": settings}), RunDir(run_dir), log, False)
-        oracle = seed_oracle(exp, seed)
-        view = visible_dataset(exp.dataset, {i: oracle.labels_for(i) for i in exp.pool})
+        exp = dataclasses.replace(base, config=config.model_copy(update={"reference_train": settings}))
         log(f"{run_dir.name}: converged check, the seed-{seed} reference for {length_text(settings)}")
         spent: dict[str, float] = {}
         with _torch_threads(config.threads if config.executor == "inline" else (config.threads or 1)):  # as the run's
@@ -156,7 +160,7 @@ def converged_check(config, run_dir: Path, out_dir: Path, *, train: bool = True,
         "machine": machine_line(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(published, check, indent=1)
+    atomic_write_json(out_dir / CONVERGED, check, indent=1)
     return check
 
 
@@ -437,9 +441,7 @@ def paired_from_csv(row: dict):
     and sign test are computed from those (as the report computes them from the seeds)."""
     import math
 
-    from scipy.stats import binomtest
-    from scipy.stats import t as student_t
-
+    from mgral.report.metrics import sign_test_counts, t_interval
     from mgral.report.tables import Paired
 
     def num(key: str) -> float:
@@ -454,9 +456,8 @@ def paired_from_csv(row: dict):
     )
     low, high, p = num("nauc_vs_random_low"), num("nauc_vs_random_high"), num("sign_p_vs_random")
     if math.isnan(low) and n >= 2 and not math.isnan(std):
-        half = student_t.ppf(0.975, n - 1) * std / math.sqrt(n)
-        low, high = mean - half, mean + half
-        p = binomtest(wins, n, 0.5).pvalue  # no seed ties exactly
+        low, high = t_interval(mean, std, n)
+        p = sign_test_counts(wins, n)  # no seed ties exactly
     return Paired(mean, std, wins, n, low, high, p)
 
 

@@ -283,7 +283,7 @@ def test_vs_random_pairs_seeds_and_their_common_cycles(run, tmp_path):
 
 
 def test_vs_random_uses_only_common_seeds_and_cycles(tmp_path):
-    from mgral.report.tables import paired_vs_random
+    from mgral.report.tables import paired_difference
 
     run = tmp_path / "run"
     write_series(run, "random", 0, [0.1, 0.2, 0.3])
@@ -293,11 +293,11 @@ def test_vs_random_uses_only_common_seeds_and_cycles(tmp_path):
     series = load_series([run])
     group = [s for s in series if s.label == "mgral"]
     rnd = [s for s in series if s.label == "random"]
-    v = paired_vs_random(group, rnd)
+    v = paired_difference(group, rnd)
     # seed 1 only, on cycles 0-1: (0.1 + 0.3) / 2 - (0.1 + 0.2) / 2; one pair: no spread, no interval
     assert (v.mean, v.wins, v.n) == (pytest.approx(0.05), 1, 1) and math.isnan(v.std) and math.isnan(v.low)
     assert not v.distinguishable
-    assert paired_vs_random([s for s in group if s.seed == 2], rnd) is None
+    assert paired_difference([s for s in group if s.seed == 2], rnd) is None
 
 
 def test_paired_intervals_over_eight_seeds_say_which_differences_are_real(tmp_path):

@@ -137,25 +137,39 @@ def mean_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95
     than the seeds' own range (3 seeds that agree in sign always exclude 0), so it claims far
     more than 95%; the t interval widens as seeds get fewer (x 4.3 / sqrt(3) of the std at 3
     seeds, x 2.36 / sqrt(8) at 8)."""
-    from scipy.stats import ttest_1samp
-
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
         return math.nan, math.nan
     if np.allclose(v, v.mean(), rtol=1e-9, atol=1e-12):  # equal but for rounding: no spread to speak of
         return float(v.mean()), float(v.mean())
-    ci = ttest_1samp(v, 0.0).confidence_interval(confidence)
-    return float(ci.low), float(ci.high)
+    return t_interval(float(v.mean()), float(v.std(ddof=1)), len(v), confidence)
+
+
+def t_interval(mean: float, std: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Student-t interval of a mean from its summary: ``mean``, sample ``std`` (ddof=1) and
+    ``n`` values (a published table keeps only these); NaN with fewer than 2 values."""
+    from scipy.stats import t
+
+    if n < 2 or math.isnan(std):
+        return math.nan, math.nan
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def sign_test(differences: Sequence[float] | np.ndarray) -> float:
     """Two-sided sign-test p-value of paired differences (scipy.stats.binomtest on the nonzero
     ones; 1 when every difference is 0)."""
-    from scipy.stats import binomtest
-
     d = np.asarray(differences, dtype=float)
     d = d[d != 0]
-    return 1.0 if len(d) == 0 else float(binomtest(int((d > 0).sum()), len(d), 0.5).pvalue)
+    return sign_test_counts(int((d > 0).sum()), len(d))
+
+
+def sign_test_counts(wins: int, n: int) -> float:
+    """Two-sided sign-test p-value of ``wins`` positive among ``n`` nonzero paired differences
+    (scipy.stats.binomtest; 1 with none)."""
+    from scipy.stats import binomtest
+
+    return 1.0 if n == 0 else float(binomtest(wins, n, 0.5).pvalue)
 
 
 @dataclass(frozen=True, eq=False)

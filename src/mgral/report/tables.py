@@ -193,11 +193,6 @@ def paired_difference(group: list[Series], other: list[Series]) -> Paired | None
     return Paired(float(d.mean()), float(_spread(d[:, None])[0]), int((d > 0).sum()), len(d), low, high, sign_test(d))
 
 
-def paired_vs_random(group: list[Series], random: list[Series]) -> Paired | None:
-    """:func:`paired_difference` to the random baseline."""
-    return paired_difference(group, random)
-
-
 def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, Any]] | None = None) -> Table:
     """One :class:`Row` per strategy label; ``reference`` as :func:`load_reference` gives it.
 
@@ -218,7 +213,7 @@ def results_table(series_list: Sequence[Series], reference: dict[int, dict[str, 
     if RANDOM_LABEL in groups:
         baseline = groups[RANDOM_LABEL]
         rows = [
-            r if r.label == RANDOM_LABEL else replace(r, vs_random=paired_vs_random(groups[r.label], baseline))
+            r if r.label == RANDOM_LABEL else replace(r, vs_random=paired_difference(groups[r.label], baseline))
             for r in rows
         ]
     if len(rows) > 1:
@@ -290,14 +285,18 @@ def interval_text(low: float, high: float) -> str:
     return "" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"
 
 
+def _p_text(v: Paired) -> str:
+    """``, p 0.25``: the sign test's p, where there are at least 2 pairs."""
+    return "" if math.isnan(v.sign_p) or v.n < 2 else f", p {v.sign_p:.2g}"
+
+
 def vs_random_text(v: Paired | None) -> str:
     """A :class:`Paired` difference as the tables print it, e.g. ``+0.0450 ± 0.0100 [+0.0330, +0.0560]
     (3/3, p 0.25)``, with ``not distinguishable`` where the interval covers 0; — without one."""
     if v is None:
         return "—"
-    p = "" if math.isnan(v.sign_p) or v.n < 2 else f", p {v.sign_p:.2g}"
     flag = "" if v.distinguishable or math.isnan(v.low) else ", not distinguishable"
-    return f"{mean_std(v.mean, v.std, '+.4f')}{interval_text(v.low, v.high)} ({v.wins}/{v.n}{p}{flag})"
+    return f"{mean_std(v.mean, v.std, '+.4f')}{interval_text(v.low, v.high)} ({v.wins}/{v.n}{_p_text(v)}{flag})"
 
 
 def vs_best_text(best: tuple[str, Paired | None] | None) -> str:
@@ -307,8 +306,7 @@ def vs_best_text(best: tuple[str, Paired | None] | None) -> str:
     rival, v = best
     if v is None:
         return f"{rival}: —"
-    p = "" if math.isnan(v.sign_p) or v.n < 2 else f", p {v.sign_p:.2g}"
-    return f"{rival}: {v.mean:+.4f}{interval_text(v.low, v.high)} ({v.wins}/{v.n}{p})"
+    return f"{rival}: {v.mean:+.4f}{interval_text(v.low, v.high)} ({v.wins}/{v.n}{_p_text(v)})"
 
 
 def markdown_text(table: Table) -> str:
