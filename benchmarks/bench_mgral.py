@@ -77,7 +77,7 @@ def run(name: str, n_random: int, executor: str) -> dict:
     import torch
 
     from mgral.detectors.torchvision_detector import TorchvisionDetector
-    from mgral.executors import make_executor
+    from mgral.executors import JobPlacement, make_executor
     from mgral.loop import visible_dataset
     from mgral.runs import CycleDir
     from mgral.strategies import SelectionContext, build_strategy
@@ -114,9 +114,10 @@ def run(name: str, n_random: int, executor: str) -> dict:
             embeddings={i: preds[i].embedding for i in pool + labeled},
             detector=det,
             work_dir=work,
+            jobs=JobPlacement(executor, workers=2 if executor != "inline" else None),
         )
 
-    strategy = build_strategy("mgral", **setup["mgral"], executor=executor, workers=2 if executor != "inline" else None)
+    strategy = build_strategy("mgral", estimator="finetune", **setup["mgral"])
     t0 = time.perf_counter()
     chosen = strategy.select(context(1), budget)
     select_s = time.perf_counter() - t0

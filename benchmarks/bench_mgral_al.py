@@ -3,8 +3,9 @@
 Runs the published benchmark's config for one dataset (``benchmarks/configs/<name>.yaml``:
 same pool, initial set, budget, detector, schedule) with MGRAL and ``--baselines`` (default
 random and least confidence) for ``--seeds``, into ``runs/bench-mgral-al/<name>``
-(resumable: ``mgral run --resume``). MGRAL uses the estimator it picks for a Faster R-CNN
-(``estimator: auto`` -> head). The baselines run here, not read from the published records:
+(resumable: ``mgral run --resume``). MGRAL runs with ``--params`` over its defaults
+(``estimator: auto``, which is ``none``: pass ``{"estimator": "head"}`` for the head
+estimator). The baselines run here, not read from the published records:
 training is deterministic on one machine only (the same code gave another cycle-0 model on
 the machine that made the published records), so only series of one run share their cycle-0
 model and can be paired. The published records' figures for the same seeds are shown beside,
@@ -38,7 +39,8 @@ import numpy as np
 
 from mgral._io import atomic_write_json, atomic_write_text
 from mgral._machine import machine_line
-from mgral.report.metrics import normalized_auc
+from mgral.report.metrics import mean_interval, normalized_auc, sign_test
+from mgral.report.tables import interval_text
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
@@ -169,9 +171,11 @@ def write(name: str, result: dict, params: dict, loads: tuple, stem: str) -> Non
         for b in cols:
             diffs = [e["vs"][b] for e in seeds.values() if b in e["vs"]]
             if diffs:
+                low, high = mean_interval(diffs)
                 lines.append(
-                    f"\nMGRAL − {b}, mean over {len(diffs)} seeds: {np.mean(diffs):+.4f} "
-                    f"(higher on {sum(d > 0 for d in diffs)} of {len(diffs)})."
+                    f"\nMGRAL − {b}, mean over {len(diffs)} seeds: {np.mean(diffs):+.4f}, 95% interval"
+                    f"{interval_text(low, high)} (higher on {sum(d > 0 for d in diffs)} of {len(diffs)}, "
+                    f"sign test p {sign_test(diffs):.2g})."
                 )
     lines += ["", "| seed | MGRAL select s / train s per cycle |", "|---|---|"]
     for seed, e in seeds.items():

@@ -25,7 +25,7 @@ def bench():
     sys.modules.pop("bench_scale", None)
 
 
-SMALL_MGRAL = {"updates": 3, "hidden": 16, "chunk": 8, "orders": 1, "samples": 2}
+SMALL_MGRAL = {"estimator": "finetune", "updates": 3, "hidden": 16, "chunk": 8, "orders": 1, "samples": 2}
 
 
 def test_the_workload_looks_like_cached_detections(bench):
@@ -66,6 +66,13 @@ def test_mgral_selects_with_the_given_table(bench):
     assert row["selected"] == row["distinct"] == 2 and row["valid"]
     assert [list(c) for c in row["detector_calls"]] == [["flip", 40]]  # the mirrored pass over 20 x B candidates
     assert {"features", "table", "reward_model", "agent", "selection"} <= set(row["stage_seconds"])
+
+
+def test_mgral_by_default_selects_the_priors_top_batch_without_a_table(bench):
+    row = bench.run_one("mgral", 200, dim=16, repeats=1)
+    assert row["selected"] == row["distinct"] == 2 and row["valid"]
+    assert [list(c) for c in row["detector_calls"]] == [["flip", 8]]  # the mirrored pass over 4 x B candidates
+    assert set(row["stage_seconds"]) == {"features"}
 
 
 def test_the_given_table_is_a_planted_linear_reward(bench):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,39 @@ def test_gpus_are_for_ray_series_and_not_part_of_what_a_run_computes(tmp_path):
     with pytest.raises(ConfigError, match="gpus is set but executor is 'process'; only Ray places series on GPUs"):
         config_from_dict({**base, "executor": "process", "gpus": 1})
     assert "gpus" in EXECUTION_KEYS
+
+
+def test_jobs_say_where_a_strategys_own_jobs_run_and_are_not_part_of_what_a_run_computes(tmp_path):
+    """MGRAL's surrogate fine-tunes are placed by the experiment's ``jobs`` section (not by
+    strategy parameters): checked like the series' placement, handed to the strategy as a
+    JobPlacement, and free to change on resume."""
+    from mgral.config import EXECUTION_KEYS, config_from_dict
+    from mgral.executors import JobPlacement
+
+    base = {
+        "name": "x",
+        "dataset": {"path": str(tmp_path)},
+        "detector": {"preset": "tiny"},
+        "strategies": [{"name": "random"}],
+        "initial": {"size": 2},
+        "budget": 1,
+    }
+    assert config_from_dict(base).jobs.placement() == JobPlacement()
+    jobs = {"executor": "ray", "ray_address": "auto", "workers": 8, "threads": 2, "device": "cuda:1", "gpus": 0.5}
+    assert config_from_dict({**base, "jobs": jobs}).jobs.placement() == JobPlacement(**jobs)
+    for bad, message in [
+        ({"device": "tpu"}, "jobs: device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ({"gpus": 1}, "jobs: gpus is set but executor is 'inline'; only Ray places jobs on GPUs"),
+        ({"ray_address": "auto", "executor": "process"}, "jobs: ray_address is set but executor is 'process'"),
+        ({"executor": "slurm"}, "jobs.executor"),
+        ({"job_threads": 2}, "unknown key 'job_threads' in jobs; valid keys: executor, workers"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_from_dict({**base, "jobs": bad})
+    assert "jobs" in EXECUTION_KEYS
+    # a job gets the cores shared among the workers unless threads says otherwise
+    assert JobPlacement(threads=3).job_threads(8) == 3 and JobPlacement().job_threads(8) == 8
+    assert JobPlacement(executor="process", workers=os.cpu_count()).job_threads(8) == 1
 
 
 # -- hostile config files (issue 17) -------------------------------------------------------------

@@ -285,7 +285,8 @@ def test_warm_start_begins_each_cycle_from_the_previous_model(tmp_path, warm):
 def test_mgral_two_cycle_run_end_to_end(tmp_path):
     """MGRAL through the loop with micro settings: diagnostics per cycle, the second cycle's
     reward model keeps the first cycle's rows, its agent starts from the first's."""
-    micro = {"combinations": 3, "steps": 2, "surrogate_batch": 2, "updates": 8, "hidden": 16, "chunk": 8}
+    micro = {"estimator": "finetune", "combinations": 3, "steps": 2, "surrogate_batch": 2, "updates": 8}
+    micro |= {"hidden": 16, "chunk": 8}
     cfg = _config(tmp_path / "run", strategies=[{"name": "mgral", "params": micro}])
     run_experiment(config_from_dict(cfg), tmp_path / "run", log=lambda _: None)
     series = _series(tmp_path / "run")["mgral/seed-0"]

@@ -299,7 +299,7 @@ def test_workload_counts_the_strategies_extra_passes():
     plain = estimate_workload(config_from_dict({**base, "strategies": [{"name": "entropy"}]}), 100, 20)
     cald = estimate_workload(config_from_dict({**base, "strategies": [{"name": "cald"}]}), 100, 20)
     assert cald.infer_images - plain.infer_images == 3 * (90 + 85)  # 3 views of the pool, cycles 0 and 1
-    mgral = {"name": "mgral", "params": {"combinations": 4, "steps": 3, "surrogate_batch": 2}}
+    mgral = {"name": "mgral", "params": {"estimator": "finetune", "combinations": 4, "steps": 3, "surrogate_batch": 2}}
     m = estimate_workload(config_from_dict({**base, "strategies": [mgral]}), 100, 20)
     assert m.train_images - plain.train_images == 2 * 5 * 3 * 3 * 2  # 2 cycles, 5 jobs x 3 steps x 3 x 2 images
     # mirrored candidates and reward sets; cycle 1 also predicts the labeled images (MGRAL uses embeddings)

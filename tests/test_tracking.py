@@ -26,7 +26,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow's usage repo
 # MLflow's own SQL under SQLAlchemy 2.1 (its store's mappers), not mgral's
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 
-MGRAL_MICRO = {"combinations": 2, "steps": 1, "surrogate_batch": 2, "updates": 4, "hidden": 8, "chunk": 4}
+MGRAL_MICRO = {"estimator": "finetune", "combinations": 2, "steps": 1, "surrogate_batch": 2, "updates": 4}
+MGRAL_MICRO |= {"hidden": 8, "chunk": 4}
 TINY = {
     "name": "tiny",
     "dataset": {"path": "digits", "synth": {"images": 30, "seed": 0, "image_size": 96, "max_digit_size": 32}},

@@ -317,6 +317,39 @@ class OracleConfig(_Section):
     drop_boxes: float = Field(default=0.0, ge=0, lt=1)
 
 
+class JobsConfig(_Section):
+    """Where a strategy's own independent jobs run (MGRAL's surrogate fine-tunes with
+    ``estimator: finetune``), as :class:`mgral.executors.JobPlacement` describes: ``executor``
+    (inline | process | ray), ``workers``, ``ray_address``, ``threads`` (per job), ``device``
+    (auto | cpu | cuda | cuda:N) and ``gpus`` (per Ray job). Independent of where the series
+    run (the experiment's ``executor``); like it, not part of what the run computes."""
+
+    executor: Literal["inline", "process", "ray"] = "inline"
+    workers: int | None = Field(default=None, ge=1)
+    ray_address: str | None = None
+    threads: int | None = Field(default=None, ge=1)
+    device: str = "auto"
+    gpus: float = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> JobsConfig:
+        from mgral.executors import valid_device
+
+        if not valid_device(self.device):
+            raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.gpus and self.executor != "ray":
+            raise ValueError(f"gpus is set but executor is {self.executor!r}; only Ray places jobs on GPUs")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError(f"ray_address is set but executor is {self.executor!r}; set executor: ray or remove it")
+        return self
+
+    def placement(self):  # -> mgral.executors.JobPlacement
+        """The placement a :class:`~mgral.strategies.SelectionContext` carries."""
+        from mgral.executors import JobPlacement
+
+        return JobPlacement(**self.model_dump())
+
+
 class TrackingConfig(_Section):
     """Experiment tracking (:mod:`mgral.tracking`): the run's config, every finished cycle's
     metrics and its report logged to MLflow (``pip install 'mgral[mlflow]'``).
@@ -363,6 +396,8 @@ class ExperimentConfig(_Section):
     gpus: float = Field(default=0, ge=0)
     """GPUs each series reserves under ``executor: ray`` (e.g. 1: one series per GPU of the
     cluster, each seeing only its own as ``cuda``). 0: CPU series."""
+    jobs: JobsConfig = JobsConfig()
+    """Where a strategy's own jobs run (MGRAL's surrogate fine-tunes), see :class:`JobsConfig`."""
     tracking: TrackingConfig | None = None
     """Off by default (see :class:`TrackingConfig`)."""
     full_data_reference: bool = False
@@ -497,7 +532,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Expe
         raise ConfigError("\n".join(_describe(e, source) for e in err.errors())) from err
 
 
-EXECUTION_KEYS = ("executor", "ray_address", "workers", "threads", "gpus", "tracking")
+EXECUTION_KEYS = ("executor", "ray_address", "workers", "threads", "gpus", "jobs", "tracking")
 """Where and how parallel a run executes, and where it is tracked: not part of what it computes,
 so a run may be resumed with other values (e.g. started inline, continued on a Ray cluster
 with tracking switched on)."""
@@ -521,6 +556,8 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
         del data["dataset"]["follow_links"]  # likewise
     if data["tracking"] is None:
         del data["tracking"]  # likewise
+    if data["jobs"] == JobsConfig().model_dump(mode="json"):
+        del data["jobs"]  # likewise
     if data["dataset"]["split"] is None:
         del data["dataset"]["split"]  # likewise
     return data

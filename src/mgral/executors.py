@@ -27,12 +27,59 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from mgral.errors import ConfigError
 
 ExecutorKind = Literal["inline", "process", "ray"]
 EXECUTORS: tuple[str, ...] = ("inline", "process", "ray")
+
+
+@dataclass(frozen=True)
+class JobPlacement:
+    """Where a strategy's own independent jobs run (MGRAL's surrogate fine-tunes): the
+    experiment's ``jobs`` section (:class:`mgral.config.JobsConfig`), which the loop hands to
+    the strategy in its :class:`~mgral.strategies.SelectionContext`. Where series run is the
+    experiment's ``executor``; these are the jobs one series' selection starts.
+
+    ``threads``: torch threads per job (default: torch's own inline, else the cores shared
+    among ``workers``); ``device``: ``auto`` (the task detector's, or the CPU in a job process
+    that sees no GPU), ``cpu``, ``cuda`` or ``cuda:N``; ``gpus``: what each Ray job reserves."""
+
+    executor: str = "inline"
+    workers: int | None = None
+    ray_address: str | None = None
+    threads: int | None = None
+    device: str = "auto"
+    gpus: float = 0
+
+    def job_threads(self, inline_threads: int) -> int:
+        """Torch threads each job uses; ``inline_threads``: this process's (the inline default)."""
+        if self.threads:
+            return self.threads
+        if self.executor == "inline":
+            return inline_threads
+        return max(1, (os.cpu_count() or 1) // (self.workers or os.cpu_count() or 1))
+
+    def executor_for(self, cpus_per_job: float) -> InlineExecutor:
+        """The executor (a context manager) for jobs of ``cpus_per_job`` threads each."""
+        return make_executor(
+            self.executor,
+            workers=self.workers,
+            ray_address=self.ray_address,
+            cpus_per_job=cpus_per_job,
+            gpus_per_job=self.gpus,
+        )
+
+
+def valid_device(device: Any) -> bool:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if device in ("auto", "cpu", "cuda"):
+        return True
+    prefix, _, index = str(device).partition(":")
+    return isinstance(device, str) and prefix == "cuda" and index.isdigit()
+
 
 _SHARED: Any = None  # a process-pool worker's copy of the shared payload (set by its initializer)
 

@@ -311,11 +311,12 @@ def plan_tasks(exp: Experiment) -> tuple[list[tuple[str, str, int]], list[tuple[
     has the ceiling that "labels to reach 90%" needs), then the series: the costliest
     strategies first (their ``selection_cost``), so that the run does not end with one long
     series alone; otherwise seed by seed, in the config's order."""
-    from mgral.strategies import STRATEGIES
+    from mgral.strategies import build_strategy
 
     config = exp.config
+    cost = {spec.label: build_strategy(spec.name, **spec.params).selection_cost for spec in config.strategies}
     order = [
-        (-STRATEGIES.get(spec.name).selection_cost, s, i, (_SERIES, spec.label, s))
+        (-cost[spec.label], s, i, (_SERIES, spec.label, s))
         for s in config.seeds
         for i, spec in enumerate(config.strategies)
     ]

@@ -78,12 +78,10 @@ def _trained(train: TrainConfig, labeled: int) -> float:
     return float(max(seen, train.min_iterations * train.batch_size))
 
 
-def _selection(
-    strategy: Any, labeled: int, unlabeled: int, budget: int, cycle: int, capabilities: frozenset[str]
-) -> tuple[float, float]:
+def _selection(strategy: Any, labeled: int, unlabeled: int, budget: int, cycle: int) -> tuple[float, float]:
     """(training, inferred) images of one selection by the built ``strategy``, beyond the
     pool predictions the loop makes for it (in cycle 0 those cover the labeled images too)."""
-    train, infer = strategy.workload(labeled=labeled, unlabeled=unlabeled, budget=budget, capabilities=capabilities)
+    train, infer = strategy.workload(labeled=labeled, unlabeled=unlabeled, budget=budget)
     if "embeddings" in strategy.requires and cycle > 0:
         infer += labeled  # the labeled images' embeddings, beside the pool's
     return train, infer
@@ -95,11 +93,9 @@ def estimate_workload(config: ExperimentConfig, pool_size: int, test_size: int) 
     Raises:
         ConfigError: an unknown preset or strategy, or invalid training settings.
     """
-    from mgral.detectors import detector_class
     from mgral.strategies import build_strategy
 
     length = _train_length(config)
-    capabilities = detector_class(config.detector.kind).capabilities(config.detector)
     seeds = len(config.seeds)
     if config.initial.size is not None:
         initial = config.initial.size
@@ -128,7 +124,7 @@ def estimate_workload(config: ExperimentConfig, pool_size: int, test_size: int) 
                 unlabeled = pool_size - n
                 if c > 0 and strategy.requires & {"predictions", "embeddings"}:
                     infer += unlabeled
-                extra = _selection(strategy, n, unlabeled, config.budget, c, capabilities)
+                extra = _selection(strategy, n, unlabeled, config.budget, c)
                 train, infer = train + extra[0], infer + extra[1]
         parts[label] = (seeds * train, seeds * infer)
         trainings += seeds * config.cycles
@@ -226,6 +222,7 @@ def _micro_config(
         spec["params"] = {**spec["params"], **STRATEGIES.get(spec["name"]).micro_params}
     data.update(initial={"size": initial}, budget=budget, budget_boxes=None, cycles=1, seeds=config.seeds[:1])
     data.update(executor="inline", ray_address=None, workers=None, full_data_reference=False)
+    data["jobs"] = {**data.get("jobs", {}), "executor": "inline", "workers": None, "ray_address": None, "gpus": 0}
     data.pop("reference_train", None)
     data.pop("reference_seeds", None)
     data.pop("tracking", None)  # a dry run logs nothing

@@ -391,6 +391,7 @@ def select_batch(
         cycle=cycle,
         work_dir=cdir.path,
         progress=exp.progress,
+        jobs=exp.config.jobs.placement(),
     )
     exp.phase("predict")
     t0 = time.perf_counter()

@@ -47,14 +47,20 @@ def _context(make_context, for_strategy, detector, tmp_path, strategy, **options
     return ctx
 
 
-def test_auto_uses_the_head_estimator_on_faster_rcnn_only(faster_rcnn):
+def test_auto_is_none_with_the_label_free_reward_and_the_table_with_a_research_one(faster_rcnn):
+    """``auto`` takes no estimate (measured: neither estimate earned its cost) unless the
+    reward is a research one, which only the fine-tune table can use; the route sets what
+    the detector must do and the cost the loop orders series by."""
     tiny = TorchvisionDetector("tiny", faster_rcnn.categories, device="cpu", seed=0, pretrained=False)
     frcnn_caps = TorchvisionDetector.capabilities(type("Spec", (), {"preset": "mobilenet_v2_fpn"}))
     tiny_caps = TorchvisionDetector.capabilities(type("Spec", (), {"preset": "tiny"}))
     auto = build_strategy("mgral")
-    assert auto._route(frcnn_caps) == "head" and auto._route(tiny_caps) == "finetune"
-    assert build_strategy("mgral", estimator="finetune")._route(frcnn_caps) == "finetune"
-    assert build_strategy("mgral", reward_source="oracle")._route(frcnn_caps) == "finetune"  # a fine-tune ablation
+    assert auto._route() == "none" and auto.detector_needs == {"augment"} <= tiny_caps
+    assert build_strategy("mgral", estimator="finetune")._route() == "finetune"
+    oracle = build_strategy("mgral", reward_source="oracle")
+    assert oracle._route() == "finetune" and {"clone", "self_training"} <= oracle.detector_needs
+    costs = [build_strategy("mgral", estimator=e).selection_cost for e in ("none", "head", "finetune")]
+    assert costs == sorted(costs) and auto.selection_cost == costs[0]
     # the cycle asks the detector itself (supports_head_cache): the same answer as its kind's capabilities
     assert supports_head_cache(faster_rcnn) and not supports_head_cache(tiny)
     # asking for it on a detector that cannot is refused before the run starts (loop.check_capabilities)
@@ -169,6 +175,12 @@ def test_estimator_none_takes_the_prior_batch_without_a_table(make_context, for_
     assert summary["estimator"] == "none" and summary["choice"]["batch"] == "prior"
     assert "estimator none" in summary["choice"]["reason"] and summary["table_rows"] == 0
     assert set(summary["seconds"]) == {"features"} and "head_cache" not in summary
+    # the default (auto) is this path: the same batch, and no head cache asked of the detector
+    auto = build_strategy("mgral", **{k: v for k, v in HEAD.items() if k != "estimator"})
+    auto_sel = auto.select(_context(make_context, for_strategy, faster_rcnn, tmp_path / "auto", auto), 4)
+    assert auto_sel.image_ids == sel.image_ids
+    auto_summary = json.loads((tmp_path / "auto" / "cycle-0" / "mgral" / "summary.json").read_text())
+    assert auto_summary["estimator"] == "none" and auto_summary["table_rows"] == 0
     assert not (out / "table.csv").exists() and not (out / "agent_rewards.csv").exists()
     tiny = TorchvisionDetector("tiny", faster_rcnn.categories, device="cpu", seed=0, pretrained=False)
     on_tiny = build_strategy("mgral", **{**HEAD, "estimator": "none"})
@@ -177,19 +189,20 @@ def test_estimator_none_takes_the_prior_batch_without_a_table(make_context, for_
         build_strategy("mgral", estimator="none", reward_source="oracle")
 
 
-def test_workload_follows_the_route_the_detector_allows():
+def test_workload_follows_the_route():
     """Planning counts what the cycle will run: the head path's mirrored pass, head cache and
-    (at most) its rows; ``none`` the mirrored pass only; the fine-tune table elsewhere."""
-    head_caps, plain = frozenset({"augment", "head_cache"}), frozenset({"augment"})
-    auto = build_strategy("mgral")
+    (at most) its rows; ``none`` (and ``auto``) the mirrored pass only; the fine-tune table."""
+    head = build_strategy("mgral", estimator="head")
     sizes = {"labeled": 15, "unlabeled": 300, "budget": 20}
-    head_train, head_infer = auto.workload(**sizes, capabilities=head_caps)
+    head_train, head_infer = head.workload(**sizes)
     assert head_infer == 2 * 80 + 15  # 4 x budget candidates mirrored and cached, the labeled set cached
     rows = 2 + 10 * 4
     assert head_train == pytest.approx(rows * 2 * 100 * 2 * 15 / 400)
-    assert auto.workload(**sizes, capabilities=plain) == build_strategy("mgral", estimator="finetune").workload(**sizes)
-    assert build_strategy("mgral", estimator="none").workload(**sizes, capabilities=head_caps) == (0.0, 80.0)
-    assert auto.workload(**{**sizes, "labeled": 1}, capabilities=head_caps) == (0.0, 80.0)  # the prior fallback
+    finetune = build_strategy("mgral", estimator="finetune").workload(**sizes)
+    assert finetune[0] == 17 * 30 * 3 * 4  # M + 1 jobs x K steps x 3 batches of 4
+    assert build_strategy("mgral").workload(**sizes) == build_strategy("mgral", estimator="none").workload(**sizes)
+    assert build_strategy("mgral", estimator="none").workload(**sizes) == (0.0, 80.0)
+    assert head.workload(**{**sizes, "labeled": 1}) == (0.0, 80.0)  # the prior fallback
 
 
 @pytest.mark.parametrize(("se", "taken"), [(1e-4, "score:"), (1.0, "prior")])
@@ -217,8 +230,10 @@ def test_score_batches_are_rows_and_win_only_when_clearly_better(
         assert set(sel.image_ids) != set(prior_sel.image_ids) and choice["diff"] > 2 * choice["se"]
     summary = json.loads((ctx.work_dir / "mgral" / "summary.json").read_text())
     assert summary["table_rows"] <= 2 + 1 * HEAD["policy_samples"] + 4
-    sizes = {"labeled": 15, "unlabeled": 300, "budget": 20, "capabilities": frozenset({"head_cache"})}
-    more, fewer = (build_strategy("mgral", score_batches=flag).workload(**sizes)[0] for flag in (True, False))
+    sizes = {"labeled": 15, "unlabeled": 300, "budget": 20}
+    more, fewer = (
+        build_strategy("mgral", estimator="head", score_batches=flag).workload(**sizes)[0] for flag in (True, False)
+    )
     assert more > fewer
     with pytest.raises(ConfigError, match="score_batches: expected true or false"):
         build_strategy("mgral", score_batches="yes")

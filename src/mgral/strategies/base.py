@@ -27,6 +27,7 @@ import numpy as np
 
 from mgral.data.records import Dataset, Detections, ImageId
 from mgral.errors import ConfigError
+from mgral.executors import JobPlacement
 from mgral.registry import Registry
 
 REQUIREMENTS = frozenset({"predictions", "embeddings", "detector", "oracle"})
@@ -62,6 +63,8 @@ class SelectionContext:
             ablations only).
         progress: whether a slow strategy shows bars for its stages
             (:func:`mgral.progress.bar`); the loop sets it from its own ``progress``.
+        jobs: where the strategy's own independent jobs run (the experiment's ``jobs``
+            section; default inline, on the task detector's device).
     """
 
     dataset: Dataset
@@ -75,6 +78,7 @@ class SelectionContext:
     work_dir: Path | None = None
     oracle_dataset: Dataset | None = None
     progress: bool = False
+    jobs: JobPlacement = field(default_factory=JobPlacement)
 
     @property
     def num_classes(self) -> int:
@@ -118,14 +122,14 @@ class Strategy(ABC):
     # Parameters a dry run or a smoke test lays over the configured ones so that every stage
     # of the strategy runs, small (e.g. MGRAL's table of two one-step rows).
     micro_params: ClassVar[Mapping[str, Any]] = {}
+    # Parameters that became settings elsewhere: old name -> where it is now (build_strategy's
+    # error for a config written before the move).
+    moved_params: ClassVar[Mapping[str, str]] = {}
 
-    def workload(
-        self, *, labeled: int, unlabeled: int, budget: int, capabilities: frozenset[str] = frozenset()
-    ) -> tuple[float, float]:
+    def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:
         """What one selection pushes through the detector beyond the pool predictions the
         loop makes for it, as (training images, inferred images); used to plan a run
-        (:mod:`mgral.planning`), never to run one. ``capabilities``: the detector's
-        (:data:`mgral.detectors.base.CAPABILITIES`), where the work depends on them. Default: nothing."""
+        (:mod:`mgral.planning`), never to run one. Default: nothing."""
         return 0.0, 0.0
 
     @abstractmethod
@@ -181,6 +185,10 @@ def build_strategy(name: str, **params: Any) -> Strategy:
     cls = STRATEGIES.get(name)
     valid = strategy_parameters(cls)
     unknown = sorted(set(params) - set(valid))
+    moved = [k for k in unknown if k in cls.moved_params]
+    if moved:
+        where = "; ".join(f"{k} -> {cls.moved_params[k]}" for k in moved)
+        raise ConfigError(f"strategy {name!r}: parameters moved out of its params, set them there instead: {where}")
     if unknown:
         listed = ", ".join(sorted(valid)) or "(none)"
         raise ConfigError(

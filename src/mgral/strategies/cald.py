@@ -351,9 +351,7 @@ class Cald(Strategy):
     detector_needs = frozenset({"augment"})
     selection_cost = 1.0  # three passes over the pool: 0.3 (digits) to 1.1 (BCCD) trainings measured
 
-    def workload(
-        self, *, labeled: int, unlabeled: int, budget: int, capabilities: frozenset[str] = frozenset()
-    ) -> tuple[float, float]:
+    def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:
         return 0.0, float(len(self.views) * unlabeled)  # the pool predicted again under each view
 
     def __init__(

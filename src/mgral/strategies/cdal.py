@@ -158,9 +158,7 @@ class Cdal(Strategy):
     requires = frozenset({"predictions", "detector"})
     selection_cost = 0.1  # one pass over the labeled set
 
-    def workload(
-        self, *, labeled: int, unlabeled: int, budget: int, capabilities: frozenset[str] = frozenset()
-    ) -> tuple[float, float]:
+    def workload(self, *, labeled: int, unlabeled: int, budget: int) -> tuple[float, float]:
         return 0.0, float(labeled)  # the labeled images predicted, for their class contexts
 
     def __init__(self, *, min_score: float = 0.0, subset: int | None = None) -> None:

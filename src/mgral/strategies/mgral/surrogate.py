@@ -124,7 +124,8 @@ def job_device(shared: SurrogateShared) -> torch.device:
             return torch.device("cpu")
         raise ConfigError(
             f"mgral: surrogate device {shared.device!r} requested but this job's process sees no GPU; with "
-            "executor: ray give each job a GPU (job_gpus: 1), or set device: auto (the CPU where no GPU is visible)"
+            "jobs: {executor: ray} give each job a GPU (jobs.gpus: 1), or set jobs.device: auto (the CPU where no GPU "
+            "is visible)"
         )
     index = dev.index if dev.index is not None and dev.index < torch.cuda.device_count() else None
     return torch.device("cuda", index if index is not None else torch.cuda.current_device())
