@@ -354,9 +354,10 @@ def _given_table_class():
             self, context, budget, cand, sim_ids, fit_ids, eval_ids, phi, index, clusters, num_clusters, seed, out
         ):
             rng = np.random.default_rng([seed, 17])
-            bc = min(self.combination_size or budget, max(1, len(cand) // 2))
+            bc = min(self.table.combination_size or budget, max(1, len(cand) // 2))
             combos = [
-                [cand[k] for k in sorted(rng.choice(len(cand), bc, replace=False))] for _ in range(self.combinations)
+                [cand[k] for k in sorted(rng.choice(len(cand), bc, replace=False))]
+                for _ in range(self.table.combinations)
             ]
             w = np.random.default_rng(12345).normal(size=phi.shape[1]) * 1e-3 / max(bc, 1) ** 0.5
             clean = np.array([phi[[index[i] for i in c]].sum(axis=0) @ w for c in combos])

@@ -197,17 +197,24 @@ def test_reference_seeds_trains_the_reference_for_the_first_seeds_only(inline_tw
 
 
 def test_the_costliest_strategies_are_planned_first_then_seed_by_seed(inline_two_seeds, tmp_path):
-    """MGRAL's series (surrogate fine-tunes) start first, so a parallel run does not end with
-    one of them running alone; equally cheap series keep the seed-by-seed, config order."""
+    """MGRAL's fine-tune series (surrogate fine-tunes) start first, so a parallel run does not
+    end with one of them running alone; the cost is the configured instance's (MGRAL's
+    default is cheap); equally cheap series keep the seed-by-seed, config order."""
     from mgral.loop import open_experiment, plan_tasks
 
     cfg, _ = inline_two_seeds
-    names = ["random", "cald", "entropy", "mgral", "cdal"]
-    config = config_from_dict({**cfg, "executor": "process", "strategies": [{"name": n} for n in names]})
+    specs = [{"name": n} for n in ["random", "cald", "entropy"]]
+    specs += [
+        {"name": "mgral", "params": {"estimator": "finetune"}},
+        {"name": "cdal"},
+        {"name": "mgral", "label": "prior"},
+    ]
+    config = config_from_dict({**cfg, "executor": "process", "strategies": specs})
     _, series = plan_tasks(open_experiment(config, RunDir(tmp_path / "run"), lambda _: None, False))
     assert [(label, seed) for _, label, seed in series] == [
         ("reference", 0), ("reference", 1),
-        ("mgral", 0), ("mgral", 1), ("cald", 0), ("cald", 1), ("cdal", 0), ("cdal", 1),
+        ("mgral", 0), ("mgral", 1), ("cald", 0), ("cald", 1),
+        ("cdal", 0), ("prior", 0), ("cdal", 1), ("prior", 1),
         ("random", 0), ("entropy", 0), ("random", 1), ("entropy", 1),
     ]  # fmt: skip
 

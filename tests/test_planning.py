@@ -360,7 +360,7 @@ def test_ssd_voc0712_config_dry_run(tmp_path, monkeypatch):
 
 def test_retinanet_voc0712_config_dry_run(tmp_path, monkeypatch):
     devkit = make_voc0712(tmp_path)
-    strategies = "strategies=[{name: cald}, {name: mgral}]"  # random, ppal: the others; MGRAL reads embeddings
+    strategies = "strategies=[{name: cald}, {name: mgral, params: {estimator: finetune}}]"  # random, ppal: the others
     config = load_config(PAPER / "retinanet_voc0712.yaml", [f"dataset.path={devkit}", *CPU, *SMALL, strategies])
     styles = _evaluations(monkeypatch)
     result = dry_run(config, tmp_path / "dry", **MICRO, probe_steps=0, log=lambda _: None)

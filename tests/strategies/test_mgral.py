@@ -254,6 +254,26 @@ def test_bad_parameters_are_refused_clearly(params, message):
         build_strategy("mgral", **params)
 
 
+def test_the_flat_parameters_are_grouped_by_stage_each_declared_once():
+    """Every parameter belongs to exactly one settings group, which holds its default; the
+    strategy's signature (what build_strategy accepts and lists) is theirs."""
+    from dataclasses import fields
+
+    from mgral.strategies import STRATEGIES, strategy_parameters
+    from mgral.strategies.mgral import settings
+
+    names = [f.name for cls in settings.GROUPS for f in fields(cls)]
+    assert len(names) == len(set(names))
+    params = strategy_parameters(STRATEGIES.get("mgral"))
+    assert list(params) == names
+    assert all(params[f.name].default == f.default for cls in settings.GROUPS for f in fields(cls))
+    m = build_strategy("mgral", combinations=3, pca_components=0, updates=7, folds=4)
+    assert (m.table.combinations, m.reward.pca_components, m.agent.updates, m.head.folds) == (3, 0, 7, 4)
+    assert m.table.steps == settings.Table().steps and m.head.estimator == "auto"
+    with pytest.raises(ConfigError, match="mgral has no parameter 'nope'"):
+        settings.groups({"nope": 1})
+
+
 def test_split_labeled_holds_out_one_image_per_class_first_then_at_random(tmp_path):
     from mgral.data.records import Category, ImageRecord, Target
     from mgral.strategies.mgral.strategy import split_labeled

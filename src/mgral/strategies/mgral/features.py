@@ -16,6 +16,7 @@ Per image, from the task detector's detections on the image and on its horizonta
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -32,6 +33,22 @@ STAT_NAMES = (
     "flip_box_consistency",
     "flip_class_consistency",
 )
+
+
+@dataclass(frozen=True)
+class Features:
+    """The features stage's result: per image of ``ids`` (in order) its raw statistics
+    (``stats``: :func:`feature_names` columns, :func:`raw_features`) and its pooled embedding."""
+
+    ids: list[ImageId]
+    stats: np.ndarray
+    embeddings: np.ndarray
+
+    def take(self, ids: Sequence[ImageId]) -> Features:
+        """The rows of ``ids`` (a subset of these), in their order."""
+        pos = {i: k for k, i in enumerate(self.ids)}
+        rows = [pos[i] for i in ids]
+        return Features(list(ids), self.stats[rows], self.embeddings[rows])
 
 
 def feature_names(class_names: Sequence[str]) -> list[str]:

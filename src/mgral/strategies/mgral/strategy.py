@@ -54,7 +54,6 @@ import torch
 
 from mgral._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mgral.data.records import Dataset, ImageId
-from mgral.errors import ConfigError
 from mgral.executors import JobPlacement
 from mgral.progress import bar
 from mgral.runs import CycleDir, MgralDir, reward_trend
@@ -62,8 +61,9 @@ from mgral.strategies._detection_math import hflip
 from mgral.strategies.base import Selection, SelectionContext, Strategy, check_budget, register_strategy, select_top
 from mgral.strategies.mgral import agent as agent_mod
 from mgral.strategies.mgral import prior as prior_mod
+from mgral.strategies.mgral import settings
 from mgral.strategies.mgral.estimate import CrossFitGain, GainEstimate, paired_se
-from mgral.strategies.mgral.features import compact_features, feature_names, raw_features
+from mgral.strategies.mgral.features import Features, compact_features, feature_names, raw_features
 from mgral.strategies.mgral.policy import (
     BatchMemo,
     PolicySettings,
@@ -78,47 +78,28 @@ from mgral.strategies.mgral.policy import (
 from mgral.strategies.mgral.reward import TableRows, cluster_term, fit_reward_model, loo_spearman
 from mgral.strategies.mgral.surrogate import SurrogateJob, SurrogateShared, run_surrogate
 
-REWARD_SOURCES = ("surrogate", "labeled_simulation", "oracle")
-ESTIMATORS = ("auto", "head", "finetune", "none")
-OPTIMIZERS = ("agent", "greedy", "credits")
-SAMPLINGS = ("plackett_luce", "bernoulli")
-STAGES = ("features", "table", "reward_model", "agent", "selection")
 HEAD_IMAGE_STEP = 1 / 400
 """One image in one full-batch head-only step, in detector training image-steps (planning
 only): 1.2 ms against 0.46 s, measured on BCCD with ``mobilenet_v2_fpn`` on 2 CPU cores."""
 
 
-def _check(name: str, ok: bool, expected: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"mgral parameter {name}: expected {expected}, got {value!r}")
-
-
-@register_strategy(
-    "MGRAL: mAP-guided sampling; by default its prior of baseline scores (estimator auto = none), "
-    "the paper's surrogate table and LSTM agent with estimator: finetune"
-)
+@register_strategy("MGRAL: mAP-guided; default a prior of baseline scores, estimator: finetune the paper's agent")
 class MGRAL(Strategy):
-    """The mAP-guided reinforced sampling agent. Parameters (all keyword, all optional):
+    """The mAP-guided reinforced sampling agent. Its parameters are flat and all optional; each
+    belongs to one group of :mod:`.settings`, where its default and meaning are:
 
-    Table: ``combinations`` (M, 16), ``steps`` (K surrogate steps, 30), ``combination_size``
-    (B_c, default the budget), ``candidate_pool`` (|P_t|, default 20 x budget),
-    ``reward_fraction`` (0.2), ``surrogate_batch`` (4), ``surrogate_lr`` (default the
-    detector's), ``unsup_weight`` (1.0), ``ramp`` (0.25), ``pseudo_threshold`` (0.5),
-    ``reward_source`` (surrogate | labeled_simulation | oracle).
-    Reward model: ``pca_components`` (8), ``clusters`` (default min(B, |P|/2)),
-    ``cluster_term`` (True), ``keep_history`` (True), ``history_decay`` (0.5), ``ridge_alpha`` (1.0).
-    Agent: ``optimizer`` (agent | greedy | credits), ``sampling`` (plackett_luce | bernoulli),
-    ``updates`` (300), ``samples`` (8), ``hidden`` (256), ``chunk`` (64), ``agent_lr`` (1e-3),
-    ``entropy`` (0.01), ``orders`` (4), ``warm_start`` (True).
-    ``estimator`` (auto | head | finetune | none; ``auto``: none, or finetune with a research
-    ``reward_source``; the settings above are the fine-tune one's).
-    Head estimator: ``folds`` (K, 3), ``labelings`` (J, 2),
-    ``head_iterations`` (100), ``resamples`` (200), ``policy_updates`` (10), ``policy_samples`` (4),
-    ``policy_lr`` (0.03), ``kl`` (1.0), ``safe_z`` (2.0), ``patience`` (2 updates without a sampled
-    batch beating the prior's by ``safe_z`` paired SEs end training; null: never), ``score_batches``
-    (False; True: the top-B of each prior score is a table row too, and the cycle takes the best
-    of those and the policy's batch that beats the prior's by ``safe_z`` paired SEs);
-    ``candidate_pool`` defaults to 4 x budget there.
+    - :class:`~.settings.Table` (the fine-tune estimator's table): ``combinations``, ``steps``,
+      ``combination_size``, ``candidate_pool``, ``reward_fraction``, ``surrogate_batch``,
+      ``surrogate_lr``, ``unsup_weight``, ``ramp``, ``pseudo_threshold``, ``reward_source``;
+    - :class:`~.settings.Reward` (its reward model): ``pca_components``, ``clusters``,
+      ``cluster_term``, ``keep_history``, ``history_decay``, ``ridge_alpha``;
+    - :class:`~.settings.Agent` (the LSTM): ``optimizer``, ``sampling``, ``updates``,
+      ``samples``, ``hidden``, ``chunk``, ``agent_lr``, ``entropy``, ``orders``, ``warm_start``;
+    - :class:`~.settings.Head` (the estimator and the head path): ``estimator`` (auto | head |
+      finetune | none; ``auto``: none, or finetune with a research ``reward_source``),
+      ``folds``, ``labelings``, ``head_iterations``, ``resamples``, ``policy_updates``,
+      ``policy_samples``, ``policy_lr``, ``kl``, ``safe_z``, ``patience``, ``score_batches``.
+
     Where the surrogate fine-tunes run is the experiment's ``jobs`` section (``context.jobs``:
     executor, workers, ray_address, threads, device, gpus), not a parameter.
     """
@@ -161,118 +142,35 @@ class MGRAL(Strategy):
         detector image-steps each. ``none``: the mirrored pass alone."""
         route = self._route()
         if route == "finetune":
-            candidates = min(unlabeled, max(budget, self.candidate_pool or 20 * budget))
-            jobs = self.combinations + 1
-            infer = candidates + jobs * max(1, round(self.reward_fraction * labeled))
-            return float(jobs * self.steps * 3 * self.surrogate_batch), float(infer)
-        candidates = min(unlabeled, max(budget, self.candidate_pool or 4 * budget))
+            candidates = min(unlabeled, max(budget, self.table.candidate_pool or 20 * budget))
+            jobs = self.table.combinations + 1
+            infer = candidates + jobs * max(1, round(self.table.reward_fraction * labeled))
+            return float(jobs * self.table.steps * 3 * self.table.surrogate_batch), float(infer)
+        candidates = min(unlabeled, max(budget, self.table.candidate_pool or 4 * budget))
         if route == "none" or labeled < 2:
             return 0.0, float(candidates)
-        rows = 2 + self.policy_updates * self.policy_samples
-        rows += len(prior_mod.PRIOR_SCORES) if self.score_batches else 0
-        folds = min(self.folds, labeled)
-        steps = rows * self.labelings * self.head_iterations * (folds - 1) * labeled  # image-steps of the heads
+        rows = 2 + self.head.policy_updates * self.head.policy_samples
+        rows += len(prior_mod.PRIOR_SCORES) if self.head.score_batches else 0
+        folds = min(self.head.folds, labeled)
+        steps = (
+            rows * self.head.labelings * self.head.head_iterations * (folds - 1) * labeled
+        )  # image-steps of the heads
         return steps * HEAD_IMAGE_STEP, float(2 * candidates + labeled)
 
-    def __init__(
-        self,
-        *,
-        combinations: int = 16,
-        steps: int = 30,
-        combination_size: int | None = None,
-        candidate_pool: int | None = None,
-        reward_fraction: float = 0.2,
-        surrogate_batch: int = 4,
-        surrogate_lr: float | None = None,
-        unsup_weight: float = 1.0,
-        ramp: float = 0.25,
-        pseudo_threshold: float = 0.5,
-        reward_source: str = "surrogate",
-        pca_components: int = 8,
-        clusters: int | None = None,
-        cluster_term: bool = True,
-        keep_history: bool = True,
-        history_decay: float = 0.5,
-        ridge_alpha: float = 1.0,
-        optimizer: str = "agent",
-        sampling: str = "plackett_luce",
-        updates: int = 300,
-        samples: int = 8,
-        hidden: int = 256,
-        chunk: int = 64,
-        agent_lr: float = 1e-3,
-        entropy: float = 0.01,
-        orders: int = 4,
-        warm_start: bool = True,
-        estimator: str = "auto",
-        folds: int = 3,
-        labelings: int = 2,
-        head_iterations: int = 100,
-        resamples: int = 200,
-        policy_updates: int = 10,
-        policy_samples: int = 4,
-        policy_lr: float = 3e-2,
-        kl: float = 1.0,
-        safe_z: float = 2.0,
-        patience: int | None = 2,
-        score_batches: bool = False,
-    ) -> None:
-        def positive_int(name: str, v: Any, allow_none: bool = False) -> None:
-            ok = (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
-            _check(name, ok, "a positive integer" + (" or null" if allow_none else ""), v)
-
-        names = ("combinations", "steps", "surrogate_batch", "updates", "samples", "hidden", "chunk", "orders")
-        names += ("labelings", "head_iterations", "resamples", "policy_updates", "policy_samples")
-        for name in names:
-            positive_int(name, locals()[name])
-        for name in ("combination_size", "candidate_pool", "clusters", "patience"):
-            positive_int(name, locals()[name], allow_none=True)
-        _check(
-            "pca_components", isinstance(pca_components, int) and pca_components >= 0, "an integer >= 0", pca_components
-        )
-        _check("reward_fraction", 0 < reward_fraction < 1, "a fraction in (0, 1)", reward_fraction)
-        _check("ramp", 0 <= ramp <= 1, "a fraction in [0, 1]", ramp)
-        _check("pseudo_threshold", 0 <= pseudo_threshold <= 1, "a score in [0, 1]", pseudo_threshold)
-        _check("history_decay", 0 <= history_decay <= 1, "a weight in [0, 1]", history_decay)
-        for name in ("unsup_weight", "ridge_alpha", "entropy"):
-            _check(name, locals()[name] >= 0, "a number >= 0", locals()[name])
-        _check("estimator", estimator in ESTIMATORS, f"one of {', '.join(ESTIMATORS)}", estimator)
-        _check("folds", isinstance(folds, int) and not isinstance(folds, bool) and folds >= 2, "an integer >= 2", folds)
-        for name in ("kl", "safe_z"):
-            _check(name, locals()[name] >= 0, "a number >= 0", locals()[name])
-        for name in ("agent_lr", "policy_lr"):
-            _check(name, locals()[name] > 0, "a number > 0", locals()[name])
-        _check("surrogate_lr", surrogate_lr is None or surrogate_lr > 0, "a number > 0 or null", surrogate_lr)
-        _check("reward_source", reward_source in REWARD_SOURCES, f"one of {', '.join(REWARD_SOURCES)}", reward_source)
-        _check("optimizer", optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}", optimizer)
-        _check("sampling", sampling in SAMPLINGS, f"one of {', '.join(SAMPLINGS)}", sampling)
-        self.combinations, self.steps, self.combination_size = combinations, steps, combination_size
-        self.candidate_pool, self.reward_fraction, self.surrogate_batch = (
-            candidate_pool,
-            reward_fraction,
-            surrogate_batch,
-        )
-        self.surrogate_lr, self.unsup_weight, self.ramp = surrogate_lr, unsup_weight, ramp
-        self.pseudo_threshold, self.reward_source, self.pca_components = pseudo_threshold, reward_source, pca_components
-        self.clusters, self.cluster_term, self.keep_history = clusters, cluster_term, keep_history
-        self.history_decay, self.ridge_alpha, self.optimizer = history_decay, ridge_alpha, optimizer
-        self.sampling, self.updates, self.samples, self.hidden = sampling, updates, samples, hidden
-        self.chunk, self.agent_lr, self.entropy, self.orders = chunk, agent_lr, entropy, orders
-        self.warm_start = warm_start
-        self.estimator, self.folds, self.labelings, self.head_iterations = estimator, folds, labelings, head_iterations
-        self.resamples, self.policy_updates, self.policy_samples = resamples, policy_updates, policy_samples
-        self.policy_lr, self.kl, self.safe_z, self.patience = policy_lr, kl, safe_z, patience
-        _check("score_batches", isinstance(score_batches, bool), "true or false", score_batches)
-        self.score_batches = score_batches
+    def __init__(self, **params: Any) -> None:
+        """The flat parameters of :mod:`.settings`' groups (their defaults there), checked by
+        each group; build_strategy has refused any other name."""
+        self.table, self.reward, self.agent, self.head = settings.groups(params)
+        estimator, reward_source = self.head.estimator, self.table.reward_source
         if reward_source == "oracle":  # research only: the true gains need the true labels
             self.requires = frozenset({*MGRAL.requires, "oracle"})
-        _check(
+        settings.check(
             "estimator",
             estimator != "head" or reward_source == "surrogate",
             "finetune or auto with reward_source " + repr(reward_source) + " (the head estimator is label-free)",
             estimator,
         )
-        _check(
+        settings.check(
             "estimator",
             estimator != "none" or reward_source == "surrogate",
             "auto or finetune with reward_source " + repr(reward_source) + " (none estimates nothing)",
@@ -290,9 +188,9 @@ class MGRAL(Strategy):
         """``head``, ``finetune`` or ``none``: the estimator set, ``auto`` being ``none`` with
         the label-free reward and ``finetune`` with a research reward (which needs the table).
         ``head`` on a detector without ``head_cache`` is refused before the run (``detector_needs``)."""
-        if self.estimator != "auto":
-            return self.estimator
-        return "none" if self.reward_source == "surrogate" else "finetune"
+        if self.head.estimator != "auto":
+            return self.head.estimator
+        return "none" if self.table.reward_source == "surrogate" else "finetune"
 
     # -- the cycle ---------------------------------------------------------------------------
     def select(self, context: SelectionContext, budget: int) -> Selection:
@@ -309,26 +207,26 @@ class MGRAL(Strategy):
         dataset = context.dataset
 
         # 1-2: splits and candidates
-        fit_ids, eval_ids = split_labeled(dataset, list(context.labeled_ids), self.reward_fraction, rng)
-        size = max(n, self.candidate_pool or 20 * n)
+        fit_ids, eval_ids = split_labeled(dataset, list(context.labeled_ids), self.table.reward_fraction, rng)
+        size = max(n, self.table.candidate_pool or 20 * n)
         cand = pool if len(pool) <= size else [pool[k] for k in sorted(rng.choice(len(pool), size, replace=False))]
         sim_ids: list[ImageId] = []
-        if self.reward_source == "labeled_simulation" and len(fit_ids) >= 4:
+        if self.table.reward_source == "labeled_simulation" and len(fit_ids) >= 4:
             k = max(2, len(fit_ids) // 2)
             sim_ids = [fit_ids[j] for j in sorted(rng.choice(len(fit_ids), k, replace=False))]
 
         # 3: features
         t0 = time.perf_counter()
         feats = self._features(context, cand + sim_ids, out)
-        rows_all = feats["ids"]
+        rows_all = feats.ids
         index = {i: k for k, i in enumerate(rows_all)}
         ref = np.zeros(len(rows_all), dtype=bool)
         ref[[index[i] for i in cand]] = True
         phi, phi_names = compact_features(
-            feats["stats"],
-            feats["embeddings"],
+            feats.stats,
+            feats.embeddings,
             ref,
-            components=self.pca_components,
+            components=self.reward.pca_components,
             seed=seed,
             stat_names=feature_names([c.name for c in dataset.categories]),
         )
@@ -338,7 +236,7 @@ class MGRAL(Strategy):
         info: dict[str, Any] = {"candidates": len(cand), "fit": len(fit_ids), "reward_set": len(eval_ids)}
         has_boxes = any(len(dataset[i].target) for i in eval_ids)
         if not eval_ids or not fit_ids or not has_boxes:
-            scores = feats["stats"][[index[i] for i in cand], 0]
+            scores = feats.stats[[index[i] for i in cand], 0]
             info["fallback"] = (
                 f"no reward set with boxes (labeled {len(context.labeled_ids)} images, reward set {len(eval_ids)}): "
                 "ranked by label-free max_entropy instead of a surrogate table"
@@ -354,14 +252,14 @@ class MGRAL(Strategy):
 
         # 5: the reward model
         t0 = time.perf_counter()
-        history = self._history(context, phi.shape[1]) if self.keep_history else []
+        history = self._history(context, phi.shape[1]) if self.reward.keep_history else []
         all_rows = TableRows.concat([rows, *history])
         current = np.zeros(len(all_rows), dtype=bool)
         current[: len(rows)] = True
         usable = np.isfinite(all_rows.dmap)
         all_rows, current = all_rows.take(usable), current[usable]
-        model = fit_reward_model(all_rows, alpha=self.ridge_alpha, use_cluster=self.cluster_term)
-        rho, loo = loo_spearman(all_rows, current, alpha=self.ridge_alpha, use_cluster=self.cluster_term)
+        model = fit_reward_model(all_rows, alpha=self.reward.ridge_alpha, use_cluster=self.reward.cluster_term)
+        rho, loo = loo_spearman(all_rows, current, alpha=self.reward.ridge_alpha, use_cluster=self.reward.cluster_term)
         seconds["reward_model"] = time.perf_counter() - t0
         cand_rows = np.array([index[i] for i in cand])
         credits = model.credits(phi[cand_rows])
@@ -394,9 +292,9 @@ class MGRAL(Strategy):
         # 6-7: optimise R and select
         t0 = time.perf_counter()
         curve: list[dict[str, float]] = []
-        if self.optimizer == "credits":
+        if self.agent.optimizer == "credits":
             scores = credits
-        elif self.optimizer == "greedy":
+        elif self.agent.optimizer == "greedy":
             return self._greedy(
                 context,
                 cand,
@@ -414,14 +312,17 @@ class MGRAL(Strategy):
         else:
             agent = self._agent(context, phi.shape[1])
             settings = agent_mod.AgentSettings(
-                updates=self.updates,
-                samples=self.samples,
-                lr=self.agent_lr,
-                entropy=self.entropy,
-                chunk=self.chunk,
-                sampling=self.sampling,
+                updates=self.agent.updates,
+                samples=self.agent.samples,
+                lr=self.agent.agent_lr,
+                entropy=self.agent.entropy,
+                chunk=self.agent.chunk,
+                sampling=self.agent.sampling,
             )
-            with torch.random.fork_rng(devices=[]), bar("MGRAL agent", self.updates, enabled=context.progress) as steps:
+            with (
+                torch.random.fork_rng(devices=[]),
+                bar("MGRAL agent", self.agent.updates, enabled=context.progress) as steps,
+            ):
                 torch.manual_seed(seed)
                 curve = agent_mod.train_agent(
                     agent,
@@ -434,8 +335,10 @@ class MGRAL(Strategy):
                 )
             seconds["agent"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            orders = [np.random.default_rng([seed, k]).permutation(len(cand)) for k in range(self.orders)]
-            scores = agent_mod.agent_scores(agent, phi[cand_rows], orders, self.chunk, sampling=self.sampling, budget=n)
+            orders = [np.random.default_rng([seed, k]).permutation(len(cand)) for k in range(self.agent.orders)]
+            scores = agent_mod.agent_scores(
+                agent, phi[cand_rows], orders, self.agent.chunk, sampling=self.agent.sampling, budget=n
+            )
             if out is not None:
                 buf = io.BytesIO()
                 torch.save(agent.state_dict(), buf)
@@ -468,20 +371,20 @@ class MGRAL(Strategy):
         # candidates: the pool's highest by the prior's cheap scores
         t0 = time.perf_counter()
         raw = prior_mod.pool_scores(dataset, context.predictions, context.embeddings, pool, labeled)
-        size = min(len(pool), max(n, self.candidate_pool or 4 * n))
+        size = min(len(pool), max(n, self.table.candidate_pool or 4 * n))
         order = np.argsort(-prior_mod.pool_prior(raw), kind="stable")[:size]
         keep = np.sort(order)  # the pool's order: nothing below depends on how the prior ranked them
         cand = [pool[k] for k in keep]
         feats = self._features(context, cand, out)
-        index = {i: k for k, i in enumerate(feats["ids"])}
-        stats = feats["stats"]
+        index = {i: k for k, i in enumerate(feats.ids)}
+        stats = feats.stats
         consistency = stats[:, feature_names([]).index("flip_class_consistency")]
         z, z_names = standardise({**{k: v[keep] for k, v in raw.items()}, "inconsistency": 1.0 - consistency})
         phi, _ = compact_features(
             stats,
-            feats["embeddings"],
+            feats.embeddings,
             np.ones(len(cand), dtype=bool),
-            components=self.pca_components,
+            components=self.reward.pca_components,
             seed=seed,
             stat_names=feature_names([c.name for c in dataset.categories]),
         )
@@ -514,11 +417,11 @@ class MGRAL(Strategy):
             cache,
             dataset,
             labeled,
-            folds=min(self.folds, len(labeled)),
-            labelings=self.labelings,
+            folds=min(self.head.folds, len(labeled)),
+            labelings=self.head.labelings,
             seed=seed,
-            resamples=self.resamples,
-            train={"iterations": self.head_iterations},
+            resamples=self.head.resamples,
+            train={"iterations": self.head.head_iterations},
         )
         estimates: dict[tuple[int, ...], GainEstimate] = {}
         row_seconds: list[float] = []
@@ -531,7 +434,9 @@ class MGRAL(Strategy):
                 steps.advance(info=f"gain {estimates[key].gain:+.4f}")
             return estimates[key]
 
-        rows_bound = 2 + self.policy_updates * self.policy_samples + (len(z_names) if self.score_batches else 0)
+        rows_bound = (
+            2 + self.head.policy_updates * self.head.policy_samples + (len(z_names) if self.head.score_batches else 0)
+        )
         with bar("MGRAL table", rows_bound, enabled=context.progress) as steps:
             info["control_mAP"] = estimator.control_mAP
             prior_est = estimate(tuple(sorted(prior_batch.tolist())))
@@ -543,7 +448,7 @@ class MGRAL(Strategy):
 
             # the single scores' top batches, rows beside the prior's (score_batches)
             singles: dict[str, tuple[tuple[int, ...], GainEstimate]] = {}
-            for col, name in enumerate(z_names if self.score_batches else ()):
+            for col, name in enumerate(z_names if self.head.score_batches else ()):
                 key = tuple(sorted(top_b(z[:, col], n).tolist()))
                 singles[name] = (key, estimate(key))
 
@@ -557,19 +462,20 @@ class MGRAL(Strategy):
                 fresh = list(estimates.values())[quiet["seen"] :]
                 quiet["seen"] = len(estimates)
                 beats = any(
-                    safe_choice(e.gain - prior_est.gain, paired_se(e, prior_est), z=self.safe_z).learned for e in fresh
+                    safe_choice(e.gain - prior_est.gain, paired_se(e, prior_est), z=self.head.safe_z).learned
+                    for e in fresh
                 )
                 quiet["updates"] = 0 if beats else quiet["updates"] + 1
-                return self.patience is not None and quiet["updates"] >= self.patience
+                return self.head.patience is not None and quiet["updates"] >= self.head.patience
 
-            agent = PriorTiedAgent(phi.shape[1], beta0, seed=seed, hidden=self.hidden)
+            agent = PriorTiedAgent(phi.shape[1], beta0, seed=seed, hidden=self.agent.hidden)
             settings = PolicySettings(
-                updates=self.policy_updates,
-                samples=self.policy_samples,
-                lr=self.policy_lr,
-                kl=self.kl,
-                chunk=self.chunk,
-                orders=self.orders,
+                updates=self.head.policy_updates,
+                samples=self.head.policy_samples,
+                lr=self.head.policy_lr,
+                kl=self.head.kl,
+                chunk=self.agent.chunk,
+                orders=self.agent.orders,
             )
             curve = train_policy(agent, phi, z, n, memo, settings, seed=seed, stop=stop)
             scores = policy_scores(agent, phi, z, settings, seed=seed)
@@ -578,7 +484,7 @@ class MGRAL(Strategy):
             # safe selection
             t0 = time.perf_counter()
             learned = top_b(scores, n)
-            stopped = len(curve) < self.policy_updates
+            stopped = len(curve) < self.head.policy_updates
             if stopped:  # the learned batch is not estimated: the policy found nothing to learn
                 learned_est = estimates.get(tuple(sorted(learned.tolist())))
             else:
@@ -591,12 +497,12 @@ class MGRAL(Strategy):
         )
         if stopped:
             reason = (
-                f"no sampled batch beat the prior's by more than {self.safe_z:g} paired SEs in {self.patience} "
-                f"updates: training stopped after {len(curve)}, the prior's batch"
+                f"no sampled batch beat the prior's by more than {self.head.safe_z:g} paired SEs in "
+                f"{self.head.patience} updates: training stopped after {len(curve)}, the prior's batch"
             )
             choice = SafeChoice(False, diff, se, reason)
         else:
-            choice = safe_choice(diff, se, z=self.safe_z, same=same)
+            choice = safe_choice(diff, se, z=self.head.safe_z, same=same)
         # a single score's batch replaces the choice when it beats the prior's by safe_z SEs
         # and has the highest estimated gain of those that do
         picked, picked_gain = learned, (learned_est.gain if choice.learned else -math.inf)
@@ -605,7 +511,7 @@ class MGRAL(Strategy):
             single = safe_choice(
                 est.gain - prior_est.gain,
                 paired_se(est, prior_est),
-                z=self.safe_z,
+                z=self.head.safe_z,
                 same=set(key) == set(prior_batch.tolist()),
                 name=f"score:{name}",
             )
@@ -651,16 +557,14 @@ class MGRAL(Strategy):
         atomic_write_json(out.table_json, _jsonable(table), indent=1)
 
     # -- stages ------------------------------------------------------------------------------
-    def _features(self, context: SelectionContext, ids: list[ImageId], out: MgralDir | None) -> dict[str, Any]:
+    def _features(self, context: SelectionContext, ids: list[ImageId], out: MgralDir | None) -> Features:
         """Raw statistics and embeddings of ``ids`` (cached per cycle in ``features.npz``)."""
         cache = out.features if out is not None else None
         if cache is not None and cache.exists():
             with np.load(cache, allow_pickle=False) as z:
-                cached_ids = json.loads(str(z["ids"]))
-                if set(ids) <= set(cached_ids):
-                    pos = {i: k for k, i in enumerate(cached_ids)}
-                    take = [pos[i] for i in ids]
-                    return {"ids": list(ids), "stats": z["stats"][take], "embeddings": z["embeddings"][take]}
+                cached = Features(json.loads(str(z["ids"])), z["stats"], z["embeddings"])
+            if set(ids) <= set(cached.ids):
+                return cached.take(ids)
         detector = context.detector
         preds = dict(context.predictions or {})
         known = dict(context.embeddings or {})
@@ -677,13 +581,13 @@ class MGRAL(Strategy):
             buf = io.BytesIO()
             np.savez(buf, ids=np.array(json.dumps(list(ids))), stats=stats, embeddings=embeddings)
             atomic_write_bytes(cache, buf.getvalue())
-        return {"ids": list(ids), "stats": stats, "embeddings": embeddings}
+        return Features(list(ids), stats, embeddings)
 
     def _clusters(self, phi, names, ref, budget, seed) -> tuple[np.ndarray, int]:
         from sklearn.cluster import KMeans
 
         emb_cols = [k for k, nm in enumerate(names) if nm.startswith("pc")] or list(range(phi.shape[1]))
-        k = self.clusters or max(2, min(budget, int(ref.sum()) // 2))
+        k = self.reward.clusters or max(2, min(budget, int(ref.sum()) // 2))
         k = min(k, int(ref.sum()))
         km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(phi[ref][:, emb_cols])
         return km.predict(phi[:, emb_cols]), k
@@ -696,7 +600,7 @@ class MGRAL(Strategy):
         config = detector.train_config()
         train = {
             "optimizer": config.optimizer,
-            "lr": self.surrogate_lr or config.lr,
+            "lr": self.table.surrogate_lr or config.lr,
             "momentum": config.momentum,
             "weight_decay": config.weight_decay,
             "grad_clip": config.grad_clip,
@@ -704,10 +608,10 @@ class MGRAL(Strategy):
             "progress": False,
         }
         rng = np.random.default_rng([seed, 17])
-        if self.reward_source == "labeled_simulation" and sim_ids:
+        if self.table.reward_source == "labeled_simulation" and sim_ids:
             source, base_fit, semi = sim_ids, [i for i in fit_ids if i not in set(sim_ids)], False
             targets = {i: trainable_boxes(context.dataset[i].target, config.ignored_boxes) for i in sim_ids}
-        elif self.reward_source == "oracle":
+        elif self.table.reward_source == "oracle":
             truth = context.oracle_dataset
             source, base_fit, semi = cand, fit_ids, False
             targets = {i: trainable_boxes(truth[i].target, config.ignored_boxes) for i in cand}
@@ -716,11 +620,11 @@ class MGRAL(Strategy):
             targets = {}
             for i in cand:
                 d = context.predictions[i]
-                keep = d.scores >= self.pseudo_threshold
+                keep = d.scores >= self.table.pseudo_threshold
                 targets[i] = (d.boxes[keep], d.labels[keep])
         # B_c = B by default; at most half the source, so that combinations differ
-        bc = min(self.combination_size or budget, max(1, len(source) // 2))
-        combos = [sorted(rng.choice(len(source), bc, replace=False).tolist()) for _ in range(self.combinations)]
+        bc = min(self.table.combination_size or budget, max(1, len(source) // 2))
+        combos = [sorted(rng.choice(len(source), bc, replace=False).tolist()) for _ in range(self.table.combinations)]
         jobs = [SurrogateJob("control")] + [
             SurrogateJob(f"m{m}", [source[k] for k in c], {source[k]: targets[source[k]] for k in c}, semi)
             for m, c in enumerate(combos)
@@ -732,10 +636,10 @@ class MGRAL(Strategy):
             fit_ids=list(base_fit),
             eval_ids=list(eval_ids),
             train=train,
-            steps=self.steps,
-            batch_size=self.surrogate_batch,
-            unsup_weight=self.unsup_weight,
-            ramp=self.ramp,
+            steps=self.table.steps,
+            batch_size=self.table.surrogate_batch,
+            unsup_weight=self.table.unsup_weight,
+            ramp=self.table.ramp,
             threads=placement.job_threads(torch.get_num_threads()),
             seed=seed,
             device=str(detector.device) if placement.device == "auto" else placement.device,
@@ -807,7 +711,7 @@ class MGRAL(Strategy):
             with np.load(path, allow_pickle=False) as z:
                 if z["phi_sum"].ndim != 2 or z["phi_sum"].shape[1] != num_features:
                     continue
-                w = self.history_decay ** (context.cycle - int(z["cycle"]))
+                w = self.reward.history_decay ** (context.cycle - int(z["cycle"]))
                 parts.append(TableRows(z["phi_sum"], z["sizes"], z["cluster"], z["dmap"], np.full(len(z["dmap"]), w)))
         return parts
 
@@ -815,8 +719,8 @@ class MGRAL(Strategy):
         """A fresh agent, or the previous cycle's (warm start) when its shape fits."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            agent = agent_mod.SamplingAgent(num_features, hidden=self.hidden)
-        if self.warm_start and context.work_dir is not None and context.cycle > 0:
+            agent = agent_mod.SamplingAgent(num_features, hidden=self.agent.hidden)
+        if self.agent.warm_start and context.work_dir is not None and context.cycle > 0:
             prev = CycleDir(Path(context.work_dir)).series.cycle(context.cycle - 1).mgral.agent
             if prev.exists():
                 state = torch.load(prev, map_location="cpu", weights_only=True)
@@ -878,6 +782,9 @@ class MGRAL(Strategy):
         return Selection(list(selection.image_ids), [float(v) for v in selection.scores], _jsonable(info))
 
 
+MGRAL.__init__.__signature__ = settings.signature()  # type: ignore[attr-defined]  # what build_strategy accepts
+
+
 def table_rows(
     combinations: list[list[ImageId]],
     dmap: list[float] | np.ndarray,
@@ -898,13 +805,13 @@ def table_rows(
     return TableRows(np.array(phi_sum), np.array(sizes, float), np.array(cterm), dmap, np.ones(len(dmap)))
 
 
-def diversity(feats: dict[str, Any], rows: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+def diversity(feats: Features, rows: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     """Mean pairwise embedding distance and the predicted-class histogram of a batch."""
     from scipy.spatial.distance import pdist
 
-    emb = feats["embeddings"][rows]
+    emb = feats.embeddings[rows]
     mean_dist = float(pdist(emb).mean()) if len(rows) > 1 else 0.0
-    hist_cols = feats["stats"][rows][:, -len(class_names) :] if class_names else np.zeros((len(rows), 0))
+    hist_cols = feats.stats[rows][:, -len(class_names) :] if class_names else np.zeros((len(rows), 0))
     return {
         "mean_pairwise_distance": mean_dist,
         "class_histogram": {n: int(v) for n, v in zip(class_names, hist_cols.sum(axis=0), strict=True)},
