@@ -350,9 +350,8 @@ def _given_table_class():
         ``dmAP = sum of planted credits w . phi(x) over the combination + noise`` (``w`` a
         seeded random vector over the compact features, the noise a tenth of the rows' spread)."""
 
-        def _table(
-            self, context, budget, cand, sim_ids, fit_ids, eval_ids, phi, index, clusters, num_clusters, seed, out
-        ):
+        def _table(self, context, budget, split, phi, index, clusters, num_clusters, seed, out):
+            cand = split.ids
             rng = np.random.default_rng([seed, 17])
             bc = min(self.table.combination_size or budget, max(1, len(cand) // 2))
             combos = [

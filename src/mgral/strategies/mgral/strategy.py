@@ -46,6 +46,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -207,13 +208,8 @@ class MGRAL(Strategy):
         dataset = context.dataset
 
         # 1-2: splits and candidates
-        fit_ids, eval_ids = split_labeled(dataset, list(context.labeled_ids), self.table.reward_fraction, rng)
-        size = max(n, self.table.candidate_pool or 20 * n)
-        cand = pool if len(pool) <= size else [pool[k] for k in sorted(rng.choice(len(pool), size, replace=False))]
-        sim_ids: list[ImageId] = []
-        if self.table.reward_source == "labeled_simulation" and len(fit_ids) >= 4:
-            k = max(2, len(fit_ids) // 2)
-            sim_ids = [fit_ids[j] for j in sorted(rng.choice(len(fit_ids), k, replace=False))]
+        split = self._candidates(context, n, pool, rng)
+        fit_ids, eval_ids, cand, sim_ids = split.fit_ids, split.eval_ids, split.ids, split.sim_ids
 
         # 3: features
         t0 = time.perf_counter()
@@ -245,9 +241,7 @@ class MGRAL(Strategy):
 
         # 4: the look-up table
         t0 = time.perf_counter()
-        table, rows = self._table(
-            context, n, cand, sim_ids, fit_ids, eval_ids, phi, index, clusters, num_clusters, seed, out
-        )
+        table, rows = self._table(context, n, split, phi, index, clusters, num_clusters, seed, out)
         seconds["table"] = time.perf_counter() - t0
 
         # 5: the reward model
@@ -557,6 +551,22 @@ class MGRAL(Strategy):
         atomic_write_json(out.table_json, _jsonable(table), indent=1)
 
     # -- stages ------------------------------------------------------------------------------
+    def _candidates(
+        self, context: SelectionContext, n: int, pool: list[ImageId], rng: np.random.Generator
+    ) -> Candidates:
+        """Stages 1-2 of the fine-tune estimator: the labeled set split into ``L_fit`` and the
+        reward set, a seeded random subset of the pool as candidates (``candidate_pool``,
+        default 20 x budget), and for ``labeled_simulation`` half of ``L_fit`` as simulated
+        candidates (drawn in this order from ``rng``: the cycle's selections depend on it)."""
+        fit_ids, eval_ids = split_labeled(context.dataset, list(context.labeled_ids), self.table.reward_fraction, rng)
+        size = max(n, self.table.candidate_pool or 20 * n)
+        cand = pool if len(pool) <= size else [pool[k] for k in sorted(rng.choice(len(pool), size, replace=False))]
+        sim_ids: list[ImageId] = []
+        if self.table.reward_source == "labeled_simulation" and len(fit_ids) >= 4:
+            k = max(2, len(fit_ids) // 2)
+            sim_ids = [fit_ids[j] for j in sorted(rng.choice(len(fit_ids), k, replace=False))]
+        return Candidates(fit_ids, eval_ids, cand, sim_ids)
+
     def _features(self, context: SelectionContext, ids: list[ImageId], out: MgralDir | None) -> Features:
         """Raw statistics and embeddings of ``ids`` (cached per cycle in ``features.npz``)."""
         cache = out.features if out is not None else None
@@ -592,8 +602,9 @@ class MGRAL(Strategy):
         km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(phi[ref][:, emb_cols])
         return km.predict(phi[:, emb_cols]), k
 
-    def _table(self, context, budget, cand, sim_ids, fit_ids, eval_ids, phi, index, clusters, num_clusters, seed, out):
+    def _table(self, context, budget, split: Candidates, phi, index, clusters, num_clusters, seed, out):
         """Run the control and the M combinations' fine-tunes; return (rows for the CSV, TableRows)."""
+        cand, sim_ids, fit_ids, eval_ids = split.ids, split.sim_ids, split.fit_ids, split.eval_ids
         from mgral.detectors.training import trainable_boxes
 
         detector = context.detector
@@ -783,6 +794,18 @@ class MGRAL(Strategy):
 
 
 MGRAL.__init__.__signature__ = settings.signature()  # type: ignore[attr-defined]  # what build_strategy accepts
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The fine-tune estimator's splits and candidates (stages 1-2): ``fit_ids`` (L_fit) and
+    ``eval_ids`` (the reward set E_t) partition the labeled set; ``ids``: the pool candidates;
+    ``sim_ids``: labeled images posing as candidates (``labeled_simulation``), else empty."""
+
+    fit_ids: list[ImageId]
+    eval_ids: list[ImageId]
+    ids: list[ImageId]
+    sim_ids: list[ImageId]
 
 
 def table_rows(
