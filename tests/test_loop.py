@@ -196,6 +196,20 @@ def test_reference_seeds_trains_the_reference_for_the_first_seeds_only(inline_tw
             config_from_dict({**cfg, **bad})
 
 
+def test_the_loop_hands_the_jobs_section_to_the_strategy(tmp_path):
+    """MGRAL's surrogate fine-tunes run where the experiment's ``jobs`` says: a GPU asked for
+    there (on a machine without one) reaches the jobs and is refused, naming the setting."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal of a process that sees no GPU")
+    micro = {"estimator": "finetune", "combinations": 1, "steps": 1, "surrogate_batch": 2, "updates": 2}
+    cfg = _config(tmp_path / "run", strategies=[{"name": "mgral", "params": micro}], cycles=1)
+    cfg["jobs"] = {"device": "cuda"}
+    with pytest.raises(Exception, match=r"surrogate device 'cuda' requested .*jobs.gpus"):
+        run_experiment(config_from_dict(cfg), tmp_path / "run", log=lambda _: None)
+
+
 def test_the_costliest_strategies_are_planned_first_then_seed_by_seed(inline_two_seeds, tmp_path):
     """MGRAL's fine-tune series (surrogate fine-tunes) start first, so a parallel run does not
     end with one of them running alone; the cost is the configured instance's (MGRAL's
