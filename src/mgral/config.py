@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mgral._io import atomic_write_text
 from mgral._untrusted import load_yaml, read_regular_file, short_repr
 from mgral.errors import ConfigError
+from mgral.executors import JobPlacement, valid_device
 from mgral.runs import LABEL_PATTERN
 
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -333,8 +334,6 @@ class JobsConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> JobsConfig:
-        from mgral.executors import valid_device
-
         if not valid_device(self.device):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.gpus and self.executor != "ray":
@@ -343,10 +342,8 @@ class JobsConfig(_Section):
             raise ValueError(f"ray_address is set but executor is {self.executor!r}; set executor: ray or remove it")
         return self
 
-    def placement(self):  # -> mgral.executors.JobPlacement
+    def placement(self) -> JobPlacement:
         """The placement a :class:`~mgral.strategies.SelectionContext` carries."""
-        from mgral.executors import JobPlacement
-
         return JobPlacement(**self.model_dump())
 
 
