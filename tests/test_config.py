@@ -207,10 +207,9 @@ def test_reference_label_is_reserved():
         StrategySpec(name="random", label="reference")
 
 
-def test_gpus_are_for_ray_series_and_not_part_of_what_a_run_computes(tmp_path):
-    from mgral.config import EXECUTION_KEYS, config_from_dict
-
-    base = {
+def _small(tmp_path: Path) -> dict:
+    """A small valid config (its dataset is never read)."""
+    return {
         "name": "x",
         "dataset": {"path": str(tmp_path)},
         "detector": {"preset": "tiny"},
@@ -220,6 +219,12 @@ def test_gpus_are_for_ray_series_and_not_part_of_what_a_run_computes(tmp_path):
         "cycles": 1,
         "seeds": [0],
     }
+
+
+def test_gpus_are_for_ray_series_and_not_part_of_what_a_run_computes(tmp_path):
+    from mgral.config import EXECUTION_KEYS, config_from_dict
+
+    base = _small(tmp_path)
     assert config_from_dict({**base, "executor": "ray", "gpus": 1}).gpus == 1
     with pytest.raises(ConfigError, match="gpus is set but executor is 'process'; only Ray places series on GPUs"):
         config_from_dict({**base, "executor": "process", "gpus": 1})
@@ -233,14 +238,7 @@ def test_jobs_say_where_a_strategys_own_jobs_run_and_are_not_part_of_what_a_run_
     from mgral.config import EXECUTION_KEYS, config_from_dict
     from mgral.executors import JobPlacement
 
-    base = {
-        "name": "x",
-        "dataset": {"path": str(tmp_path)},
-        "detector": {"preset": "tiny"},
-        "strategies": [{"name": "random"}],
-        "initial": {"size": 2},
-        "budget": 1,
-    }
+    base = _small(tmp_path)
     assert config_from_dict(base).jobs.placement() == JobPlacement()
     jobs = {"executor": "ray", "ray_address": "auto", "workers": 8, "threads": 2, "device": "cuda:1", "gpus": 0.5}
     assert config_from_dict({**base, "jobs": jobs}).jobs.placement() == JobPlacement(**jobs)
