@@ -305,7 +305,7 @@ class MGRAL(Strategy):
             )
         else:
             agent = self._agent(context, phi.shape[1])
-            settings = agent_mod.AgentSettings(
+            training = agent_mod.AgentSettings(
                 updates=self.agent.updates,
                 samples=self.agent.samples,
                 lr=self.agent.agent_lr,
@@ -323,7 +323,7 @@ class MGRAL(Strategy):
                     phi[cand_rows],
                     n,
                     lambda b: model.batch_rewards(credits, cand_clusters, b),
-                    settings,
+                    training,
                     seed=seed,
                     on_update=lambda u: steps.advance(info=f"reward {u['reward_mean']:.4f}"),
                 )
@@ -463,7 +463,7 @@ class MGRAL(Strategy):
                 return self.head.patience is not None and quiet["updates"] >= self.head.patience
 
             agent = PriorTiedAgent(phi.shape[1], beta0, seed=seed, hidden=self.agent.hidden)
-            settings = PolicySettings(
+            policy_settings = PolicySettings(
                 updates=self.head.policy_updates,
                 samples=self.head.policy_samples,
                 lr=self.head.policy_lr,
@@ -471,8 +471,8 @@ class MGRAL(Strategy):
                 chunk=self.agent.chunk,
                 orders=self.agent.orders,
             )
-            curve = train_policy(agent, phi, z, n, memo, settings, seed=seed, stop=stop)
-            scores = policy_scores(agent, phi, z, settings, seed=seed)
+            curve = train_policy(agent, phi, z, n, memo, policy_settings, seed=seed, stop=stop)
+            scores = policy_scores(agent, phi, z, policy_settings, seed=seed)
             seconds["agent"] = time.perf_counter() - t0
 
             # safe selection
