@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -109,10 +111,102 @@ def test_save_load_round_trip_and_corrupt_file(setup, tmp_path):
         load_head_cache(tmp_path / "bad.npz")
 
 
-def test_one_stage_detectors_are_refused(squares):
-    det = TorchvisionDetector("tiny", squares.categories, device="cpu", pretrained=False)
-    with pytest.raises(ConfigError, match=r"head cache supports Faster R-CNN presets .*preset 'tiny'.* FCOS"):
-        cache_head_inputs(det, squares, squares.image_ids("test"))
+def test_other_detector_types_are_refused(squares):
+    from mgral.detectors.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        holder = type("Holder", (), {"model": build_model("ssd300_vgg16", 3), "preset": "ssd300_vgg16"})()
+    with pytest.raises(ConfigError, match=r"head cache supports Faster R-CNN and FCOS .*preset 'ssd300_vgg16'.* SSD"):
+        cache_head_inputs(holder, squares, squares.image_ids("test"))
+
+
+@pytest.fixture(scope="module")
+def fcos(tmp_path_factory):
+    """The ``tiny`` FCOS (untrained trunk) fitted a few steps on the squares (some empty)."""
+    ds = make_squares(tmp_path_factory.mktemp("fcos") / "squares", images=20, empty_every=5)
+    det = TorchvisionDetector("tiny", ds.categories, device="cpu", seed=0, train=FAST, pretrained=False)
+    train, test = ds.image_ids("train"), ds.image_ids("test")
+    det.fit(ds, train, iterations=20)
+    return ds, det, train, test
+
+
+def test_fcos_zero_steps_on_the_cache_are_the_detector_itself(fcos):
+    ds, det, train, test = fcos
+    cache = cache_head_inputs(det, ds, train + test, labeled=train, dtype=torch.float32)
+    own = det.predict(ds, test, embeddings=False)
+    from_cache = predict_from_cache(det, cache, test)
+    assert sum(len(d) for d in own.values()) > 0
+    for i in test:
+        for name in ("boxes", "scores", "labels", "probs"):
+            np.testing.assert_array_equal(getattr(from_cache[i], name), getattr(own[i], name))
+    assert evaluate_head(det, cache, ds, test).mAP == det.evaluate(ds, test).mAP
+    h = cache[train[0]]
+    n = len(ds[train[0]].target.boxes)
+    assert h.gt_boxes.shape == (n, 4) and len(h.cls_towers) == len(h.box_towers) == 3
+    assert len(h.anchors) == sum(a * b for a, b in h.shape) and not cache[test[0]].labeled
+    np.testing.assert_allclose(h.gt_boxes.numpy() * 96 / 128, ds[train[0]].target.boxes, rtol=1e-5)
+    half = cache_head_inputs(det, ds, test[:1])[test[0]]
+    assert half.cls_towers[0].dtype == torch.float16  # the towers in half precision (the anchors stay float32)
+    assert cache_nbytes({0: half}) < 0.6 * cache_nbytes({0: cache[test[0]]})
+    with pytest.raises(ConfigError, match="saving a dense .FCOS. head cache is not supported"):
+        save_head_cache(Path("unused.npz"), {0: half})
+
+
+def test_fcos_head_finetune_is_deterministic_lowers_its_loss_and_leaves_the_detector(fcos):
+    ds, det, train, test = fcos
+    cache = cache_head_inputs(det, ds, train + test, labeled=train)
+    before = {k: v.clone() for k, v in det.model.head.state_dict().items()}
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    a, losses = finetune_head(det, cache, train, iterations=30)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b, _ = finetune_head(det, cache, train, iterations=30)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+    assert losses[-1] < 0.8 * losses[0]
+    assert {k for k, _ in a.named_parameters()} == {
+        "classification_head.cls_logits.weight",
+        "classification_head.cls_logits.bias",
+        "regression_head.bbox_reg.0.weight",
+        "regression_head.bbox_reg.0.bias",
+        "regression_head.bbox_ctrness.weight",
+        "regression_head.bbox_ctrness.bias",
+    }  # the final convolutions only: the towers are cached
+    assert evaluate_head(det, cache, ds, train, predictor=a).mAP > evaluate_head(det, cache, ds, train).mAP
+    for k, v in det.model.head.state_dict().items():
+        assert torch.equal(v, before[k])  # the detector's own head is untouched
+    with pytest.raises(ConfigError, match=r"image .* has no cached labels; pass it in labeled="):
+        finetune_head(det, cache, [test[0]])
+
+
+def test_fcos_head_loss_is_torchvisions_loss_of_one_batch_of_every_image(fcos, monkeypatch):
+    """At zero steps the head's loss is what FCOS's own loss gives for one batch of the images
+    (its matching, its normalisation); split into several batches (images of different shapes
+    are), it is unchanged: each batch is weighted back by its foreground count."""
+    import mgral.detectors.heads as heads
+
+    ds, det, train, _ = fcos
+    ids = train[:8]  # one predict batch: one padded size
+    cache = cache_head_inputs(det, ds, ids, labeled=ids, dtype=torch.float32)
+    model = det.model.eval()
+    with torch.no_grad():
+        from mgral.detectors.training import load_image
+
+        batch, _ = model.transform([load_image(ds, i) for i in ids])
+        features = list(model.backbone(batch.tensors).values())
+        targets = [{"boxes": cache[i].gt_boxes, "labels": cache[i].gt_labels} for i in ids]
+        expected = model.compute_loss(
+            targets,
+            model.head(features),
+            model.anchor_generator(batch, features),
+            [f.shape[-2] * f.shape[-1] for f in features],
+        )
+        _, objective = heads._dense_objective(det, cache, ids)
+        assert float(objective()) == pytest.approx(float(sum(expected.values())), rel=1e-5)
+        split = lambda cache, image_ids: {("a",): list(image_ids[:3]), ("b",): list(image_ids[3:])}  # noqa: E731
+        monkeypatch.setattr(heads, "_by_shape", split)
+        _, objective = heads._dense_objective(det, cache, ids)
+        assert float(objective()) == pytest.approx(float(sum(expected.values())), rel=1e-5)
 
 
 def test_every_preset_declares_head_cache_exactly_when_its_model_supports_it():

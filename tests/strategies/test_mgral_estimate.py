@@ -146,3 +146,27 @@ def test_estimates_are_deterministic_and_the_oracle_gain_uses_the_true_labels(se
         est.estimate([labeled[0], pool[0]])
     with pytest.raises(ConfigError, match=r"labelings must be an integer >= 1, got 0"):
         CrossFitGain(det, cache, ds, labeled, labelings=0)
+
+
+def test_an_fcos_estimate_samples_its_labels_from_the_detections_and_is_deterministic(tmp_path):
+    """On a dense (FCOS) task detector a labeling's boxes are sampled detections (no features
+    of their own: FCOS matches locations to boxes), and estimates repeat exactly."""
+    ds = make_squares(tmp_path / "squares", images=12, empty_every=5)
+    det = TorchvisionDetector(
+        "tiny", ds.categories, device="cpu", seed=0, pretrained=False, train={"progress": False, "batch_size": 4}
+    )
+    ids = ds.image_ids()
+    labeled, pool = ids[:6], ids[6:]
+    det.fit(ds, labeled, iterations=10)
+    cache = cache_head_inputs(det, ds, ids, labeled=labeled)
+    est = CrossFitGain(det, cache, ds, labeled, folds=2, labelings=2, resamples=10, train=HEAD)
+    for i in pool[:2]:
+        dets = head_detections(det, cache, [i])
+        lab = est.labeling(i, 0)
+        assert lab.labeled and not cache[i].labeled and lab.cls_towers is cache[i].cls_towers
+        assert bool((dets[i].rows < len(cache[i].anchors)).all()) and len(lab.gt_boxes) > 0
+        boxes = {tuple(b) for b in dets[i].boxes.tolist()}
+        assert {tuple(b) for b in lab.gt_boxes.tolist()} <= boxes
+    a = est.estimate(pool[:3])
+    b = CrossFitGain(det, cache, ds, labeled, folds=2, labelings=2, resamples=10, train=HEAD).estimate(pool[:3])
+    assert (a.gain, a.se, a.gains) == (b.gain, b.se, b.gains) and np.isfinite(a.control_mAP)

@@ -62,11 +62,12 @@ def test_auto_is_none_with_the_label_free_reward_and_the_table_with_a_research_o
     costs = [build_strategy("mgral", estimator=e).selection_cost for e in ("none", "head", "finetune")]
     assert costs == sorted(costs) and auto.selection_cost == costs[0]
     # the cycle asks the detector itself (supports_head_cache): the same answer as its kind's capabilities
-    assert supports_head_cache(faster_rcnn) and not supports_head_cache(tiny)
+    assert supports_head_cache(faster_rcnn) and supports_head_cache(tiny)
     # asking for it on a detector that cannot is refused before the run starts (loop.check_capabilities)
     head = build_strategy("mgral", estimator="head")
     assert "head_cache" in head.detector_needs
-    assert "head_cache" not in tiny_caps and "head_cache" in frcnn_caps
+    ssd_caps = TorchvisionDetector.capabilities(type("Spec", (), {"preset": "ssd300_vgg16"}))
+    assert "head_cache" not in ssd_caps and "head_cache" in frcnn_caps and "head_cache" in tiny_caps
     with pytest.raises(ConfigError, match="estimator: expected finetune or auto with reward_source 'oracle'"):
         build_strategy("mgral", estimator="head", reward_source="oracle")
     with pytest.raises(ConfigError, match="folds: expected an integer >= 2"):
@@ -127,6 +128,18 @@ def _planted(planted: set, se: float, monkeypatch):
         return GainEstimate(0.01 * hits, se, (0.01 * hits,), 0.5, resampled)
 
     monkeypatch.setattr(strategy_module.CrossFitGain, "estimate", estimate)
+
+
+def test_a_head_cycle_runs_on_an_fcos_detector(make_context, for_strategy, faster_rcnn, tmp_path):
+    """The head estimator on a one-stage (FCOS) task detector: its towers cached, the final
+    convolutions fine-tuned; the same table, choice and determinism as on Faster R-CNN."""
+    tiny = TorchvisionDetector("tiny", faster_rcnn.categories, device="cpu", seed=0, pretrained=False)
+    strategy = build_strategy("mgral", **HEAD)
+    sel = strategy.select(_context(make_context, for_strategy, tiny, tmp_path / "a", strategy), 4)
+    summary = json.loads((tmp_path / "a" / "cycle-0" / "mgral" / "summary.json").read_text())
+    assert summary["estimator"] == "head" and summary["table_rows"] >= 2 and summary["head_cache"]["bytes"] > 0
+    again = build_strategy("mgral", **HEAD)
+    assert again.select(_context(make_context, for_strategy, tiny, tmp_path / "b", again), 4).image_ids == sel.image_ids
 
 
 @pytest.mark.parametrize(("se", "learned"), [(1e-4, True), (1.0, False)])

@@ -22,7 +22,7 @@ CAPABILITIES = {
     "augment": "predict(..., augment=fn): predictions on transformed views of an image",
     "clone": "to_bytes() / from_bytes(): ship the trained model to a worker",
     "self_training": "short fine-tunes of the model itself with an extra unsupervised term",
-    "head_cache": "box-head inputs cached once, head-only fine-tunes on them (mgral.detectors.heads)",
+    "head_cache": "last-layer inputs cached once, head-only fine-tunes on them (mgral.detectors.heads)",
 }
 """What some strategies need of a detector beyond the protocol (``Strategy.detector_needs``),
 and what each means; a detector kind says which it has (``capabilities(spec)``)."""

@@ -1,4 +1,4 @@
-"""Head-only fine-tuning on cached head inputs (Faster R-CNN presets).
+"""Head-only fine-tuning on cached head inputs (Faster R-CNN and FCOS presets).
 
 A full fine-tune of a detector costs minutes and is seed-noisy; MGRAL's surrogates need
 hundreds of "what would training on these images do" answers per cycle. Here the detector
@@ -24,12 +24,25 @@ own predictions (bit for bit with ``dtype=torch.float32``). :func:`head_detectio
 same boxes in the cache's coordinates with the proposal each came from, so that sampled
 detections can serve as labels (their features are their proposals' cached features).
 
-Other detector types are refused (``ConfigError``): the cache supports Faster R-CNN presets.
+**FCOS** (one-stage, dense): the cache keeps, per image, the outputs of the classification
+and regression towers on every pyramid level (the inputs of the final ``cls_logits``,
+``bbox_reg`` and ``bbox_ctrness`` convolutions, :class:`DenseHeadInputs`) and the anchor
+points. A head fine-tune trains a copy of those three final convolutions on FCOS's own loss
+(torchvision's matching with centre sampling, focal loss, GIoU, centerness), every location
+of every image in each full-batch step: no sampling, so no seed enters. Images are cached in
+the batches ``detector.predict`` makes, so their padded sizes, and with them the maps, are
+the ones its predictions came from; images of one padded size train as one batch and the
+loss is normalised over all foreground locations, as one batch of all of them would be.
+Labels of a dense head need no features of their own (FCOS assigns locations to boxes), so a
+sampled detection becomes a label by its box and class alone (:func:`with_labels`).
+
+RetinaNet, SSD and other types are refused (``ConfigError``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import zlib
@@ -85,27 +98,73 @@ class HeadInputs:
         return self.gt_boxes is not None
 
 
-HeadCache = dict[ImageId, HeadInputs]
+@dataclass(frozen=True)
+class DenseHeadInputs:
+    """What the final convolutions of a dense (FCOS) head see for one image, in model-input
+    coordinates.
+
+    Attributes:
+        cls_towers / box_towers: per pyramid level ``[C, H, W]`` outputs of the classification /
+            regression towers (float16 by default), at the padded size of the image's batch.
+        anchors: ``[A, 4]`` float32 anchor boxes of every location, levels in order.
+        image_size: ``(h, w)`` after the model's transform; original_size: ``(h, w)`` of the file.
+        gt_boxes: ``[G, 4]`` float32 ground-truth boxes (labeled images only, else None).
+        gt_labels: ``[G]`` int64 class indices ``1..K``.
+    """
+
+    cls_towers: tuple[torch.Tensor, ...]
+    box_towers: tuple[torch.Tensor, ...]
+    anchors: torch.Tensor
+    image_size: tuple[int, int]
+    original_size: tuple[int, int]
+    gt_boxes: torch.Tensor | None = None
+    gt_labels: torch.Tensor | None = None
+
+    @property
+    def labeled(self) -> bool:
+        return self.gt_boxes is not None
+
+    @property
+    def shape(self) -> tuple[tuple[int, int], ...]:
+        """The levels' map sizes: images of one shape train and predict as one batch."""
+        return tuple((int(t.shape[-2]), int(t.shape[-1])) for t in self.cls_towers)
+
+
+HeadCache = dict[ImageId, "HeadInputs | DenseHeadInputs"]
 
 
 def supports_head_cache(detector: Any) -> bool:
-    """Whether ``detector`` holds a torchvision Faster R-CNN (what this module caches and fine-tunes)."""
-    from torchvision.models.detection import FasterRCNN
+    """Whether ``detector`` holds a torchvision Faster R-CNN or FCOS (what this module caches and fine-tunes)."""
+    from torchvision.models.detection import FCOS, FasterRCNN
 
-    return isinstance(getattr(detector, "model", None), FasterRCNN)
+    return isinstance(getattr(detector, "model", None), (FasterRCNN, FCOS))
+
+
+def _model(detector: Any) -> nn.Module:
+    """The detector's model, if this module supports it."""
+    if not supports_head_cache(detector):
+        model = getattr(detector, "model", None)
+        what = type(model).__name__ if model is not None else type(detector).__name__
+        preset = getattr(detector, "preset", None)
+        raise ConfigError(
+            f"head cache supports Faster R-CNN and FCOS presets (mobilenet_v2_fpn, fasterrcnn_*, tiny, fcos_*); this "
+            f"detector {'(preset ' + repr(preset) + ') ' if preset else ''}is a {what}"
+        )
+    return detector.model
+
+
+def _dense(detector: Any) -> bool:
+    from torchvision.models.detection import FCOS
+
+    return isinstance(_model(detector), FCOS)
 
 
 def _faster_rcnn(detector: Any) -> nn.Module:
     from torchvision.models.detection import FasterRCNN
 
-    model = getattr(detector, "model", None)
+    model = _model(detector)
     if not isinstance(model, FasterRCNN):
-        what = type(model).__name__ if model is not None else type(detector).__name__
-        preset = getattr(detector, "preset", None)
-        raise ConfigError(
-            f"head cache supports Faster R-CNN presets (mobilenet_v2_fpn, fasterrcnn_*); this detector "
-            f"{'(preset ' + repr(preset) + ') ' if preset else ''}is a {what}"
-        )
+        raise ConfigError(f"this operation needs a Faster R-CNN detector, not a {type(model).__name__}")
     return model
 
 
@@ -119,41 +178,64 @@ def cache_head_inputs(
     batch_size: int = 8,
     dtype: torch.dtype = torch.float16,
 ) -> HeadCache:
-    """Run ``detector`` (a ``TorchvisionDetector`` with a Faster R-CNN model) once over
-    ``image_ids`` and keep its box predictor's inputs; for the ``labeled`` ones (a subset) also
-    the dataset's trainable boxes (``trainable_boxes``), their class indices and features.
+    """Run ``detector`` (a ``TorchvisionDetector`` with a Faster R-CNN or FCOS model) once over
+    ``image_ids`` and keep its last layers' inputs (:class:`HeadInputs`, or
+    :class:`DenseHeadInputs` for FCOS); for the ``labeled`` ones (a subset) also the dataset's
+    trainable boxes (``trainable_boxes``), their class indices and (Faster R-CNN) features.
 
     Images are batched as ``detector.predict`` batches them (same ``batch_size``, same order),
     so the features are the ones its predictions came from.
 
     Raises:
-        ConfigError: not a Faster R-CNN detector; a ``labeled`` id not in ``image_ids``.
+        ConfigError: another detector type; a ``labeled`` id not in ``image_ids``.
         DatasetError: an unreadable image.
     """
-    from torchvision.models.detection.transform import resize_boxes
-
-    model = _faster_rcnn(detector)
     ids, gt_ids = list(image_ids), set(labeled)
     missing = gt_ids - set(ids)
     if missing:
         raise ConfigError(f"labeled image {next(iter(missing))!r} is not among the images to cache; cache it too")
+    if _dense(detector):
+        return _cache_dense(detector, dataset, ids, gt_ids, batch_size, dtype)
+    return _cache_two_stage(detector, dataset, ids, gt_ids, batch_size, dtype)
+
+
+def _gt_in_model_coordinates(detector: Any, dataset: Dataset, i: ImageId, orig, size, device):
+    """Image ``i``'s trainable boxes resized as the model's transform resizes the image, and their class indices."""
+    from torchvision.models.detection.transform import resize_boxes
+
+    boxes, cats = trainable_boxes(dataset[i].target)
+    gt = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), device=device)
+    return resize_boxes(gt, list(orig), list(size)), [detector.class_index[int(c)] for c in cats]
+
+
+def _model_batches(model: nn.Module, dataset: Dataset, ids: list[ImageId], batch_size: int):
+    """Per batch of ``ids`` (as ``detector.predict`` batches them): the ids, the images' original
+    sizes, the transformed batch and the backbone's features (eval mode)."""
     model.eval()
-    roi = model.roi_heads
     device = next(model.parameters()).device
-    out: HeadCache = {}
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         images = [load_image(dataset, i).to(device) for i in chunk]
-        originals = [tuple(im.shape[-2:]) for im in images]
         batch, _ = model.transform(images)
-        features = model.backbone(batch.tensors)
+        yield chunk, [tuple(im.shape[-2:]) for im in images], batch, model.backbone(batch.tensors)
+
+
+def _cache_two_stage(detector, dataset, ids, gt_ids, batch_size, dtype) -> HeadCache:
+    model = _faster_rcnn(detector)
+    roi = model.roi_heads
+    device = next(model.parameters()).device
+    out: HeadCache = {}
+    for chunk, originals, batch, features in _model_batches(model, dataset, ids, batch_size):
         proposals, _ = model.rpn(batch, features)
         gts, gt_cats = [], []
         for i, orig, size in zip(chunk, originals, batch.image_sizes, strict=True):
-            boxes, cats = trainable_boxes(dataset[i].target) if i in gt_ids else (np.zeros((0, 4)), np.zeros(0))
-            gt = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), device=device)
-            gts.append(resize_boxes(gt, list(orig), list(size)))
-            gt_cats.append([detector.class_index[int(c)] for c in cats])
+            gt, cats = (
+                _gt_in_model_coordinates(detector, dataset, i, orig, size, device)
+                if i in gt_ids
+                else (torch.zeros((0, 4), device=device), [])
+            )
+            gts.append(gt)
+            gt_cats.append(cats)
         box_feats = roi.box_head(roi.box_roi_pool(features, proposals, batch.image_sizes))
         gt_feats = (
             roi.box_head(roi.box_roi_pool(features, gts, batch.image_sizes)) if any(len(g) for g in gts) else None
@@ -179,14 +261,61 @@ def cache_head_inputs(
     return out
 
 
+def _cache_dense(detector, dataset, ids, gt_ids, batch_size, dtype) -> HeadCache:
+    model = _model(detector)
+    head = model.head
+    device = next(model.parameters()).device
+    out: HeadCache = {}
+    for chunk, originals, batch, levels in _model_batches(model, dataset, ids, batch_size):
+        features = list(levels.values())
+        cls_towers = [head.classification_head.conv(f) for f in features]
+        box_towers = [head.regression_head.conv(f) for f in features]
+        anchors = model.anchor_generator(batch, features)
+        for k, i in enumerate(chunk):
+            gt_entry: dict[str, Any] = {}
+            if i in gt_ids:
+                gt, cats = _gt_in_model_coordinates(detector, dataset, i, originals[k], batch.image_sizes[k], device)
+                gt_entry = {"gt_boxes": gt.cpu(), "gt_labels": torch.tensor(cats, dtype=torch.int64)}
+            out[i] = DenseHeadInputs(
+                tuple(t[k].to("cpu", dtype) for t in cls_towers),
+                tuple(t[k].to("cpu", dtype) for t in box_towers),
+                anchors[k].float().cpu(),
+                tuple(int(v) for v in batch.image_sizes[k]),
+                tuple(int(v) for v in originals[k]),
+                **gt_entry,
+            )
+    return out
+
+
+def with_labels(inputs: HeadInputs | DenseHeadInputs, boxes, labels, rows) -> HeadInputs | DenseHeadInputs:
+    """``inputs`` with ``boxes`` (model-input coordinates) and ``labels`` (class indices) as its
+    labels: detections of the cache made labels (``rows``: the candidate each came from, whose
+    features a two-stage head trains the label on; a dense head needs none)."""
+    if isinstance(inputs, DenseHeadInputs):
+        return dataclasses.replace(inputs, gt_boxes=boxes, gt_labels=labels)
+    return dataclasses.replace(inputs, gt_boxes=boxes, gt_labels=labels, gt_features=inputs.features[rows])
+
+
 def cache_nbytes(cache: HeadCache) -> int:
     """Bytes the cache's tensors hold."""
-    tensors = [t for h in cache.values() for t in (h.proposals, h.features, h.gt_boxes, h.gt_labels, h.gt_features)]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    total = 0
+    for h in cache.values():
+        for f in dataclasses.fields(h):
+            v = getattr(h, f.name)
+            for t in v if isinstance(v, tuple) else (v,):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
 
 
 def save_head_cache(path: str | Path, cache: HeadCache) -> None:
-    """Write ``cache`` to ``path`` (``.npz``, plain arrays only) atomically."""
+    """Write ``cache`` (Faster R-CNN inputs) to ``path`` (``.npz``, plain arrays only) atomically.
+
+    Raises:
+        ConfigError: a dense (FCOS) cache: it is rebuilt from the model, not saved.
+    """
+    if any(isinstance(h, DenseHeadInputs) for h in cache.values()):
+        raise ConfigError("saving a dense (FCOS) head cache is not supported; cache the images again instead")
     ids = list(cache)
     heads = [cache[i] for i in ids]
     lab = [h for h in heads if h.labeled]
@@ -309,29 +438,28 @@ def finetune_head(
     seed: int = 0,
     **train: Any,
 ) -> tuple[nn.Module, list[float]]:
-    """Train a copy of the detector's ``box_predictor`` on the cached labeled ``image_ids``:
-    ``iterations`` full-batch steps (``HEAD_TRAIN_DEFAULTS``, overridden by ``train``) on
-    ``fastrcnn_loss``. Returns the trained copy and the loss before each step.
-    Deterministic for a seed; the global torch generator is neither read nor changed.
+    """Train a copy of the detector's last layers on the cached labeled ``image_ids``:
+    ``iterations`` full-batch steps (``HEAD_TRAIN_DEFAULTS``, overridden by ``train``) on the
+    model's own loss: the ``box_predictor`` on ``fastrcnn_loss`` (Faster R-CNN), or the final
+    convolutions on FCOS's loss (:func:`dense_head`). Returns the trained copy and the loss
+    before each step. Deterministic for a seed (a dense head draws nothing: the seed does not
+    enter); the global torch generator is neither read nor changed.
 
     Raises:
-        ConfigError: not Faster R-CNN, no images, an image without cached labels, bad settings.
+        ConfigError: another detector type, no images, an image without cached labels, bad settings.
     """
-    from torchvision.models.detection.roi_heads import fastrcnn_loss
-
-    model = _faster_rcnn(detector)
     if not image_ids:
         raise ConfigError("a head fine-tune needs at least one labeled image")
     config = make_config(HEAD_TRAIN_DEFAULTS, train)
-    head = copy.deepcopy(model.roi_heads.box_predictor).float().cpu()
-    head.requires_grad_(True)
-    x, labels, deltas = head_training_samples(detector, cache, image_ids, seed=seed)
+    if _dense(detector):
+        head, objective = _dense_objective(detector, cache, image_ids)
+    else:
+        head, objective = _two_stage_objective(detector, cache, image_ids, seed)
     optimizer = make_optimizer(head, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.iterations))
     losses = []
     for _ in range(config.iterations):
-        logits, regression = head(x)
-        loss = sum(fastrcnn_loss(logits, regression, [labels], [deltas]))
+        loss = objective()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -340,6 +468,93 @@ def finetune_head(
         scheduler.step()
         losses.append(float(loss.detach()))
     return head.eval(), losses
+
+
+def _two_stage_objective(detector: Any, cache: HeadCache, image_ids: Sequence[ImageId], seed: int):
+    """A trainable copy of the box predictor and its full-batch ``fastrcnn_loss``."""
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    model = _faster_rcnn(detector)
+    head = copy.deepcopy(model.roi_heads.box_predictor).float().cpu()
+    head.requires_grad_(True)
+    x, labels, deltas = head_training_samples(detector, cache, image_ids, seed=seed)
+    return head, lambda: sum(fastrcnn_loss(*head(x), [labels], [deltas]))
+
+
+def dense_head(detector: Any) -> nn.Module:
+    """A float32 CPU copy of an FCOS head whose towers are identities: applied to cached tower
+    outputs it is the final ``cls_logits``, ``bbox_reg`` and ``bbox_ctrness`` convolutions with
+    torchvision's own reshaping (and a preset's output activation)."""
+    head = copy.deepcopy(_model(detector).head).float().cpu()
+    head.classification_head.conv = nn.Identity()
+    head.regression_head.conv = nn.Identity()
+    return head
+
+
+def _dense_outputs(head: nn.Module, inputs: Sequence[DenseHeadInputs]) -> dict[str, torch.Tensor]:
+    """``head``'s outputs (``cls_logits``, ``bbox_regression``, ``bbox_ctrness``, ``[N, A, .]``)
+    for images of one shape, from their cached towers."""
+    dtype = next(head.parameters()).dtype
+    levels = range(len(inputs[0].cls_towers))
+    cls = [torch.stack([h.cls_towers[lvl] for h in inputs]).to(dtype) for lvl in levels]
+    box = [torch.stack([h.box_towers[lvl] for h in inputs]).to(dtype) for lvl in levels]
+    regression, ctrness = head.regression_head(box)
+    return {"cls_logits": head.classification_head(cls), "bbox_regression": regression, "bbox_ctrness": ctrness}
+
+
+class _Matches:
+    """Stands in for the model in ``FCOS.compute_loss``, which keeps torchvision's matching of
+    locations to boxes (centre sampling, the levels' scale ranges) inline: run on this, that
+    code returns its matches instead of a loss, so they are torchvision's, not a copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.center_sampling_radius = model.center_sampling_radius
+        self.head = self
+
+    @staticmethod
+    def compute_loss(targets, head_outputs, anchors, matched_idxs):
+        return matched_idxs
+
+
+def _by_shape(cache: HeadCache, image_ids: Sequence[ImageId]) -> dict[tuple, list[ImageId]]:
+    """``image_ids`` grouped by their maps' sizes (each group in ``image_ids``' order)."""
+    groups: dict[tuple, list[ImageId]] = {}
+    for i in image_ids:
+        groups.setdefault(cache[i].shape, []).append(i)
+    return groups
+
+
+def _dense_objective(detector: Any, cache: HeadCache, image_ids: Sequence[ImageId]):
+    """A trainable :func:`dense_head` and FCOS's loss over every location of ``image_ids``.
+
+    Images of one shape form one batch; each batch's losses (torchvision normalises them by
+    its foreground count) are weighted back to sums and normalised by the foreground of all
+    of them, which is the loss one batch of every image would have."""
+    model = _model(detector)
+    check_cached(cache, image_ids)
+    batches = []
+    for ids in _by_shape(cache, image_ids).values():
+        inputs = [cache[i] for i in ids]
+        for i, h in zip(ids, inputs, strict=True):
+            if not h.labeled:
+                raise ConfigError(f"image {i!r} has no cached labels; pass it in labeled= when caching its head inputs")
+        targets = [{"boxes": h.gt_boxes.float(), "labels": h.gt_labels} for h in inputs]
+        anchors = [h.anchors for h in inputs]
+        per_level = [a * b for a, b in inputs[0].shape]
+        matched = type(model).compute_loss(_Matches(model), targets, {}, anchors, per_level)
+        batches.append((inputs, targets, anchors, matched, int(sum(int((m >= 0).sum()) for m in matched))))
+    total = max(1, sum(b[-1] for b in batches))
+    head = dense_head(detector)
+    head.requires_grad_(True)
+
+    def objective() -> torch.Tensor:
+        loss = torch.zeros(())
+        for inputs, targets, anchors, matched, foreground in batches:
+            parts = head.compute_loss(targets, _dense_outputs(head, inputs), anchors, matched)
+            loss = loss + sum(parts.values()) * max(1, foreground)
+        return loss / total
+
+    return head, objective
 
 
 @dataclass(frozen=True)
@@ -351,7 +566,8 @@ class HeadDetections:
         boxes: ``[N, 4]`` float32 xyxy; scores: ``[N]`` float32; labels: ``[N]`` int64 class
             indices ``1..K``.
         probs: ``[N, K + 1]`` float32 class distribution of each box's proposal (background first).
-        rows: ``[N]`` int64 index of each box's proposal in ``HeadInputs.proposals`` (and ``features``).
+        rows: ``[N]`` int64 index of each box's proposal in ``HeadInputs.proposals`` (and
+            ``features``); for a dense head, of its location in ``DenseHeadInputs.anchors``.
     """
 
     boxes: torch.Tensor
@@ -365,6 +581,9 @@ def _postprocessed(detector: Any, cache: HeadCache, image_ids: Sequence[ImageId]
     """Per chunk of ``image_ids``: the ids, their cached inputs, the model's
     ``postprocess_detections`` result dicts (model-input coordinates) with the extra keys of
     :mod:`mgral.detectors.postprocess` (``probs``, ``rows``, ``num_candidates``)."""
+    if _dense(detector):
+        yield from _dense_postprocessed(detector, cache, image_ids, predictor, batch_size)
+        return
     model = _faster_rcnn(detector)
     roi = model.roi_heads
     head = predictor if predictor is not None else roi.box_predictor
@@ -385,6 +604,26 @@ def _postprocessed(detector: Any, cache: HeadCache, image_ids: Sequence[ImageId]
         yield chunk, heads, results
 
 
+def _dense_postprocessed(detector: Any, cache: HeadCache, image_ids: Sequence[ImageId], predictor, batch_size: int):
+    """:func:`_postprocessed` of an FCOS: the final convolutions on the cached towers, images of
+    one shape as one batch, then the model's ``postprocess_detections``."""
+    model = _model(detector)
+    head = predictor if predictor is not None else dense_head(detector)
+    check_cached(cache, image_ids)
+    ids = list(image_ids)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        found = {}
+        for group in _by_shape(cache, chunk).values():
+            inputs = [cache[i] for i in group]
+            per_level = [a * b for a, b in inputs[0].shape]
+            outputs = {k: list(v.split(per_level, dim=1)) for k, v in _dense_outputs(head, inputs).items()}
+            anchors = [list(h.anchors.split(per_level)) for h in inputs]
+            results = model.postprocess_detections(outputs, anchors, [h.image_size for h in inputs])
+            found.update(zip(group, results, strict=True))
+        yield chunk, [cache[i] for i in chunk], [found[i] for i in chunk]
+
+
 @torch.inference_mode()
 def predict_from_cache(
     detector: Any,
@@ -397,7 +636,7 @@ def predict_from_cache(
     """``Detections`` of ``image_ids`` from their cached features through ``predictor``
     (default: the detector's own), the model's ``postprocess_detections`` (class
     distributions kept) and its transform's rescaling to the original image size."""
-    model = _faster_rcnn(detector)
+    model = _model(detector)
     model.eval()  # the transform rescales boxes to the original size in eval mode only
     out = {}
     for chunk, heads, results in _postprocessed(detector, cache, image_ids, predictor, batch_size):

@@ -41,7 +41,7 @@ class Preset:
 
     build: Any  # (num_classes: int, weights: Path | None, **params) -> nn.Module
     train_defaults: dict[str, Any]
-    head_cache: bool = False  # a Faster R-CNN: mgral.detectors.heads can cache and fine-tune its box head
+    head_cache: bool = False  # Faster R-CNN or FCOS: mgral.detectors.heads can cache and fine-tune its last layers
 
 
 PRESETS: Registry[Preset] = Registry("detector")
@@ -347,7 +347,11 @@ def build_model(name: str, num_classes: int, *, weights: str | Path | None = Non
 PRESETS.add(
     "tiny",
     # AdamW 5e-4: at 120 iterations it scored slightly above 1e-3 and 2e-3 on the digits scenes.
-    Preset(build_tiny, {"epochs": 30, "batch_size": 16, "optimizer": "adamw", "lr": 5e-4, "weight_decay": 1e-4}),
+    Preset(
+        build_tiny,
+        {"epochs": 30, "batch_size": 16, "optimizer": "adamw", "lr": 5e-4, "weight_decay": 1e-4},
+        head_cache=True,
+    ),
     "FCOS + MobileNetV2-FPN for 128 px scenes; trains on CPU in minutes",
 )
 PRESETS.add(
@@ -367,7 +371,7 @@ for _name, _summary in (
         Preset(
             _torchvision_builder(_name),
             {"epochs": 12, "batch_size": 8, "optimizer": "sgd", "lr": 0.01},
-            head_cache=_name.startswith("fasterrcnn_"),
+            head_cache=_name.startswith(("fasterrcnn_", "fcos_")),
         ),
         _summary,
     )

@@ -18,7 +18,8 @@ The vector has ``num_classes`` entries (torchvision's class indices: 0 is backgr
 * SSD: its softmax over classes, background included.
 Every row sums to 1. Each image's vectors are stored in ``detection["probs"]``
 (float32 ``[N, num_classes]``), with ``detection["num_candidates"]`` (pre-NMS count); Faster
-R-CNN also gives ``detection["rows"]`` (int64 ``[N]``): the proposal each box was regressed from.
+R-CNN, RetinaNet and FCOS also give ``detection["rows"]`` (int64 ``[N]``): the proposal, or the
+anchor (levels in order), each box was regressed from.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _one_stage_postprocess(self, head_outputs, anchors, image_shapes):
     decode = self.box_coder.decode if box_ctrness is not None else self.box_coder.decode_single
     detections = []
     for index in range(len(image_shapes)):
-        image_boxes, image_scores, image_labels, image_probs = [], [], [], []
+        image_boxes, image_scores, image_labels, image_probs, image_rows = [], [], [], [], []
+        offset = 0
         for level, (box_regression_per_level, logits_per_level, anchors_per_level) in enumerate(
             zip([br[index] for br in box_regression], [cl[index] for cl in class_logits], anchors[index], strict=True)
         ):
@@ -107,10 +109,13 @@ def _one_stage_postprocess(self, head_outputs, anchors, image_shapes):
             image_scores.append(scores_per_level)
             image_labels.append(topk_idxs % num_classes)
             image_probs.append(sigmoid_logits_to_probs(logits_per_level[anchor_idxs]))
+            image_rows.append(anchor_idxs + offset)
+            offset += len(anchors_per_level)
         image_boxes = torch.cat(image_boxes)
         image_scores = torch.cat(image_scores)
         image_labels = torch.cat(image_labels)
         image_probs = torch.cat(image_probs)
+        image_rows = torch.cat(image_rows)
         keep = box_ops.batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[: self.detections_per_img]
         detections.append(
             {
@@ -118,6 +123,7 @@ def _one_stage_postprocess(self, head_outputs, anchors, image_shapes):
                 "scores": image_scores[keep],
                 "labels": image_labels[keep],
                 "probs": image_probs[keep],
+                "rows": image_rows[keep],
                 "num_candidates": int(image_boxes.shape[0]),
             }
         )

@@ -6,10 +6,12 @@ the expectation is over the batch's unknown labels. Labeling ``j`` of a candidat
 drawn from the task detector's own predictive distribution: each proposal that produced
 detections draws one class from its class distribution (background included), and its
 detection of that class, if it has one, becomes a label. Each detection is thus kept with
-probability equal to its score, and one proposal never gives two labels. The draw is seeded
+probability equal to its score (FCOS: to its class probability; its score also weighs in
+centerness), and one proposal never gives two labels. The draw is seeded
 by ``(seed, image id, j)``: an image's labelings do not depend on the batch around it, and the
 global random generators are neither read nor changed. A label's features are those of the
-proposal its box was regressed from (:func:`mgral.detectors.heads.head_detections`).
+proposal its box was regressed from (:func:`mgral.detectors.heads.head_detections`); a dense
+(FCOS) head needs none, and there "proposal" is the location a box was regressed from.
 
 **Cross-fitting.** The labeled set ``L`` is split into ``K`` seeded folds. For fold ``k``, a
 control head is fine-tuned on ``L`` minus fold ``k`` and a surrogate head on the same plus
@@ -27,7 +29,6 @@ surrogates share that start, so it shifts both.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import zlib
@@ -45,6 +46,7 @@ from mgral.detectors.heads import (
     finetune_head,
     head_detections,
     predict_from_cache,
+    with_labels,
 )
 from mgral.errors import ConfigError
 from mgral.evaluation import SubsetEvaluator
@@ -119,7 +121,7 @@ class CrossFitGain:
     fine-tunes per batch.
 
     Args:
-        detector: the task detector (a Faster R-CNN ``TorchvisionDetector``).
+        detector: the task detector (a Faster R-CNN or FCOS ``TorchvisionDetector``).
         cache: head inputs of the labeled images (with their labels) and of every candidate.
         dataset: the ground truth of the labeled images.
         labeled: ``L``; folds: ``K``; labelings: ``J``; seed: folds, labelings, the heads'
@@ -187,11 +189,9 @@ class CrossFitGain:
         """``image_id``'s cached inputs with labeling ``j`` as its labels."""
         if image_id not in self._detections:
             self._detections.update(head_detections(self.detector, self.cache, [image_id]))
-        det, inputs = self._detections[image_id], self.cache[image_id]
+        det = self._detections[image_id]
         keep = sample_labeling(det, np.random.default_rng(labeling_seed(self.seed, image_id, j)))
-        return dataclasses.replace(
-            inputs, gt_boxes=det.boxes[keep], gt_labels=det.labels[keep], gt_features=inputs.features[det.rows[keep]]
-        )
+        return with_labels(self.cache[image_id], det.boxes[keep], det.labels[keep], det.rows[keep])
 
     def estimate(self, batch: Sequence[ImageId]) -> GainEstimate:
         """The label-free gain of labeling ``batch`` (its ``labelings`` sampled labelings).
