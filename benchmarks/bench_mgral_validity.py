@@ -17,8 +17,7 @@ Per batch ``B``:
   seed noise of a truth, and the ceiling it puts on any correlation;
 - **label-free estimate**: :class:`mgral.strategies.mgral.estimate.CrossFitGain` as MGRAL's
   head estimator runs it (its defaults: K = 3 folds, J = 2 labelings, 100 head steps; pool
-  images cached without labels). Faster R-CNN detectors only, as the head cache is: on the
-  FCOS digits detector it is not measured;
+  images cached without labels);
 - **cheap scores**: the batch mean of MGRAL's prior over the pool (least confidence +
   core-set distance + class rarity, z-scores), of least confidence and of entropy.
 
@@ -26,8 +25,10 @@ Figures: per state and pooled, Spearman of each score against the truth over the
 batches; pooled = the correlation of within-state ranks (each state's batches ranked apart,
 so a state's level cannot make a correlation), with a 95% interval from resampling batches
 within each state; the seed-noise ceiling; where each strategy's batch falls among the random
-batches' truths. Goal (issue 19): pooled Spearman >= 0.4 with the interval's lower end
-above 0.2.
+batches' truths; safety: MGRAL's head route (``estimator: head``) against its prior's batch
+(the default's). Goals (issue 19): pooled Spearman >= 0.4 with the interval's lower end
+above 0.2; the head route's batch at least as good as the prior's in >= 60% of states, never
+worse by more than one standard error of the truth.
 
 Everything is resumable: models and selections in ``runs/bench-mgral-validity/<name>/seed-<s>/``,
 per-job results in its ``truth.json`` / ``estimates.json`` as they come. Fine-tunes of all
@@ -61,7 +62,13 @@ WORK = ROOT / "runs" / "bench-mgral-validity"  # scratch (git-ignored)
 DATASETS = ("digits", "bccd", "pinochle")
 SEEDS, CYCLES = (0, 1), (1, 3)
 RANDOM, NOISE = 40, 4
-STRATEGIES = ("least_confidence", "cald", "core_set", "mgral")
+STRATEGIES = {  # label: (strategy, params); mgral at its defaults (the prior's top batch), and its head route
+    "least_confidence": ("least_confidence", {}),
+    "cald": ("cald", {}),
+    "core_set": ("core_set", {}),
+    "mgral": ("mgral", {}),
+    "mgral_head": ("mgral", {"estimator": "head"}),
+}
 SCORES = ("estimate", "prior", "least_confidence", "entropy")
 RESAMPLES = 2000
 
@@ -179,14 +186,19 @@ def states(name: str, seed: int, log) -> dict[int, dict]:
 
 
 def batches(name: str, seed: int, c: int, st: dict, log) -> dict:
-    """The state's batches (``r<k>`` random, then each strategy's) and their cheap scores,
-    kept in ``cycle-<c>/batches.json``."""
-    path = WORK / name / f"seed-{seed}" / f"cycle-{c}" / "batches.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    """The state's batches (``r<k>`` random, then each strategy's) and their cheap scores, kept
+    in ``cycle-<c>/batches.json``; a strategy added to ``STRATEGIES`` later is selected then
+    (the pool predictions are kept beside, in ``predictions.npz``). A batch equal to an
+    earlier one is an alias of it (``aliases``): one truth, counted once in the correlations."""
+    work = WORK / name / f"seed-{seed}" / f"cycle-{c}"
+    path = work / "batches.json"
+    out = json.loads(path.read_text()) if path.exists() else None
+    if out is not None and all(s in out["batches"] for s in STRATEGIES):
+        return out
     import torch
 
     from mgral.detectors import detector_class
+    from mgral.detectors.cache import load_predictions, save_predictions
     from mgral.series import visible_dataset
     from mgral.strategies import SelectionContext, build_strategy, selection_rng
     from mgral.strategies.mgral.prior import pool_prior, pool_scores
@@ -197,17 +209,25 @@ def batches(name: str, seed: int, c: int, st: dict, log) -> dict:
     cfg, labeled, pool = exp.config, st["labeled"], st["pool"]
     view = visible_dataset(exp.dataset, {i: exp.dataset[i].target for i in labeled})
     det = detector_class(cfg.detector.kind).load(st["model"], device="cpu")
-    log(f"{name} seed {seed} cycle {c}: predicting {len(pool) + len(labeled)} images")
     t0 = time.perf_counter()
-    preds = det.predict(view, pool + labeled)
-    predict_s = time.perf_counter() - t0
-    rng = np.random.default_rng([seed, c, 40])
-    chosen = {
-        f"r{k}": [pool[j] for j in sorted(rng.choice(len(pool), cfg.budget, replace=False))] for k in range(RANDOM)
-    }
-    seconds = {}
-    for s in STRATEGIES:
-        strategy = build_strategy(s)
+    if (work / "predictions.npz").exists():
+        preds = load_predictions(work / "predictions.npz")
+    else:
+        log(f"{name} seed {seed} cycle {c}: predicting {len(pool) + len(labeled)} images")
+        preds = det.predict(view, pool + labeled)
+        save_predictions(work / "predictions.npz", preds)
+    if out is None:
+        rng = np.random.default_rng([seed, c, 40])
+        chosen = {
+            f"r{k}": [pool[j] for j in sorted(rng.choice(len(pool), cfg.budget, replace=False))] for k in range(RANDOM)
+        }
+        out = {"labeled": len(labeled), "pool": len(pool), "batches": chosen, "select_s": {}, "state_mAP": st["mAP"]}
+        out["predict_s"] = time.perf_counter() - t0
+    chosen, info = out["batches"], out.setdefault("select_info", {})
+    for s, (strategy_name, params) in STRATEGIES.items():
+        if s in chosen:
+            continue
+        strategy = build_strategy(strategy_name, **params)
         context = SelectionContext(view, pool, list(labeled), selection_rng(seed, c), cycle=c)
         if "predictions" in strategy.requires:
             context.predictions = {i: preds[i] for i in pool}
@@ -216,9 +236,20 @@ def batches(name: str, seed: int, c: int, st: dict, log) -> dict:
         if "detector" in strategy.requires:
             context.detector = det
         t0 = time.perf_counter()
-        chosen[s] = list(strategy.select(context, cfg.budget).image_ids)
-        seconds[s] = time.perf_counter() - t0
-        log(f"{name} seed {seed} cycle {c}: {s} selected in {seconds[s]:.0f} s")
+        selection = strategy.select(context, cfg.budget)
+        chosen[s] = list(selection.image_ids)
+        out["select_s"][s] = time.perf_counter() - t0
+        if "choice" in selection.info:
+            info[s] = {"choice": selection.info["choice"]}
+        log(f"{name} seed {seed} cycle {c}: {s} selected in {out['select_s'][s]:.0f} s")
+    seen: dict[tuple, str] = {}
+    out["aliases"] = {}
+    for k, b in chosen.items():
+        key = tuple(sorted(map(str, b)))
+        if key in seen:
+            out["aliases"][k] = seen[key]
+        else:
+            seen[key] = k
     prior = dict(
         zip(
             pool,
@@ -230,21 +261,12 @@ def batches(name: str, seed: int, c: int, st: dict, log) -> dict:
             strict=True,
         )
     )
-    scores = {
+    out["scores"] = {
         "prior": {k: float(np.mean([prior[i] for i in b])) for k, b in chosen.items()},
         **{
             kind: {k: float(uncertainty_scores(preds, b, kind).mean()) for k, b in chosen.items()}
             for kind in ("least_confidence", "entropy")
         },
-    }
-    out = {
-        "labeled": len(labeled),
-        "pool": len(pool),
-        "batches": chosen,
-        "scores": scores,
-        "predict_s": predict_s,
-        "select_s": seconds,
-        "state_mAP": st["mAP"],
     }
     atomic_write_json(path, out, indent=1)
     return out
@@ -283,8 +305,14 @@ def _finetune(args: tuple) -> dict:
     return {"key": key, "mAP": float(result.mAP), "train_cpu_s": cpu_s, "load": os.getloadavg()[0]}
 
 
+def unique_keys(chosen: dict) -> list[str]:
+    """The state's batches, each distinct batch once (an alias is measured as the batch it equals)."""
+    aliases = chosen.get("aliases", {})
+    return [k for k in chosen["batches"] if k not in aliases]
+
+
 def truth_jobs(name: str, seed: int, c: int, st: dict, chosen: dict, done: dict) -> list[tuple]:
-    keys = [("control", [], 0)] + [(k, b, 0) for k, b in chosen["batches"].items()]
+    keys = [("control", [], 0)] + [(k, chosen["batches"][k], 0) for k in unique_keys(chosen)]
     keys += [("seed1:control", [], 1)] + [(f"seed1:r{k}", chosen["batches"][f"r{k}"], 1) for k in range(NOISE)]
     return [(name, seed, c, key, st["labeled"] + b, s) for key, b, s in keys if key not in done]
 
@@ -310,7 +338,7 @@ def estimates(name: str, seed: int, c: int, st: dict, chosen: dict, log) -> dict
         done = {"unsupported": f"{name}: no head cache for {type(det.model).__name__} (Faster R-CNN only)"}
         atomic_write_json(path, done)
         return done
-    todo = [k for k in chosen["batches"] if k not in done]
+    todo = [k for k in unique_keys(chosen) if k not in done]
     if not todo:
         return done
     torch.set_num_threads(1)
@@ -339,10 +367,10 @@ def estimates(name: str, seed: int, c: int, st: dict, chosen: dict, log) -> dict
 
 def state_figures(name: str, seed: int, c: int, chosen: dict, truth: dict, est: dict) -> dict | None:
     """One state's figures, or None while its truths are incomplete."""
-    keys = list(chosen["batches"])
+    keys, aliases = unique_keys(chosen), chosen.get("aliases", {})
     if "control" not in truth or any(k not in truth for k in keys):
         return None
-    gain = {k: truth[k]["mAP"] - truth["control"]["mAP"] for k in keys}
+    gain = {k: truth[aliases.get(k, k)]["mAP"] - truth["control"]["mAP"] for k in chosen["batches"]}
     randoms = [f"r{k}" for k in range(RANDOM)]
     noise = float("nan")
     if "seed1:control" in truth:
@@ -379,11 +407,30 @@ def state_figures(name: str, seed: int, c: int, chosen: dict, truth: dict, est: 
             s: {"gain": gain[s], "percentile": percentile_among(gain[s], [gain[k] for k in randoms])}
             for s in STRATEGIES
         },
+        "safety": safety(gain, chosen, noise),
         "estimate_note": est.get("unsupported") if est else None,
         "estimate_cpu_s": float(np.mean([v["cpu_s"] for v in est.values()]))
         if est and "unsupported" not in est
         else None,
         "finetune_cpu_s": float(np.mean([truth[k]["train_cpu_s"] for k in keys])),
+    }
+
+
+def safety(gain: dict, chosen: dict, noise_sd: float) -> dict | None:
+    """MGRAL's head route against its prior's batch (the default's): which it took, and the
+    difference of their truths in the truth's standard errors (a difference of two one-seed
+    truths: sqrt(2) x the seed noise)."""
+    if "mgral_head" not in gain or "mgral" not in gain:
+        return None
+    diff = gain["mgral_head"] - gain["mgral"]
+    choice = chosen.get("select_info", {}).get("mgral_head", {}).get("choice", {})
+    se = np.sqrt(2) * noise_sd
+    return {
+        "taken": choice.get("batch", "?"),
+        "same_batch": chosen.get("aliases", {}).get("mgral_head") == "mgral",
+        "difference": diff,
+        "difference_se": float(se),
+        "worse_by_more_than_one_se": bool(np.isfinite(se) and diff < -se),
     }
 
 
@@ -419,10 +466,11 @@ def write(rows: list[dict], planned: list[tuple], loads: tuple) -> dict:
         "a state counts once every batch's truth is in).",
         "",
         f"Per state: the random series of the benchmark config replayed to cycle c (the loop's training); {RANDOM} "
-        f"random batches of the budget plus the batches of {', '.join(STRATEGIES)} (MGRAL at its defaults). "
+        f"random batches of the budget plus the batches of {', '.join(STRATEGIES)} (mgral: the default, the "
+        "prior's top batch; mgral_head: `estimator: head`). "
         "**Truth** = the state's model fine-tuned (warm start, half the cycle's schedule) on L + B with true "
         "labels minus on L, test mAP@[.5:.95]. **estimate** = MGRAL's label-free head estimate (CrossFitGain, "
-        "K = 3, J = 2, 100 head steps; Faster R-CNN only). **prior** / **least_confidence** / **entropy** = the "
+        "K = 3, J = 2, 100 head steps). **prior** / **least_confidence** / **entropy** = the "
         "batch mean of that score of the state's model.",
         "",
         "## Pooled Spearman against the truth (goal for the estimate: ≥ 0.4, interval above 0.2)",
@@ -445,26 +493,46 @@ def write(rows: list[dict], planned: list[tuple], loads: tuple) -> dict:
         "## Per state",
         "",
         "| dataset | seed | cycle | labeled | state mAP | control mAP | random gains mean ± std | "
-        "seed noise SD; ceiling | "
-        + " | ".join(f"Spearman {s}" for s in SCORES)
-        + " | "
-        + " | ".join(f"{s} gain (percentile)" for s in STRATEGIES)
-        + " | CPU s: fine-tune, estimate |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * (len(SCORES) + len(STRATEGIES) + 1),
+        "seed noise SD; ceiling | " + " | ".join(f"Spearman {s}" for s in SCORES) + " | CPU s: fine-tune, estimate |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * (len(SCORES) + 1),
     ]
     for r in rows:
         est_cpu = "–" if r["estimate_cpu_s"] is None else f"{r['estimate_cpu_s']:.0f}"
         lines.append(
             f"| {r['dataset']} | {r['seed']} | {r['cycle']} | {r['labeled']} | {r['state_mAP']:.4f} | "
-            f"{r['control_mAP']:.4f} | "
-            f"{r['random_mean']:+.4f} ± {r['random_std']:.4f} | {r['seed_noise_sd']:.4f}; {r['ceiling']:.2f} | "
+            f"{r['control_mAP']:.4f} | {r['random_mean']:+.4f} ± {r['random_std']:.4f} | "
+            f"{r['seed_noise_sd']:.4f}; {r['ceiling']:.2f} | "
             + " | ".join(f(r["spearman"].get(s)) for s in SCORES)
-            + " | "
+            + f" | {r['finetune_cpu_s']:.0f}, {est_cpu} |"
+        )
+    lines += [
+        "",
+        "## The strategies' batches: truth (percentile among the random batches), and MGRAL's head route "
+        "against its prior (safety)",
+        "",
+        "| dataset | seed | cycle | " + " | ".join(STRATEGIES) + " | head route took | head − prior (truth SE) |",
+        "|---|---|---|" + "---|" * (len(STRATEGIES) + 2),
+    ]
+    for r in rows:
+        sa = r.get("safety")
+        took = "–" if sa is None else sa["taken"] + (" (same batch)" if sa["same_batch"] else "")
+        diff = "–" if sa is None else f"{sa['difference']:+.4f} ({sa['difference_se']:.4f})"
+        lines.append(
+            f"| {r['dataset']} | {r['seed']} | {r['cycle']} | "
             + " | ".join(
                 f"{r['strategies'][s]['gain']:+.4f} ({r['strategies'][s]['percentile']:.0%})" for s in STRATEGIES
             )
-            + f" | {r['finetune_cpu_s']:.0f}, {est_cpu} |"
+            + f" | {took} | {diff} |"
         )
+    safe = [r["safety"] for r in rows if r.get("safety")]
+    if safe:
+        lines += [
+            "",
+            f"Safety (goal: the head route's batch at least as good as the prior's in ≥ 60% of states, never worse "
+            f"by more than one truth SE): at least as good in {sum(x['difference'] >= 0 for x in safe)} of "
+            f"{len(safe)} states ({sum(x['same_batch'] for x in safe)} the same batch); worse by more than one SE "
+            f"in {sum(x['worse_by_more_than_one_se'] for x in safe)}.",
+        ]
     notes = sorted({r["estimate_note"] for r in rows if r["estimate_note"]})
     lines += [
         "",

@@ -153,3 +153,25 @@ def test_report_pools_the_states(bench, tmp_path, monkeypatch):
     text = (tmp_path / "mgral_validity.md").read_text()
     assert "States done: 2 of 3" in text
     assert "| prior | 2 | **+1.00**" in text
+
+
+def test_an_alias_is_measured_once_and_safety_compares_the_head_route_with_the_prior(bench):
+    chosen, truth, gains = _state(bench, bench.RANDOM)
+    chosen["aliases"] = {"mgral_head": "mgral"}  # the head route took the prior's batch
+    chosen["select_info"] = {"mgral_head": {"choice": {"batch": "prior"}}}
+    del truth["mgral_head"]
+    assert "mgral_head" not in bench.unique_keys(chosen)
+    assert all(job[3] != "mgral_head" for job in bench.truth_jobs("bccd", 0, 1, {"labeled": []}, chosen, {}))
+    r = bench.state_figures("bccd", 0, 1, chosen, truth, {})
+    assert r["strategies"]["mgral_head"]["gain"] == r["strategies"]["mgral"]["gain"]
+    assert "mgral_head" not in r["keys"] and len(r["scores"]["prior"]) == len(r["keys"])
+    assert r["safety"] == {
+        "taken": "prior",
+        "same_batch": True,
+        "difference": 0.0,
+        "difference_se": pytest.approx(np.sqrt(2) * r["seed_noise_sd"]),
+        "worse_by_more_than_one_se": False,
+    }
+    chosen, truth, _ = _state(bench, bench.RANDOM)
+    truth["mgral_head"]["mAP"] = truth["mgral"]["mAP"] - 1.0  # far worse than the prior's batch
+    assert bench.state_figures("bccd", 0, 1, chosen, truth, {})["safety"]["worse_by_more_than_one_se"]
