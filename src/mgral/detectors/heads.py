@@ -491,13 +491,19 @@ def dense_head(detector: Any) -> nn.Module:
     return head
 
 
-def _dense_outputs(head: nn.Module, inputs: Sequence[DenseHeadInputs]) -> dict[str, torch.Tensor]:
-    """``head``'s outputs (``cls_logits``, ``bbox_regression``, ``bbox_ctrness``, ``[N, A, .]``)
-    for images of one shape, from their cached towers."""
-    dtype = next(head.parameters()).dtype
+def _stacked(inputs: Sequence[DenseHeadInputs], dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The cached towers of images of one shape as batches ``[N, C, H, W]`` per level, in ``dtype``."""
     levels = range(len(inputs[0].cls_towers))
-    cls = [torch.stack([h.cls_towers[lvl] for h in inputs]).to(dtype) for lvl in levels]
-    box = [torch.stack([h.box_towers[lvl] for h in inputs]).to(dtype) for lvl in levels]
+    return (
+        [torch.stack([h.cls_towers[lvl] for h in inputs]).to(dtype) for lvl in levels],
+        [torch.stack([h.box_towers[lvl] for h in inputs]).to(dtype) for lvl in levels],
+    )
+
+
+def _dense_outputs(head: nn.Module, towers: tuple[list[torch.Tensor], list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``head``'s outputs (``cls_logits``, ``bbox_regression``, ``bbox_ctrness``, ``[N, A, .]``)
+    on stacked towers (:func:`_stacked`)."""
+    cls, box = towers
     regression, ctrness = head.regression_head(box)
     return {"cls_logits": head.classification_head(cls), "bbox_regression": regression, "bbox_ctrness": ctrness}
 
@@ -542,15 +548,16 @@ def _dense_objective(detector: Any, cache: HeadCache, image_ids: Sequence[ImageI
         anchors = [h.anchors for h in inputs]
         per_level = [a * b for a, b in inputs[0].shape]
         matched = type(model).compute_loss(_Matches(model), targets, {}, anchors, per_level)
-        batches.append((inputs, targets, anchors, matched, int(sum(int((m >= 0).sum()) for m in matched))))
+        foreground = int(sum(int((m >= 0).sum()) for m in matched))
+        batches.append((_stacked(inputs, torch.float32), targets, anchors, matched, foreground))
     total = max(1, sum(b[-1] for b in batches))
     head = dense_head(detector)
     head.requires_grad_(True)
 
     def objective() -> torch.Tensor:
         loss = torch.zeros(())
-        for inputs, targets, anchors, matched, foreground in batches:
-            parts = head.compute_loss(targets, _dense_outputs(head, inputs), anchors, matched)
+        for towers, targets, anchors, matched, foreground in batches:
+            parts = head.compute_loss(targets, _dense_outputs(head, towers), anchors, matched)
             loss = loss + sum(parts.values()) * max(1, foreground)
         return loss / total
 
@@ -617,7 +624,10 @@ def _dense_postprocessed(detector: Any, cache: HeadCache, image_ids: Sequence[Im
         for group in _by_shape(cache, chunk).values():
             inputs = [cache[i] for i in group]
             per_level = [a * b for a, b in inputs[0].shape]
-            outputs = {k: list(v.split(per_level, dim=1)) for k, v in _dense_outputs(head, inputs).items()}
+            dtype = next(head.parameters()).dtype
+            outputs = {
+                k: list(v.split(per_level, dim=1)) for k, v in _dense_outputs(head, _stacked(inputs, dtype)).items()
+            }
             anchors = [list(h.anchors.split(per_level)) for h in inputs]
             results = model.postprocess_detections(outputs, anchors, [h.image_size for h in inputs])
             found.update(zip(group, results, strict=True))
