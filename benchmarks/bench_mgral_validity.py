@@ -551,15 +551,44 @@ def write(rows: list[dict], planned: list[tuple], loads: tuple) -> dict:
 # ---------------------------------------------------------------- driver
 
 
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def _estimates_job(args: tuple) -> dict:
+    """:func:`estimates` in a worker (one thread), beside the state's fine-tunes."""
+    return estimates(*args, log)
+
+
+def measure(n: str, s: int, c: int, st: dict, chosen: dict, workers: int) -> tuple[dict, dict]:
+    """The state's missing truths and label-free estimates, in ``workers`` processes: the
+    estimates (one job, kept as they come) start first, beside the fine-tunes."""
+    work = WORK / n / f"seed-{s}" / f"cycle-{c}"
+    path, epath = work / "truth.json", work / "estimates.json"
+    truth = json.loads(path.read_text()) if path.exists() else {}
+    est = json.loads(epath.read_text()) if epath.exists() else {}
+    with ProcessPoolExecutor(workers) as pool:
+        futures = {}
+        if "unsupported" not in est and any(k not in est for k in unique_keys(chosen)):
+            futures[pool.submit(_estimates_job, (n, s, c, st, chosen))] = "estimates"
+        futures.update({pool.submit(_finetune, j): "truth" for j in truth_jobs(n, s, c, st, chosen, truth)})
+        for fut in as_completed(futures):
+            r = fut.result()
+            if futures[fut] == "estimates":
+                est = r
+                continue
+            truth[r["key"]] = r
+            atomic_write_json(path, truth, indent=1)
+            log(f"{n} seed {s} cycle {c}: {r['key']} mAP {r['mAP']:.4f} ({r['train_cpu_s']:.0f} CPU s)")
+    return truth, est
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=DATASETS, action="append")
-    p.add_argument("--workers", type=int, default=2, help="fine-tune processes (one thread each)")
+    p.add_argument("--workers", type=int, default=2, help="processes (one thread each): fine-tunes and estimates")
     p.add_argument("--report-only", action="store_true", help="write the figures of what is done")
     args = p.parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
 
     loads = os.getloadavg()
     names = args.only or list(DATASETS)
@@ -568,27 +597,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n, s, c in planned:
             work = WORK / n / f"seed-{s}" / f"cycle-{c}"
-            if args.report_only and not (work / "batches.json").exists():
+            if args.report_only:
+                if (work / "batches.json").exists():
+                    chosen = json.loads((work / "batches.json").read_text())
+                    truth, est = ({}, {})
+                    for name, target in (("truth.json", 0), ("estimates.json", 1)):
+                        if (work / name).exists():
+                            (truth, est)[target].update(json.loads((work / name).read_text()))
+                    found[(n, s, c)] = (chosen, truth, est)
                 continue
-            st = states(n, s, log)[c] if not args.report_only else None
-            chosen = batches(n, s, c, st, log) if st is not None else json.loads((work / "batches.json").read_text())
-            path = work / "truth.json"
-            truth = json.loads(path.read_text()) if path.exists() else {}
-            if not args.report_only:
-                jobs = truth_jobs(n, s, c, st, chosen, truth)
-                with ProcessPoolExecutor(args.workers) as pool:
-                    for fut in as_completed([pool.submit(_finetune, j) for j in jobs]):
-                        r = fut.result()
-                        truth[r["key"]] = r
-                        atomic_write_json(path, truth, indent=1)
-                        log(f"{n} seed {s} cycle {c}: {r['key']} mAP {r['mAP']:.4f} ({r['train_cpu_s']:.0f} CPU s)")
-            epath = work / "estimates.json"
-            est = estimates(n, s, c, st, chosen, log) if not args.report_only else (
-                json.loads(epath.read_text()) if epath.exists() else {}
-            )  # fmt: skip
-            found[(n, s, c)] = (chosen, truth, est)
-            rows = [x for k, v in found.items() if (x := state_figures(*k, *v)) is not None]
-            write(rows, planned, loads)
+            st = states(n, s, log)[c]
+            chosen = batches(n, s, c, st, log)
+            found[(n, s, c)] = (chosen, *measure(n, s, c, st, chosen, args.workers))
+            write([x for k, v in found.items() if (x := state_figures(*k, *v)) is not None], planned, loads)
     except KeyboardInterrupt:
         log("stopped: the figures cover the states finished so far")
     rows = [x for k, v in found.items() if (x := state_figures(*k, *v)) is not None]
