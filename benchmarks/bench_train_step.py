@@ -36,6 +36,13 @@ SHARED = Path(os.environ.get("MGRAL_SHARED_DATA", ROOT.parent / "shared" / "data
 WARMUP = 2
 
 
+def _add(parts: dict, name: str, starts: list, measuring: list) -> None:
+    """A forward hook's end: add the module's time to ``parts[name]`` if the step is measured."""
+    elapsed = time.perf_counter() - starts.pop()
+    if measuring[0]:
+        parts[name] += elapsed
+
+
 def measure(steps: int) -> dict:
     import torch
 
@@ -54,6 +61,8 @@ def measure(steps: int) -> dict:
     trunk = model.backbone.body
     preset_frozen = [not p.requires_grad for p in trunk.parameters()]
 
+    measuring = [False]  # the hooks below time a module only during a measured (not a warm-up) step
+
     def steps_time(frozen: bool, timings: dict | None = None) -> float:
         for p, was in zip(trunk.parameters(), preset_frozen, strict=True):
             p.requires_grad_(not (frozen or was))
@@ -61,6 +70,7 @@ def measure(steps: int) -> dict:
         model.train()
         total = 0.0
         for k, (_, images, targets) in enumerate(batches):
+            measuring[0] = k >= WARMUP
             t0 = time.perf_counter()
             loss = sum(model(images, targets).values())
             t1 = time.perf_counter()
@@ -71,6 +81,7 @@ def measure(steps: int) -> dict:
                 total += time.perf_counter() - t0
                 if timings is not None:
                     timings["backward + step"] += time.perf_counter() - t1
+        measuring[0] = False
         return total / steps
 
     full = steps_time(False)
@@ -86,18 +97,11 @@ def measure(steps: int) -> dict:
     for name, module in modules.items():
         starts: list[float] = []
         hooks.append(module.register_forward_pre_hook(lambda m, a, s=starts: s.append(time.perf_counter())))
-        hooks.append(
-            module.register_forward_hook(
-                lambda m, a, out, s=starts, n=name: parts.__setitem__(n, parts[n] + time.perf_counter() - s.pop())
-            )
-        )
+        hooks.append(module.register_forward_hook(lambda m, a, out, s=starts, n=name: _add(parts, n, s, measuring)))
     frozen = steps_time(True, parts)
     for h in hooks:
         h.remove()
-    # the hooks also timed the warm-up steps' forwards: keep the measured steps' share
-    measured = {k: v for k, v in parts.items() if k == "backward + step"}
-    for name in modules:
-        measured[name] = parts[name] * steps / (steps + WARMUP)
+    measured = dict(parts)  # within the measured steps only: the parts are sub-intervals of the step's time
     model.eval()
     forward = 0.0
     with torch.no_grad():
