@@ -441,7 +441,11 @@ def pooled(rows: list[dict]) -> dict:
             (np.array(r["scores"][s]), np.array([r["gains"][k] for k in r["keys"]])) for r in rows if s in r["scores"]
         ]
         if groups:
-            out[s] = {"states": len(groups), "spearman": pooled_spearman(groups), "ci95": pooled_interval(groups)}
+            out[s] = {
+                "states": len(groups),
+                "spearman": pooled_spearman(groups),
+                "ci95": pooled_interval(groups, resamples=RESAMPLES),
+            }
     return out
 
 

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_mgral_validity", ROOT / "benchmarks" / "bench_mgral_validity.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_mgral_validity", ROOT / "benchmarks" / "bench_mgral_validity.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_mgral_validity"] = module
     spec.loader.exec_module(module)
@@ -70,7 +72,10 @@ def test_pooled_interval_covers_the_estimate_and_narrows_with_more_batches(bench
     for g in (small, large):
         lo, hi = bench.pooled_interval(g, resamples=400)
         assert lo <= bench.pooled_spearman(g) <= hi
-    (lo_s, hi_s), (lo_l, hi_l) = bench.pooled_interval(small, resamples=400), bench.pooled_interval(large, resamples=400)
+    (lo_s, hi_s), (lo_l, hi_l) = (
+        bench.pooled_interval(small, resamples=400),
+        bench.pooled_interval(large, resamples=400),
+    )
     assert hi_l - lo_l < hi_s - lo_s
     assert bench.pooled_interval(small, resamples=200, seed=5) == bench.pooled_interval(small, resamples=200, seed=5)
 
@@ -134,7 +139,9 @@ def test_state_figures(bench):
     assert r["spearman"]["prior"] == pytest.approx(1.0)  # the prior score is the truth itself here
     assert r["spearman"]["estimate"] == pytest.approx(-1.0)
     assert r["strategies"]["mgral"]["percentile"] == 1.0
-    assert r["seed_noise_sd"] == pytest.approx(np.std([0.002 * (1 if k % 2 else -1) for k in range(4)], ddof=1) / np.sqrt(2))
+    assert r["seed_noise_sd"] == pytest.approx(
+        np.std([0.002 * (1 if k % 2 else -1) for k in range(4)], ddof=1) / np.sqrt(2)
+    )
     assert 0 < r["ceiling"] <= 1
     assert r["estimate_cpu_s"] == 2.0
 
@@ -144,6 +151,7 @@ def test_state_figures(bench):
 
 def test_report_pools_the_states(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "RESAMPLES", 100)
     chosen, truth, gains = _state(bench, bench.RANDOM)
     rows = [bench.state_figures("bccd", s, 1, chosen, truth, {}) for s in (0, 1)]
     result = bench.write(rows, [("bccd", 0, 1), ("bccd", 1, 1), ("bccd", 0, 3)], (0.0, 0.0, 0.0))
