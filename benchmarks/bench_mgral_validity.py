@@ -36,7 +36,7 @@ states run in ``--workers`` processes of one thread, states in order (cycle 1 of
 every dataset first), so a stopped run reports the states it finished. Writes
 ``benchmarks/results/mgral_validity.{md,json}``.
 
-    .venv/bin/python benchmarks/bench_mgral_validity.py [--only bccd] [--workers 2] [--report-only]
+    .venv/bin/python benchmarks/bench_mgral_validity.py [--only bccd] [--workers 2] [--truth-seeds 4] [--report-only]
 """
 
 from __future__ import annotations
@@ -311,10 +311,26 @@ def unique_keys(chosen: dict) -> list[str]:
     return [k for k in chosen["batches"] if k not in aliases]
 
 
-def truth_jobs(name: str, seed: int, c: int, st: dict, chosen: dict, done: dict) -> list[tuple]:
+def truth_jobs(name: str, seed: int, c: int, st: dict, chosen: dict, done: dict, seeds: int = 1) -> list[tuple]:
+    """The fine-tunes not yet in ``done``: the control and every batch with training seed 0,
+    the control and the first ``NOISE`` random batches with seed 1 (the seed noise), and with
+    ``seeds`` > 1 every batch with training seeds 1 .. seeds - 1 (``seed<s>:<batch>``): the
+    truth is then the mean over the seeds, its noise divided by their square root."""
     keys = [("control", [], 0)] + [(k, chosen["batches"][k], 0) for k in unique_keys(chosen)]
     keys += [("seed1:control", [], 1)] + [(f"seed1:r{k}", chosen["batches"][f"r{k}"], 1) for k in range(NOISE)]
-    return [(name, seed, c, key, st["labeled"] + b, s) for key, b, s in keys if key not in done]
+    for t in range(1, seeds):
+        keys += [(f"seed{t}:control", [], t)] + [(f"seed{t}:{k}", chosen["batches"][k], t) for k in unique_keys(chosen)]
+    keys = list({key: (key, b, t) for key, b, t in keys}.values())  # seed 1's noise batches once
+    return [(name, seed, c, key, st["labeled"] + b, t) for key, b, t in keys if key not in done]
+
+
+def truth_seeds(truth: dict, keys: list[str]) -> list[int]:
+    """The training seeds whose control and every batch in ``keys`` are done (seed 0 first)."""
+    out, t = [], 0
+    while all(f"{p}{k}" in truth for k in ["control", *keys] for p in [f"seed{t}:" if t else ""]):
+        out.append(t)
+        t += 1
+    return out
 
 
 # ---------------------------------------------------------------- label-free estimates
@@ -368,12 +384,21 @@ def estimates(name: str, seed: int, c: int, st: dict, chosen: dict, log) -> dict
 def state_figures(name: str, seed: int, c: int, chosen: dict, truth: dict, est: dict) -> dict | None:
     """One state's figures, or None while its truths are incomplete."""
     keys, aliases = unique_keys(chosen), chosen.get("aliases", {})
-    if "control" not in truth or any(k not in truth for k in keys):
+    seeds = truth_seeds(truth, keys)
+    if not seeds:
         return None
-    gain = {k: truth[aliases.get(k, k)]["mAP"] - truth["control"]["mAP"] for k in chosen["batches"]}
+
+    def one_seed(t: int) -> dict[str, float]:
+        p = f"seed{t}:" if t else ""
+        return {k: truth[p + aliases.get(k, k)]["mAP"] - truth[p + "control"]["mAP"] for k in chosen["batches"]}
+
+    per_seed = [one_seed(t) for t in seeds]
+    gain = {k: float(np.mean([g[k] for g in per_seed])) for k in chosen["batches"]}  # the truth: mean over seeds
     randoms = [f"r{k}" for k in range(RANDOM)]
     noise = float("nan")
-    if "seed1:control" in truth:
+    if len(seeds) > 1:  # every batch under two seeds: the noise of a one-seed truth, averaged down
+        noise = seed_noise({k: per_seed[0][k] for k in keys}, {k: per_seed[1][k] for k in keys}) / np.sqrt(len(seeds))
+    elif "seed1:control" in truth:
         second = {
             f"r{k}": truth[f"seed1:r{k}"]["mAP"] - truth["seed1:control"]["mAP"]
             for k in range(NOISE)
@@ -390,6 +415,7 @@ def state_figures(name: str, seed: int, c: int, chosen: dict, truth: dict, est: 
         "seed": seed,
         "cycle": c,
         "labeled": chosen["labeled"],
+        "truth_seeds": len(seeds),
         "state_mAP": chosen["state_mAP"],
         "control_mAP": truth["control"]["mAP"],
         "gains": gain,
@@ -496,14 +522,15 @@ def write(rows: list[dict], planned: list[tuple], loads: tuple) -> dict:
         "",
         "## Per state",
         "",
-        "| dataset | seed | cycle | labeled | state mAP | control mAP | random gains mean ± std | "
+        "| dataset | seed | cycle | labeled | truth seeds | state mAP | control mAP | random gains mean ± std | "
         "seed noise SD; ceiling | " + " | ".join(f"Spearman {s}" for s in SCORES) + " | CPU s: fine-tune, estimate |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * (len(SCORES) + 1),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * (len(SCORES) + 1),
     ]
     for r in rows:
         est_cpu = "–" if r["estimate_cpu_s"] is None else f"{r['estimate_cpu_s']:.0f}"
         lines.append(
-            f"| {r['dataset']} | {r['seed']} | {r['cycle']} | {r['labeled']} | {r['state_mAP']:.4f} | "
+            f"| {r['dataset']} | {r['seed']} | {r['cycle']} | {r['labeled']} | {r.get('truth_seeds', 1)} | "
+            f"{r['state_mAP']:.4f} | "
             f"{r['control_mAP']:.4f} | {r['random_mean']:+.4f} ± {r['random_std']:.4f} | "
             f"{r['seed_noise_sd']:.4f}; {r['ceiling']:.2f} | "
             + " | ".join(f(r["spearman"].get(s)) for s in SCORES)
@@ -542,10 +569,12 @@ def write(rows: list[dict], planned: list[tuple], loads: tuple) -> dict:
         "",
         "Pooled Spearman: the Pearson correlation of within-state ranks (each state's batches ranked apart, "
         f"scaled to [-0.5, 0.5]); interval: {RESAMPLES} resamples of batches within each state, percentile. "
-        f"Seed noise: the control and the first {NOISE} random batches fine-tuned again with training seed 1 "
-        "(SD of the gains' differences / √2); ceiling = √(1 − noise² / spread²), the spread over all of the "
-        "state's batches: the highest correlation any score can reach with a one-seed truth. Percentile: the "
-        "share of the state's random batches whose truth is below the strategy batch's.",
+        f"Truth seeds R: a state's truth is the mean gain over R training seeds. Seed noise: with R = 1, the "
+        f"control and the first {NOISE} random batches fine-tuned again with training seed 1 (SD of the gains' "
+        "differences / √2); with R > 1, that SD over every batch (seeds 0 and 1), divided by √R. Ceiling = "
+        "√(1 − noise² / spread²), the spread over all of the state's batches: the highest correlation any score "
+        "can reach with the truth. Percentile: the share of the state's random batches whose truth is below the "
+        "strategy batch's.",
     ]
     lines += [f"Estimate not measured: {n}." for n in notes]
     atomic_write_text(RESULTS / "mgral_validity.md", "\n".join(lines) + "\n")
@@ -564,7 +593,7 @@ def _estimates_job(args: tuple) -> dict:
     return estimates(*args, log)
 
 
-def measure(n: str, s: int, c: int, st: dict, chosen: dict, workers: int) -> tuple[dict, dict]:
+def measure(n: str, s: int, c: int, st: dict, chosen: dict, workers: int, seeds: int = 1) -> tuple[dict, dict]:
     """The state's missing truths and label-free estimates, in ``workers`` processes: the
     estimates (one job, kept as they come) start first, beside the fine-tunes."""
     work = WORK / n / f"seed-{s}" / f"cycle-{c}"
@@ -575,7 +604,7 @@ def measure(n: str, s: int, c: int, st: dict, chosen: dict, workers: int) -> tup
         futures = {}
         if "unsupported" not in est and any(k not in est for k in unique_keys(chosen)):
             futures[pool.submit(_estimates_job, (n, s, c, st, chosen))] = "estimates"
-        futures.update({pool.submit(_finetune, j): "truth" for j in truth_jobs(n, s, c, st, chosen, truth)})
+        futures.update({pool.submit(_finetune, j): "truth" for j in truth_jobs(n, s, c, st, chosen, truth, seeds)})
         for fut in as_completed(futures):
             r = fut.result()
             if futures[fut] == "estimates":
@@ -592,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=DATASETS, action="append")
     p.add_argument("--workers", type=int, default=2, help="processes (one thread each): fine-tunes and estimates")
     p.add_argument("--report-only", action="store_true", help="write the figures of what is done")
+    p.add_argument(
+        "--truth-seeds", type=int, default=1, help="training seeds per truth (the mean; its noise falls as 1/sqrt)"
+    )
     args = p.parse_args(argv)
 
     loads = os.getloadavg()
@@ -612,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             st = states(n, s, log)[c]
             chosen = batches(n, s, c, st, log)
-            found[(n, s, c)] = (chosen, *measure(n, s, c, st, chosen, args.workers))
+            found[(n, s, c)] = (chosen, *measure(n, s, c, st, chosen, args.workers, args.truth_seeds))
             write([x for k, v in found.items() if (x := state_figures(*k, *v)) is not None], planned, loads)
     except KeyboardInterrupt:
         log("stopped: the figures cover the states finished so far")

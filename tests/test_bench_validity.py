@@ -183,3 +183,28 @@ def test_an_alias_is_measured_once_and_safety_compares_the_head_route_with_the_p
     chosen, truth, _ = _state(bench, bench.RANDOM)
     truth["mgral_head"]["mAP"] = truth["mgral"]["mAP"] - 1.0  # far worse than the prior's batch
     assert bench.state_figures("bccd", 0, 1, chosen, truth, {})["safety"]["worse_by_more_than_one_se"]
+
+
+def test_truths_over_several_seeds_are_averaged_and_their_noise_falls(bench):
+    chosen, truth, gains = _state(bench, bench.RANDOM)
+    one = bench.state_figures("bccd", 0, 1, chosen, truth, {})
+    assert one["truth_seeds"] == 1
+    jobs = bench.truth_jobs("bccd", 0, 1, {"labeled": ["L"]}, chosen, truth, seeds=3)
+    keys = {j[3] for j in jobs}
+    assert {"seed2:control", "seed2:r0", "seed1:r5", "seed1:mgral"} <= keys and "seed1:r0" not in keys  # done
+    assert all(j[5] == int(j[3][4]) for j in jobs)  # key seed<t>: trains with seed t
+    rng = np.random.default_rng(9)
+    for t in (1, 2):  # every batch under seeds 1 and 2: the true gain plus noise of SD 0.002
+        truth[f"seed{t}:control"] = {"mAP": 0.3, "train_cpu_s": 1.0}
+        for k, g in gains.items():
+            truth[f"seed{t}:{k}"] = {"mAP": 0.3 + g + rng.normal(0, 0.002), "train_cpu_s": 1.0}
+    three = bench.state_figures("bccd", 0, 1, chosen, truth, {})
+    assert three["truth_seeds"] == 3
+    means = {
+        k: np.mean([truth[f"{p}{k}"]["mAP"] - truth[f"{p}control"]["mAP"] for p in ("", "seed1:", "seed2:")])
+        for k in gains
+    }
+    assert three["gains"]["r7"] == pytest.approx(means["r7"])
+    # the noise of one seed (seeds 0 and 1 differ by the 0.002 noise of seed 1), averaged over 3
+    assert three["seed_noise_sd"] == pytest.approx(0.002 / np.sqrt(2) / np.sqrt(3), rel=0.3)
+    assert bench.truth_seeds({k: v for k, v in truth.items() if k != "seed2:r4"}, bench.unique_keys(chosen)) == [0, 1]
