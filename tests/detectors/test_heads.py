@@ -33,18 +33,22 @@ def setup(tmp_path_factory):
     return ds, det, train, test
 
 
-def test_zero_steps_on_the_cache_are_the_detector_itself(setup):
-    ds, det, train, test = setup
+def _zero_steps_are_the_detector(ds, det, train, test):
+    """The float32 cache of ``train + test``, after checking that its zero-step predictions on
+    ``test`` are the detector's own, bit for bit, and score the same mAP."""
     cache = cache_head_inputs(det, ds, train + test, labeled=train, dtype=torch.float32)
     own = det.predict(ds, test, embeddings=False)
     from_cache = predict_from_cache(det, cache, test)
     assert sum(len(d) for d in own.values()) > 0
     for i in test:
-        np.testing.assert_array_equal(from_cache[i].boxes, own[i].boxes)
-        np.testing.assert_array_equal(from_cache[i].scores, own[i].scores)
-        np.testing.assert_array_equal(from_cache[i].labels, own[i].labels)
-        np.testing.assert_array_equal(from_cache[i].probs, own[i].probs)
+        for name in ("boxes", "scores", "labels", "probs"):
+            np.testing.assert_array_equal(getattr(from_cache[i], name), getattr(own[i], name))
     assert evaluate_head(det, cache, ds, test).mAP == det.evaluate(ds, test).mAP
+    return cache
+
+
+def test_zero_steps_on_the_cache_are_the_detector_itself(setup):
+    _zero_steps_are_the_detector(*setup)
 
 
 def test_cache_holds_ground_truth_of_labeled_images_only(setup):
@@ -132,14 +136,7 @@ def fcos(tmp_path_factory):
 
 def test_fcos_zero_steps_on_the_cache_are_the_detector_itself(fcos):
     ds, det, train, test = fcos
-    cache = cache_head_inputs(det, ds, train + test, labeled=train, dtype=torch.float32)
-    own = det.predict(ds, test, embeddings=False)
-    from_cache = predict_from_cache(det, cache, test)
-    assert sum(len(d) for d in own.values()) > 0
-    for i in test:
-        for name in ("boxes", "scores", "labels", "probs"):
-            np.testing.assert_array_equal(getattr(from_cache[i], name), getattr(own[i], name))
-    assert evaluate_head(det, cache, ds, test).mAP == det.evaluate(ds, test).mAP
+    cache = _zero_steps_are_the_detector(ds, det, train, test)
     h = cache[train[0]]
     n = len(ds[train[0]].target.boxes)
     assert h.gt_boxes.shape == (n, 4) and len(h.cls_towers) == len(h.box_towers) == 3

@@ -619,6 +619,7 @@ def _dense_postprocessed(detector: Any, cache: HeadCache, image_ids: Sequence[Im
     one shape as one batch, then the model's ``postprocess_detections``."""
     model = _model(detector)
     head = predictor if predictor is not None else dense_head(detector)
+    dtype = next(head.parameters()).dtype
     check_cached(cache, image_ids)
     ids = list(image_ids)
     for start in range(0, len(ids), batch_size):
@@ -627,7 +628,6 @@ def _dense_postprocessed(detector: Any, cache: HeadCache, image_ids: Sequence[Im
         for group in _by_shape(cache, chunk).values():
             inputs = [cache[i] for i in group]
             per_level = [a * b for a, b in inputs[0].shape]
-            dtype = next(head.parameters()).dtype
             outputs = {
                 k: list(v.split(per_level, dim=1)) for k, v in _dense_outputs(head, _stacked(inputs, dtype)).items()
             }
